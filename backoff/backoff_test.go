@@ -1,0 +1,138 @@
+package backoff
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// instantClock never waits; it records every delay it was asked for.
+type instantClock struct{ waits []time.Duration }
+
+func (c *instantClock) Now() time.Time { return time.Unix(0, 0) }
+
+func (c *instantClock) After(d time.Duration) <-chan time.Time {
+	c.waits = append(c.waits, d)
+	ch := make(chan time.Time, 1)
+	ch <- time.Unix(0, 0)
+	return ch
+}
+
+func TestNextGrowsDoublingUpToTheCap(t *testing.T) {
+	b := New(Policy{Initial: 100 * time.Millisecond, Max: time.Second}, nil)
+	var got []time.Duration
+	for range 7 {
+		got = append(got, b.Next())
+	}
+	want := []time.Duration{100, 200, 400, 800, 1000, 1000, 1000}
+	for i := range want {
+		want[i] *= time.Millisecond
+	}
+	assert.Equal(t, want, got)
+	assert.Equal(t, 7, b.Failures())
+	b.Reset()
+	assert.Equal(t, 100*time.Millisecond, b.Next(), "after Reset the delays start over")
+}
+
+func TestJitterStaysWithinItsFraction(t *testing.T) {
+	b := New(Policy{Initial: time.Second, Max: time.Second, Jitter: 0.5}, nil)
+	seen := map[time.Duration]bool{}
+	for range 200 {
+		d := b.Next()
+		require.GreaterOrEqual(t, d, 500*time.Millisecond)
+		require.LessOrEqual(t, d, time.Second)
+		seen[d] = true
+	}
+	assert.Greater(t, len(seen), 50, "jitter should spread delays, got %d distinct values", len(seen))
+}
+
+type retryAfterErr struct{ d time.Duration }
+
+func (e retryAfterErr) Error() string             { return "slow down" }
+func (e retryAfterErr) RetryAfter() time.Duration { return e.d }
+
+func TestRetry(t *testing.T) {
+	errFlaky := errors.New("flaky")
+	tests := []struct {
+		name        string
+		results     []error
+		maxAttempts int
+		wantErr     error
+		wantCalls   int
+		wantWaits   []time.Duration
+	}{
+		{
+			name:      "succeeds at once without waiting",
+			results:   []error{nil},
+			wantCalls: 1,
+		},
+		{
+			name:      "retries transient failures until success",
+			results:   []error{errFlaky, errFlaky, nil},
+			wantCalls: 3,
+			wantWaits: []time.Duration{10 * time.Millisecond, 20 * time.Millisecond},
+		},
+		{
+			name:      "stops at a permanent error without waiting",
+			results:   []error{Permanent(errFlaky)},
+			wantErr:   errFlaky,
+			wantCalls: 1,
+		},
+		{
+			name:        "gives up after the attempt limit with the last error",
+			results:     []error{errFlaky, errFlaky, errFlaky, nil},
+			maxAttempts: 3,
+			wantErr:     errFlaky,
+			wantCalls:   3,
+			wantWaits:   []time.Duration{10 * time.Millisecond, 20 * time.Millisecond},
+		},
+		{
+			name:      "honours a longer Retry-After",
+			results:   []error{retryAfterErr{3 * time.Second}, nil},
+			wantCalls: 2,
+			wantWaits: []time.Duration{3 * time.Second},
+		},
+		{
+			name:      "bounds an absurd Retry-After",
+			results:   []error{retryAfterErr{24 * time.Hour}, nil},
+			wantCalls: 2,
+			wantWaits: []time.Duration{MaxRetryAfter},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := &instantClock{}
+			b := New(Policy{Initial: 10 * time.Millisecond, Max: time.Second}, clock)
+			calls := 0
+			err := b.Retry(context.Background(), tt.maxAttempts, func(context.Context) error {
+				calls++
+				return tt.results[calls-1]
+			}, nil)
+			if tt.wantErr == nil {
+				require.NoError(t, err)
+			} else {
+				require.ErrorIs(t, err, tt.wantErr)
+				assert.False(t, IsPermanent(err), "Retry returns the cause, not the Permanent wrapper")
+			}
+			assert.Equal(t, tt.wantCalls, calls, "calls")
+			assert.Equal(t, tt.wantWaits, clock.waits, "waits")
+		})
+	}
+}
+
+func TestRetryStopsWhenTheContextEnds(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	b := New(Policy{Initial: time.Hour, Max: time.Hour}, RealClock{})
+	calls := 0
+	err := b.Retry(ctx, 0, func(context.Context) error {
+		calls++
+		cancel()
+		return errors.New("down")
+	}, nil)
+	require.EqualError(t, err, "down")
+	assert.Equal(t, 1, calls)
+}

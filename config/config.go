@@ -1,0 +1,445 @@
+// Package config owns the agent's settings: the YAML file baked into the
+// image, its defaults and validation, and the decoding of the instance's
+// user-data, which overrides the file per instance.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// DefaultPath is where the package installs the config file.
+const DefaultPath = "/etc/bootagent/config.yaml"
+
+// maxFileSize bounds the config file; a real one is a few hundred bytes, so
+// anything near this is a mistake (a key or a log pointed at by --config).
+const maxFileSize = 1 << 20
+
+// ErrInvalid is matched by every error about bad settings, from the file or
+// from user-data, so that callers can tell bad input (exit 2) from failures.
+var ErrInvalid = errors.New("invalid settings")
+
+// InvalidError says which setting was wrong, where it came from and why.
+type InvalidError struct {
+	// Source names where the value came from: a config file line or a
+	// user-data key.
+	Source string
+	// Reason says what is wrong and, where it helps, what to do.
+	Reason string
+}
+
+func (e *InvalidError) Error() string {
+	if e.Source == "" {
+		return e.Reason
+	}
+	return e.Source + ": " + e.Reason
+}
+
+// Is makes errors.Is(err, ErrInvalid) true.
+func (e *InvalidError) Is(target error) bool { return target == ErrInvalid }
+
+// Config is the agent's effective configuration.
+type Config struct {
+	IMDS     IMDS     `yaml:"imds" json:"imds"`
+	Hostname Hostname `yaml:"hostname" json:"hostname"`
+	Chef     Chef     `yaml:"chef" json:"chef"`
+	Metrics  Metrics  `yaml:"metrics" json:"metrics"`
+
+	// sources maps a key path such as "hostname.name" to where its value was
+	// set, for error messages; keys absent from it hold defaults.
+	sources map[string]string
+}
+
+// IMDS configures access to the instance metadata service.
+type IMDS struct {
+	Endpoint     string   `yaml:"endpoint" json:"endpoint"`
+	AllowIMDSv1  bool     `yaml:"allow_imdsv1" json:"allow_imdsv1"`
+	TokenTTL     Duration `yaml:"token_ttl" json:"token_ttl"`
+	WaitTimeout  Duration `yaml:"wait_timeout" json:"wait_timeout"`
+	PollInterval Duration `yaml:"poll_interval" json:"poll_interval"`
+}
+
+// Hostname configures how the instance is named.
+type Hostname struct {
+	// Name is the host name, short or fully qualified; normally it comes
+	// from user-data.
+	Name string `yaml:"name" json:"name"`
+	// Domain completes a short Name into an FQDN.
+	Domain         string `yaml:"domain" json:"domain"`
+	PreferFQDN     bool   `yaml:"prefer_fqdn" json:"prefer_fqdn"`
+	FromTag        string `yaml:"from_tag" json:"from_tag"`
+	Fallback       string `yaml:"fallback" json:"fallback"`
+	ManageEtcHosts bool   `yaml:"manage_etc_hosts" json:"manage_etc_hosts"`
+	// Preserve leaves the host name alone entirely, like cloud-init's
+	// preserve_hostname.
+	Preserve bool `yaml:"preserve" json:"preserve"`
+}
+
+// Fallback values: what names the instance when neither user-data nor a tag
+// does.
+const (
+	FallbackIMDS = "imds"
+	FallbackKeep = "keep"
+)
+
+// Chef configures registration with a Chef Infra Server and chef-client runs.
+type Chef struct {
+	ServerURL            string   `yaml:"server_url" json:"server_url"`
+	ValidationClientName string   `yaml:"validation_client_name" json:"validation_client_name"`
+	ValidationKey        string   `yaml:"validation_key" json:"validation_key"`
+	DeleteValidationKey  bool     `yaml:"delete_validation_key" json:"delete_validation_key"`
+	ClientKey            string   `yaml:"client_key" json:"client_key"`
+	NodeName             string   `yaml:"node_name" json:"node_name"`
+	Environment          string   `yaml:"environment" json:"environment"`
+	RunList              []string `yaml:"run_list" json:"run_list"`
+	PolicyName           string   `yaml:"policy_name" json:"policy_name"`
+	PolicyGroup          string   `yaml:"policy_group" json:"policy_group"`
+	InitialAttributes    Object   `yaml:"initial_attributes" json:"initial_attributes"`
+	ClientCommand        []string `yaml:"client_command" json:"client_command"`
+	Interval             Duration `yaml:"interval" json:"interval"`
+	Splay                Duration `yaml:"splay" json:"splay"`
+	RunTimeout           Duration `yaml:"run_timeout" json:"run_timeout"`
+	SSLVerify            bool     `yaml:"ssl_verify" json:"ssl_verify"`
+	TrustedCerts         string   `yaml:"trusted_certs" json:"trusted_certs"`
+	// DeregisterOnTermination removes the node and client from the Chef
+	// server when IMDS announces that the instance is being terminated.
+	DeregisterOnTermination bool `yaml:"deregister_on_termination" json:"deregister_on_termination"`
+
+	// ValidationCert is a validator key given inline in user-data
+	// (cloud-init's chef.validation_cert); it is never read from the file
+	// and never printed.
+	ValidationCert string `yaml:"-" json:"-"`
+}
+
+// Enabled reports whether the Chef steps run: only when a server is named.
+func (c Chef) Enabled() bool { return c.ServerURL != "" }
+
+// Metrics configures the Prometheus exposition.
+type Metrics struct {
+	Textfile string `yaml:"textfile" json:"textfile"`
+	Listen   string `yaml:"listen" json:"listen"`
+}
+
+// Default returns the configuration used where neither the file nor
+// user-data says otherwise.
+func Default() Config {
+	return Config{
+		IMDS: IMDS{
+			// Six hours is the longest token IMDS grants; the agent
+			// runs for the life of the instance, so fewer token
+			// requests is better.
+			TokenTTL:     Duration(6 * time.Hour),
+			PollInterval: Duration(5 * time.Second),
+		},
+		Hostname: Hostname{
+			PreferFQDN:     true,
+			Fallback:       FallbackIMDS,
+			ManageEtcHosts: true,
+		},
+		Chef: Chef{
+			ValidationClientName: "chef-validator",
+			ValidationKey:        "/etc/chef/validation.pem",
+			DeleteValidationKey:  true,
+			ClientKey:            "/etc/chef/client.pem",
+			NodeName:             "{fqdn}",
+			ClientCommand:        []string{"chef-client"},
+			Interval:             Duration(30 * time.Minute),
+			Splay:                Duration(5 * time.Minute),
+			RunTimeout:           Duration(time.Hour),
+			SSLVerify:            true,
+			// Stale nodes are the first complaint of Chef users in Auto
+			// Scaling groups, so cleaning up is the default.
+			DeregisterOnTermination: true,
+		},
+	}
+}
+
+// Load reads the config file at path over the defaults and validates it. A
+// missing file is an error unless missingOK, in which case the defaults are
+// returned: an image without a config file still names its instances.
+func Load(path string, missingOK bool) (Config, error) {
+	data, err := readLimited(path)
+	if err != nil {
+		if missingOK && errors.Is(err, os.ErrNotExist) {
+			return Default(), nil
+		}
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data, "config "+path)
+	if err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func readLimited(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > maxFileSize {
+		return nil, &InvalidError{Source: "config " + path, Reason: fmt.Sprintf("file is larger than %d bytes; is this the config file?", maxFileSize)}
+	}
+	return data, nil
+}
+
+// Parse decodes a config file's content over the defaults and validates it.
+// source names the file in errors.
+func Parse(data []byte, source string) (Config, error) {
+	cfg := Default()
+	if err := decodeStrict(data, &cfg, source, true); err != nil {
+		return Config{}, err
+	}
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return Config{}, &InvalidError{Source: source, Reason: cleanYAMLError(err, true)}
+	}
+	cfg.sources = map[string]string{}
+	recordLines(&root, "", source, cfg.sources)
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// decodeStrict decodes YAML onto cfg, refusing unknown keys, more than one
+// document, and values of the wrong type.
+func decodeStrict(data []byte, cfg *Config, source string, withLines bool) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil // An empty file: the defaults stand.
+		}
+		return &InvalidError{Source: source, Reason: cleanYAMLError(err, withLines)}
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return &InvalidError{Source: source, Reason: "more than one YAML document; keep one"}
+	}
+	return nil
+}
+
+var (
+	unknownFieldRE = regexp.MustCompile(`field (\S+) not found in type config\.(\w+)`)
+	lineRE         = regexp.MustCompile(`^line \d+: `)
+	sectionOfType  = map[string]string{
+		"Config":   "at the top level (known: imds, hostname, chef, metrics)",
+		"IMDS":     "in imds",
+		"Hostname": "in hostname",
+		"Chef":     "in chef",
+		"Metrics":  "in metrics",
+	}
+)
+
+// cleanYAMLError turns the YAML library's messages, which name Go types,
+// into ones that name config keys.
+func cleanYAMLError(err error, withLines bool) string {
+	var msgs []string
+	var te *yaml.TypeError
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	} else {
+		msgs = []string{strings.TrimPrefix(err.Error(), "yaml: ")}
+	}
+	out := make([]string, 0, len(msgs))
+	for _, m := range msgs {
+		m = unknownFieldRE.ReplaceAllStringFunc(m, func(s string) string {
+			sub := unknownFieldRE.FindStringSubmatch(s)
+			return fmt.Sprintf("unknown key %q %s", sub[1], sectionOfType[sub[2]])
+		})
+		m = strings.ReplaceAll(m, "config.Duration", "a duration such as 30m")
+		if !withLines {
+			m = lineRE.ReplaceAllString(m, "")
+		}
+		out = append(out, m)
+	}
+	return strings.Join(out, "; ")
+}
+
+// recordLines notes the file line of every scalar setting, so that
+// validation errors can point at it.
+func recordLines(n *yaml.Node, prefix, source string, into map[string]string) {
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			recordLines(c, prefix, source, into)
+		}
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := n.Content[i].Value
+			if prefix != "" {
+				key = prefix + "." + key
+			}
+			into[key] = fmt.Sprintf("%s line %d", source, n.Content[i].Line)
+			if strings.Count(key, ".") == 0 {
+				recordLines(n.Content[i+1], key, source, into)
+			}
+		}
+	}
+}
+
+// Source names where the value of key (a dotted path such as
+// "hostname.name") came from, or "default" when nothing set it.
+func (c Config) Source(key string) string {
+	if s, ok := c.sources[key]; ok {
+		return s
+	}
+	return "default " + key
+}
+
+// Sources returns a copy of the map from key to where it was set.
+func (c Config) Sources() map[string]string {
+	out := make(map[string]string, len(c.sources))
+	for k, v := range c.sources {
+		out[k] = v
+	}
+	return out
+}
+
+// setSource records that key was set by source.
+func (c *Config) setSource(key, source string) {
+	if c.sources == nil {
+		c.sources = map[string]string{}
+	}
+	c.sources[key] = source
+}
+
+// clone returns a deep enough copy that overlaying the result leaves c as
+// it was.
+func (c Config) clone() Config {
+	out := c
+	out.sources = c.Sources()
+	out.Chef.RunList = slices.Clone(c.Chef.RunList)
+	out.Chef.ClientCommand = slices.Clone(c.Chef.ClientCommand)
+	out.Chef.InitialAttributes = c.Chef.InitialAttributes.clone()
+	return out
+}
+
+// invalid returns an error about key, naming where its value came from.
+func (c Config) invalid(key, format string, args ...any) error {
+	return &InvalidError{Source: c.Source(key), Reason: key + ": " + fmt.Sprintf(format, args...)}
+}
+
+// Validate checks every setting the config package owns; host names and
+// Chef names are checked by the packages that use them.
+func (c Config) Validate() error {
+	var errs []error
+	if c.IMDS.Endpoint != "" {
+		if err := checkURL(c.IMDS.Endpoint); err != nil {
+			errs = append(errs, c.invalid("imds.endpoint", "%v", err))
+		}
+	}
+	// IMDS grants tokens of 1 s to 6 h.
+	if ttl := c.IMDS.TokenTTL.D(); ttl < time.Second || ttl > 6*time.Hour {
+		errs = append(errs, c.invalid("imds.token_ttl", "%s is outside what IMDS grants (1s to 6h)", ttl))
+	}
+	if c.IMDS.WaitTimeout < 0 {
+		errs = append(errs, c.invalid("imds.wait_timeout", "must not be negative (0 waits forever)"))
+	}
+	if p := c.IMDS.PollInterval.D(); p < 100*time.Millisecond {
+		errs = append(errs, c.invalid("imds.poll_interval", "%s is too short; use 100ms or more", p))
+	}
+	switch c.Hostname.Fallback {
+	case FallbackIMDS, FallbackKeep:
+	default:
+		errs = append(errs, c.invalid("hostname.fallback", "%q is not one of imds, keep", c.Hostname.Fallback))
+	}
+	if c.Hostname.FromTag != "" && !validTagKey(c.Hostname.FromTag) {
+		errs = append(errs, c.invalid("hostname.from_tag", "%q is not a tag key IMDS can serve (letters, digits, and + - = . , _ : @, up to 128)", c.Hostname.FromTag))
+	}
+	errs = append(errs, c.validateChef()...)
+	if c.Metrics.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
+			errs = append(errs, c.invalid("metrics.listen", "%q is not host:port", c.Metrics.Listen))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c Config) validateChef() []error {
+	var errs []error
+	ch := c.Chef
+	if ch.ServerURL != "" {
+		if err := checkURL(ch.ServerURL); err != nil {
+			errs = append(errs, c.invalid("chef.server_url", "%v", err))
+		}
+	}
+	if (ch.PolicyName == "") != (ch.PolicyGroup == "") {
+		errs = append(errs, c.invalid("chef.policy_name", "policy_name and policy_group go together; set both or neither"))
+	}
+	if ch.PolicyName != "" && len(ch.RunList) > 0 {
+		errs = append(errs, c.invalid("chef.run_list", "a node with a policy (policy_name %q) takes its run list from the policy; drop run_list", ch.PolicyName))
+	}
+	if ch.PolicyName != "" && ch.Environment != "" {
+		errs = append(errs, c.invalid("chef.environment", "a node with a policy (policy_name %q) uses policy_group, not environments; drop environment", ch.PolicyName))
+	}
+	if len(ch.ClientCommand) == 0 || ch.ClientCommand[0] == "" {
+		errs = append(errs, c.invalid("chef.client_command", "must name a program, for example [chef-client]"))
+	}
+	if ch.Interval.D() < time.Minute {
+		errs = append(errs, c.invalid("chef.interval", "%s is too short; use 1m or more", ch.Interval.D()))
+	}
+	if ch.Splay < 0 {
+		errs = append(errs, c.invalid("chef.splay", "must not be negative"))
+	}
+	if ch.RunTimeout.D() < time.Second {
+		errs = append(errs, c.invalid("chef.run_timeout", "%s is too short", ch.RunTimeout.D()))
+	}
+	for _, k := range []struct{ key, path string }{
+		{"chef.validation_key", ch.ValidationKey},
+		{"chef.client_key", ch.ClientKey},
+	} {
+		if !strings.HasPrefix(k.path, "/") {
+			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
+		}
+	}
+	if ch.TrustedCerts != "" && !strings.HasPrefix(ch.TrustedCerts, "/") {
+		errs = append(errs, c.invalid("chef.trusted_certs", "%q must be an absolute path", ch.TrustedCerts))
+	}
+	return errs
+}
+
+func checkURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a URL", s)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("%q must start with http:// or https://", s)
+	}
+	if u.Host == "" {
+		return fmt.Errorf("%q names no host", s)
+	}
+	return nil
+}
+
+// validTagKey reports whether key can be read from IMDS's instance tags,
+// which serves only tag keys made of these characters.
+func validTagKey(key string) bool {
+	if key == "" || len(key) > 128 {
+		return false
+	}
+	for _, r := range key {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("+-=._:@,", r)) {
+			return false
+		}
+	}
+	return key != "." && key != ".." && key != "_index"
+}

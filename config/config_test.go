@@ -1,0 +1,104 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestLoadAMissingDefaultFileGivesTheDefaults(t *testing.T) {
+	cfg, err := Load(filepath.Join(t.TempDir(), "config.yaml"), true)
+	require.NoError(t, err)
+	assert.Equal(t, 6*time.Hour, cfg.IMDS.TokenTTL.D())
+	assert.Equal(t, FallbackIMDS, cfg.Hostname.Fallback)
+	assert.True(t, cfg.Hostname.PreferFQDN)
+	assert.False(t, cfg.Chef.Enabled(), "no server_url, no Chef steps")
+}
+
+func TestLoadAMissingNamedFileIsAnError(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"), false)
+	require.ErrorIs(t, err, os.ErrNotExist)
+}
+
+func TestParseOverridesOnlyWhatTheFileSays(t *testing.T) {
+	cfg, err := Parse([]byte(`
+imds:
+  token_ttl: 1h
+  wait_timeout: 2m
+hostname:
+  domain: example.internal
+  from_tag: Name
+chef:
+  server_url: https://chef.example.com/organizations/acme
+  run_list: ["role[base]"]
+  initial_attributes:
+    app: {port: 8080, tags: [a, b]}
+`), "config test.yaml")
+	require.NoError(t, err)
+	assert.Equal(t, time.Hour, cfg.IMDS.TokenTTL.D())
+	assert.Equal(t, 2*time.Minute, cfg.IMDS.WaitTimeout.D())
+	assert.Equal(t, 5*time.Second, cfg.IMDS.PollInterval.D(), "untouched default")
+	assert.Equal(t, "example.internal", cfg.Hostname.Domain)
+	assert.Equal(t, []string{"role[base]"}, cfg.Chef.RunList)
+	assert.Equal(t, Object{"app": map[string]any{"port": 8080, "tags": []any{"a", "b"}}}, cfg.Chef.InitialAttributes)
+	assert.Equal(t, "config test.yaml line 4", cfg.Source("imds.wait_timeout"))
+	assert.Equal(t, "default imds.poll_interval", cfg.Source("imds.poll_interval"))
+}
+
+func TestParseRefusesBadFiles(t *testing.T) {
+	tests := []struct {
+		name string
+		yaml string
+		want string
+	}{
+		{"an unknown key names its line and section", "imds:\n  token_tll: 1h\n", `config f: line 2: unknown key "token_tll" in imds`},
+		{"an unknown section names its line", "hostnmae:\n  domain: x\n", `config f: line 1: unknown key "hostnmae" at the top level`},
+		{"a bad duration names its line", "chef:\n  interval: soon\n", `line 2: "soon" is not a duration`},
+		{"a value of the wrong type names its line", "hostname:\n  prefer_fqdn: [1]\n", "line 2: cannot unmarshal !!seq into bool"},
+		{"two documents are refused", "imds: {}\n---\nimds: {}\n", "more than one YAML document"},
+		{"a token TTL IMDS would not grant", "imds:\n  token_ttl: 7h\n", "config f line 2: imds.token_ttl: 7h0m0s is outside what IMDS grants"},
+		{"an unknown fallback", "hostname:\n  fallback: random\n", `hostname.fallback: "random" is not one of imds, keep`},
+		{"a tag key IMDS cannot serve", "hostname:\n  from_tag: a/b\n", `hostname.from_tag: "a/b" is not a tag key`},
+		{"a server URL without scheme", "chef:\n  server_url: chef.example.com\n", "chef.server_url: \"chef.example.com\" must start with http:// or https://"},
+		{"a policy without its group", "chef:\n  policy_name: web\n", "policy_name and policy_group go together"},
+		{"a policy with a run list", "chef:\n  policy_name: web\n  policy_group: prod\n  run_list:\n    - recipe[x]\n", "drop run_list"},
+		{"a relative key path", "chef:\n  client_key: client.pem\n", `chef.client_key: "client.pem" must be an absolute path`},
+		{"an empty client command", "chef:\n  client_command: []\n", "chef.client_command: must name a program"},
+		{"attributes with a non-string key", "chef:\n  initial_attributes:\n    1: x\n", "attribute key 1 at the top is not a string"},
+		{"attributes that JSON cannot carry", "chef:\n  initial_attributes:\n    x: .nan\n", "which JSON cannot carry"},
+		{"a metrics listener that is not host:port", "metrics:\n  listen: localhost\n", `metrics.listen: "localhost" is not host:port`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.yaml), "config f")
+			require.Error(t, err)
+			assert.ErrorIs(t, err, ErrInvalid)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
+}
+
+func TestParseEmptyFileGivesTheDefaults(t *testing.T) {
+	cfg, err := Parse([]byte("# nothing yet\n"), "config f")
+	require.NoError(t, err)
+	assert.Equal(t, Default().IMDS, cfg.IMDS)
+}
+
+func TestLoadRefusesAHugeFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(path, make([]byte, maxFileSize+1), 0o600))
+	_, err := Load(path, false)
+	require.ErrorIs(t, err, ErrInvalid)
+	assert.Contains(t, err.Error(), "is this the config file?")
+}
+
+func TestInvalidErrorIsMatchedThroughWrapping(t *testing.T) {
+	err := errors.Join(errors.New("other"), &InvalidError{Source: "s", Reason: "r"})
+	assert.ErrorIs(t, err, ErrInvalid)
+	assert.NotErrorIs(t, errors.New("plain"), ErrInvalid)
+}

@@ -1,0 +1,551 @@
+package config
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"unicode/utf8"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// valueKind is the type a flat user-data key takes.
+type valueKind int
+
+const (
+	kindString valueKind = iota
+	kindBool
+	kindList
+	kindObject
+)
+
+// flatKeys are the keys of key=value and JSON user-data, and the config key
+// each one sets. hostname, domain and fqdn are resolved together first.
+var flatKeys = map[string]struct {
+	key  string
+	kind valueKind
+}{
+	"hostname":                {"hostname.name", kindString},
+	"domain":                  {"hostname.domain", kindString},
+	"fqdn":                    {"hostname.name", kindString},
+	"prefer_fqdn":             {"hostname.prefer_fqdn", kindBool},
+	"manage_etc_hosts":        {"hostname.manage_etc_hosts", kindBool},
+	"preserve_hostname":       {"hostname.preserve", kindBool},
+	"chef_server_url":         {"chef.server_url", kindString},
+	"chef_node_name":          {"chef.node_name", kindString},
+	"chef_environment":        {"chef.environment", kindString},
+	"chef_run_list":           {"chef.run_list", kindList},
+	"chef_policy_name":        {"chef.policy_name", kindString},
+	"chef_policy_group":       {"chef.policy_group", kindString},
+	"chef_initial_attributes": {"chef.initial_attributes", kindObject},
+	"chef_validation_name":    {"chef.validation_client_name", kindString},
+}
+
+func knownFlatKeys() string {
+	keys := make([]string, 0, len(flatKeys))
+	for k := range flatKeys {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return strings.Join(keys, ", ")
+}
+
+// flatDoc collects the settings of one key=value or JSON document.
+type flatDoc struct {
+	names naming
+	as    []assignment
+}
+
+// add records key (already known to be a flat key) with its parsed value.
+func (f *flatDoc) add(name string, v any, source string) {
+	switch name {
+	case "hostname":
+		f.names.hostname = &sourced{v.(string), source}
+	case "domain":
+		f.names.domain = &sourced{v.(string), source}
+	case "fqdn":
+		f.names.fqdn = &sourced{v.(string), source}
+	default:
+		f.as = append(f.as, assignment{flatKeys[name].key, v, source})
+	}
+}
+
+func (d *decoder) applyFlat(f *flatDoc) error {
+	names, err := f.names.resolve()
+	if err != nil {
+		return err
+	}
+	d.apply(append(names, f.as...))
+	return nil
+}
+
+// decodeKeyValue reads lines of key=value, with # comments and blank lines.
+// A value may be wrapped in single or double quotes, as in shell files.
+func (d *decoder) decodeKeyValue(data []byte, where string) error {
+	if !utf8.Valid(data) {
+		return &InvalidError{Source: where, Reason: "not valid UTF-8"}
+	}
+	var doc flatDoc
+	seen := map[string]int{}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 0, 4096), MaxUserDataSize)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		src := fmt.Sprintf("%s line %d", where, n)
+		if !keyValueRE.MatchString(line) {
+			return &InvalidError{Source: src, Reason: fmt.Sprintf("%q is not key=value", truncate(line))}
+		}
+		k, v, _ := strings.Cut(line, "=")
+		k = strings.ToLower(strings.TrimSpace(k))
+		src += " key " + k
+		if prev, dup := seen[k]; dup {
+			return &InvalidError{Source: src, Reason: fmt.Sprintf("%s is already set on line %d; keep one", k, prev)}
+		}
+		seen[k] = n
+		spec, ok := flatKeys[k]
+		if !ok {
+			return &InvalidError{Source: src, Reason: fmt.Sprintf("unknown key %q (known: %s)", k, knownFlatKeys())}
+		}
+		val, err := parseFlatString(unquote(strings.TrimSpace(v)), spec.kind)
+		if err != nil {
+			return &InvalidError{Source: src, Reason: err.Error()}
+		}
+		doc.add(k, val, src)
+	}
+	if err := sc.Err(); err != nil {
+		return &InvalidError{Source: where, Reason: err.Error()}
+	}
+	return d.applyFlat(&doc)
+}
+
+func unquote(v string) string {
+	if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
+		return v[1 : len(v)-1]
+	}
+	return v
+}
+
+func truncate(s string) string {
+	const limit = 60
+	if len(s) <= limit {
+		return s
+	}
+	return s[:limit] + "..."
+}
+
+// parseFlatString turns a key=value value into the kind its key takes.
+func parseFlatString(v string, kind valueKind) (any, error) {
+	switch kind {
+	case kindBool:
+		return parseBool(v)
+	case kindList:
+		return splitList(v), nil
+	case kindObject:
+		return parseJSONObject([]byte(v))
+	default:
+		return v, nil
+	}
+}
+
+func parseBool(v string) (bool, error) {
+	switch strings.ToLower(v) {
+	case "true", "yes", "on", "1":
+		return true, nil
+	case "false", "no", "off", "0":
+		return false, nil
+	}
+	return false, fmt.Errorf("%q is not true or false", v)
+}
+
+// splitList splits a comma-separated list, as chef-client's -r takes a run
+// list: "role[web],recipe[base]".
+func splitList(v string) []string {
+	out := []string{}
+	for _, item := range strings.Split(v, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}
+
+func parseJSONObject(data []byte) (Object, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, fmt.Errorf("not a JSON object: %v", err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return nil, errors.New("text after the JSON object")
+	}
+	obj, err := toObject(v, "")
+	if err != nil {
+		return nil, err
+	}
+	if obj == nil {
+		return Object{}, nil
+	}
+	return obj, nil
+}
+
+// decodeJSON reads a JSON object with the same keys as key=value user-data.
+func (d *decoder) decodeJSON(data []byte, where string) error {
+	if !utf8.Valid(data) {
+		return &InvalidError{Source: where, Reason: "not valid UTF-8"}
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var top map[string]json.RawMessage
+	if err := dec.Decode(&top); err != nil {
+		return &InvalidError{Source: where, Reason: jsonError(data, err)}
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return &InvalidError{Source: where, Reason: "text after the JSON object; give exactly one object"}
+	}
+	keys := make([]string, 0, len(top))
+	for k := range top {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var doc flatDoc
+	for _, k := range keys {
+		src := where + " key " + k
+		spec, ok := flatKeys[k]
+		if !ok {
+			return &InvalidError{Source: src, Reason: fmt.Sprintf("unknown key %q (known: %s)", k, knownFlatKeys())}
+		}
+		val, err := parseJSONValue(top[k], spec.kind)
+		if err != nil {
+			return &InvalidError{Source: src, Reason: err.Error()}
+		}
+		doc.add(k, val, src)
+	}
+	return d.applyFlat(&doc)
+}
+
+// jsonError adds the line to a JSON syntax error.
+func jsonError(data []byte, err error) string {
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		line := 1 + bytes.Count(data[:min(int(se.Offset), len(data))], []byte("\n"))
+		return fmt.Sprintf("line %d: %v", line, se)
+	}
+	return err.Error()
+}
+
+func parseJSONValue(raw json.RawMessage, kind valueKind) (any, error) {
+	switch kind {
+	case kindBool:
+		var b bool
+		if err := json.Unmarshal(raw, &b); err == nil {
+			return b, nil
+		}
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, fmt.Errorf("%s is not true or false", raw)
+		}
+		return parseBool(s)
+	case kindList:
+		var list []string
+		if err := json.Unmarshal(raw, &list); err == nil {
+			return nonEmpty(list), nil
+		}
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, errors.New("want a list of strings or a comma-separated string")
+		}
+		return splitList(s), nil
+	case kindObject:
+		return parseJSONObject(raw)
+	default:
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, fmt.Errorf("want a string, got %s", truncate(string(raw)))
+		}
+		return s, nil
+	}
+}
+
+func nonEmpty(list []string) []string {
+	out := []string{}
+	for _, s := range list {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// cloudChefKeys maps the keys of cloud-init's chef block that bootagent
+// honours to config keys. Others (install_type, exec, omnibus_url, ...) are
+// cloud-init's business.
+var cloudChefKeys = map[string]struct {
+	key  string
+	kind valueKind
+}{
+	"server_url":                  {"chef.server_url", kindString},
+	"node_name":                   {"chef.node_name", kindString},
+	"environment":                 {"chef.environment", kindString},
+	"run_list":                    {"chef.run_list", kindList},
+	"initial_attributes":          {"chef.initial_attributes", kindObject},
+	"validation_name":             {"chef.validation_client_name", kindString},
+	"validation_cert":             {"chef.validation_cert", kindString},
+	"validation_key":              {"chef.validation_key", kindString},
+	"client_key":                  {"chef.client_key", kindString},
+	"policy_name":                 {"chef.policy_name", kindString},
+	"policy_group":                {"chef.policy_group", kindString},
+	"ssl_verify_mode":             {"chef.ssl_verify", kindBool},
+	"delete_validation_post_exec": {"chef.delete_validation_key", kindBool},
+}
+
+// decodeCloudConfig reads the keys of a #cloud-config document that concern
+// the host name and Chef, and the bootagent block; the rest is cloud-init's.
+func (d *decoder) decodeCloudConfig(data []byte, where string) error {
+	if !utf8.Valid(data) {
+		return &InvalidError{Source: where, Reason: "not valid UTF-8"}
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return &InvalidError{Source: where, Reason: cleanYAMLError(err, true)}
+	}
+	if len(doc.Content) == 0 {
+		return nil // Only comments: nothing asked.
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		return &InvalidError{Source: where, Reason: fmt.Sprintf("line %d: want a mapping of keys", root.Line)}
+	}
+	var (
+		names     naming
+		as        []assignment
+		bootagent *yaml.Node
+		others    []string
+	)
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		k, v := root.Content[i], root.Content[i+1]
+		src := fmt.Sprintf("%s line %d key %s", where, k.Line, k.Value)
+		switch k.Value {
+		case "hostname", "fqdn":
+			s, err := scalarString(v)
+			if err != nil {
+				return &InvalidError{Source: src, Reason: err.Error()}
+			}
+			if k.Value == "fqdn" {
+				names.fqdn = &sourced{s, src}
+			} else {
+				names.hostname = &sourced{s, src}
+			}
+		case "prefer_fqdn_over_hostname", "preserve_hostname":
+			b, err := scalarBool(v)
+			if err != nil {
+				return &InvalidError{Source: src, Reason: err.Error()}
+			}
+			key := "hostname.prefer_fqdn"
+			if k.Value == "preserve_hostname" {
+				key = "hostname.preserve"
+			}
+			as = append(as, assignment{key, b, src})
+		case "manage_etc_hosts":
+			b, err := manageEtcHosts(v)
+			if err != nil {
+				return &InvalidError{Source: src, Reason: err.Error()}
+			}
+			as = append(as, assignment{"hostname.manage_etc_hosts", b, src})
+		case "chef":
+			chef, ignored, err := cloudChef(v, where)
+			if err != nil {
+				return err
+			}
+			as = append(as, chef...)
+			if len(ignored) > 0 {
+				d.ignore(fmt.Sprintf("%s: chef keys for cloud-init only: %s", where, strings.Join(ignored, ", ")))
+			}
+		case "bootagent":
+			bootagent = v
+		default:
+			others = append(others, k.Value)
+		}
+	}
+	if len(others) > 0 {
+		d.ignore(fmt.Sprintf("%s: keys left to cloud-init: %s", where, strings.Join(others, ", ")))
+	}
+	resolved, err := names.resolve()
+	if err != nil {
+		return err
+	}
+	d.apply(append(resolved, as...))
+	if bootagent != nil {
+		return d.applyBootagentBlock(bootagent, where+" bootagent block")
+	}
+	return nil
+}
+
+func cloudChef(n *yaml.Node, where string) ([]assignment, []string, error) {
+	if n.Kind != yaml.MappingNode {
+		return nil, nil, &InvalidError{Source: fmt.Sprintf("%s line %d key chef", where, n.Line), Reason: "want a mapping"}
+	}
+	var (
+		as      []assignment
+		ignored []string
+	)
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		src := fmt.Sprintf("%s line %d key chef.%s", where, k.Line, k.Value)
+		spec, ok := cloudChefKeys[k.Value]
+		if !ok {
+			ignored = append(ignored, k.Value)
+			continue
+		}
+		val, err := cloudChefValue(k.Value, v, spec.kind)
+		if err != nil {
+			return nil, nil, &InvalidError{Source: src, Reason: err.Error()}
+		}
+		if k.Value == "validation_cert" && val == "system" {
+			// cloud-init's "system": the validator is already on disk
+			// at validation_key.
+			continue
+		}
+		as = append(as, assignment{spec.key, val, src})
+	}
+	return as, ignored, nil
+}
+
+func cloudChefValue(name string, v *yaml.Node, kind valueKind) (any, error) {
+	switch {
+	case name == "ssl_verify_mode":
+		s, err := scalarString(v)
+		if err != nil {
+			return nil, err
+		}
+		switch strings.TrimPrefix(s, ":") {
+		case "verify_peer":
+			return true, nil
+		case "verify_none":
+			return false, nil
+		}
+		return nil, fmt.Errorf("%q is not :verify_peer or :verify_none", s)
+	case kind == kindBool:
+		return scalarBool(v)
+	case kind == kindList:
+		if v.Kind == yaml.ScalarNode {
+			return splitList(v.Value), nil
+		}
+		var list []string
+		if err := v.Decode(&list); err != nil {
+			return nil, fmt.Errorf("want a list of strings: %s", cleanYAMLError(err, true))
+		}
+		return nonEmpty(list), nil
+	case kind == kindObject:
+		var obj Object
+		if err := v.Decode(&obj); err != nil {
+			return nil, errors.New(cleanYAMLError(err, true))
+		}
+		if obj == nil {
+			obj = Object{}
+		}
+		return obj, nil
+	default:
+		return scalarString(v)
+	}
+}
+
+func scalarString(n *yaml.Node) (string, error) {
+	if n.Kind != yaml.ScalarNode || n.Tag == "!!null" {
+		return "", fmt.Errorf("line %d: want a string", n.Line)
+	}
+	return n.Value, nil
+}
+
+func scalarBool(n *yaml.Node) (bool, error) {
+	if n.Kind != yaml.ScalarNode {
+		return false, fmt.Errorf("line %d: want true or false", n.Line)
+	}
+	b, err := parseBool(n.Value)
+	if err != nil {
+		return false, fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	return b, nil
+}
+
+// manageEtcHosts reads cloud-init's manage_etc_hosts: a boolean, or
+// "template" or "localhost", both of which ask for a managed entry.
+func manageEtcHosts(n *yaml.Node) (bool, error) {
+	if n.Kind == yaml.ScalarNode && (n.Value == "template" || n.Value == "localhost") {
+		return true, nil
+	}
+	b, err := scalarBool(n)
+	if err != nil {
+		return false, fmt.Errorf("line %d: want true, false, template or localhost", n.Line)
+	}
+	return b, nil
+}
+
+// applyBootagentBlock decodes the bootagent block of a #cloud-config, which
+// has the schema of the config file, strictly over the working config.
+func (d *decoder) applyBootagentBlock(n *yaml.Node, where string) error {
+	if n.Kind != yaml.MappingNode {
+		return &InvalidError{Source: fmt.Sprintf("%s line %d", where, n.Line), Reason: "want a mapping with the config file's keys"}
+	}
+	expanded, err := expandAliases(n, new(int))
+	if err != nil {
+		return &InvalidError{Source: where, Reason: err.Error()}
+	}
+	data, err := yaml.Marshal(expanded)
+	if err != nil {
+		return &InvalidError{Source: where, Reason: err.Error()}
+	}
+	if err := decodeStrict(data, &d.cfg, where, false); err != nil {
+		return err
+	}
+	set := map[string]string{}
+	recordLines(n, "", where, set)
+	keys := make([]string, 0, len(set))
+	for k := range set {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if !strings.Contains(k, ".") {
+			continue // a section, not a setting
+		}
+		d.cfg.setSource(k, set[k])
+		d.info.Keys = appendUnique(d.info.Keys, k)
+	}
+	return nil
+}
+
+// maxBlockNodes bounds the bootagent block once its aliases are expanded; a
+// real block has a few dozen nodes, and a bound stops alias bombs.
+const maxBlockNodes = 10000
+
+// expandAliases copies n with every alias replaced by what it names, so that
+// the block can be decoded on its own even when it uses anchors defined
+// elsewhere in the document.
+func expandAliases(n *yaml.Node, count *int) (*yaml.Node, error) {
+	if *count++; *count > maxBlockNodes {
+		return nil, fmt.Errorf("more than %d YAML nodes once aliases are expanded (excessive aliasing)", maxBlockNodes)
+	}
+	if n.Kind == yaml.AliasNode {
+		return expandAliases(n.Alias, count)
+	}
+	out := *n
+	out.Anchor = ""
+	out.Content = make([]*yaml.Node, len(n.Content))
+	for i, c := range n.Content {
+		e, err := expandAliases(c, count)
+		if err != nil {
+			return nil, err
+		}
+		out.Content[i] = e
+	}
+	return &out, nil
+}

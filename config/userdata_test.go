@@ -1,0 +1,313 @@
+package config
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/base64"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func gz(t testing.TB, s string) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	w := gzip.NewWriter(&b)
+	_, err := w.Write([]byte(s))
+	require.NoError(t, err)
+	require.NoError(t, w.Close())
+	return b.Bytes()
+}
+
+const mimeUserData = `Content-Type: multipart/mixed; boundary="==BOUNDARY=="
+MIME-Version: 1.0
+
+--==BOUNDARY==
+Content-Type: text/x-shellscript; charset="us-ascii"
+
+#!/bin/bash
+echo hello
+--==BOUNDARY==
+Content-Type: text/cloud-config; charset="us-ascii"
+
+#cloud-config
+hostname: web01
+chef:
+  run_list: ["role[web]"]
+--==BOUNDARY==
+Content-Type: text/x-bootagent
+
+domain=example.internal
+chef_environment=production
+--==BOUNDARY==--
+`
+
+func TestApplyUserDataForms(t *testing.T) {
+	b64Part := base64.StdEncoding.EncodeToString([]byte("hostname=db01\ndomain=example.internal\n"))
+	tests := []struct {
+		name       string
+		data       []byte
+		wantName   string
+		wantDomain string
+		wantFormat string
+		check      func(t *testing.T, c Config)
+	}{
+		{
+			name:       "key=value with comments, quotes and a run list",
+			data:       []byte("# set by the launch template\nhostname=web01\ndomain = \"example.internal\"\nchef_run_list=role[web], recipe[base]\nchef_environment='production'\n"),
+			wantName:   "web01",
+			wantDomain: "example.internal",
+			wantFormat: "key=value",
+			check: func(t *testing.T, c Config) {
+				assert.Equal(t, []string{"role[web]", "recipe[base]"}, c.Chef.RunList)
+				assert.Equal(t, "production", c.Chef.Environment)
+			},
+		},
+		{
+			name:       "key=value with an fqdn and CRLF line ends",
+			data:       []byte("fqdn=Web01.Example.Internal\r\nprefer_fqdn=no\r\n"),
+			wantName:   "Web01.Example.Internal",
+			wantFormat: "key=value",
+			check: func(t *testing.T, c Config) {
+				assert.False(t, c.Hostname.PreferFQDN)
+			},
+		},
+		{
+			name:       "JSON with native types",
+			data:       []byte(`{"hostname": "web01", "domain": "example.internal", "chef_run_list": ["role[web]"], "manage_etc_hosts": false, "chef_initial_attributes": {"app": {"port": 8080}}}`),
+			wantName:   "web01",
+			wantDomain: "example.internal",
+			wantFormat: "JSON",
+			check: func(t *testing.T, c Config) {
+				assert.Equal(t, []string{"role[web]"}, c.Chef.RunList)
+				assert.False(t, c.Hostname.ManageEtcHosts)
+				assert.Equal(t, "8080", fmt.Sprint(c.Chef.InitialAttributes["app"].(map[string]any)["port"]))
+			},
+		},
+		{
+			name:       "cloud-config with fqdn and cloud-init's chef block",
+			data:       []byte("#cloud-config\nfqdn: web01.example.internal\nprefer_fqdn_over_hostname: false\nmanage_etc_hosts: localhost\npackages: [nginx]\nchef:\n  server_url: https://chef.example.com/organizations/acme\n  validation_name: acme-validator\n  node_name: web01\n  environment: staging\n  run_list:\n    - recipe[apache2]\n    - role[db]\n  initial_attributes:\n    apache: {prefork: {maxclients: 100}}\n  ssl_verify_mode: :verify_peer\n  install_type: omnibus\n"),
+			wantName:   "web01.example.internal",
+			wantFormat: "#cloud-config",
+			check: func(t *testing.T, c Config) {
+				assert.False(t, c.Hostname.PreferFQDN)
+				assert.True(t, c.Hostname.ManageEtcHosts)
+				assert.Equal(t, "https://chef.example.com/organizations/acme", c.Chef.ServerURL)
+				assert.Equal(t, "acme-validator", c.Chef.ValidationClientName)
+				assert.Equal(t, "web01", c.Chef.NodeName)
+				assert.Equal(t, "staging", c.Chef.Environment)
+				assert.Equal(t, []string{"recipe[apache2]", "role[db]"}, c.Chef.RunList)
+				assert.True(t, c.Chef.SSLVerify)
+				assert.Contains(t, c.Chef.InitialAttributes, "apache")
+			},
+		},
+		{
+			name:       "cloud-config with a dotted hostname takes it as the FQDN",
+			data:       []byte("#cloud-config\nhostname: web01.example.internal\npreserve_hostname: false\n"),
+			wantName:   "web01.example.internal",
+			wantFormat: "#cloud-config",
+		},
+		{
+			name:       "cloud-config bootagent block overrides cloud-init's keys",
+			data:       []byte("#cloud-config\nhostname: ignored\nbootagent:\n  hostname:\n    name: web02\n    domain: example.internal\n    from_tag: Name\n  chef:\n    interval: 10m\n"),
+			wantName:   "web02",
+			wantDomain: "example.internal",
+			wantFormat: "#cloud-config",
+			check: func(t *testing.T, c Config) {
+				assert.Equal(t, "Name", c.Hostname.FromTag)
+				assert.Equal(t, "10m0s", c.Chef.Interval.String())
+				assert.Contains(t, c.Source("chef.interval"), "bootagent block line 9")
+			},
+		},
+		{
+			name:       "cloud-config validation_cert is kept but system is not",
+			data:       []byte("#cloud-config\nhostname: web01\nchef:\n  validation_cert: |\n    -----BEGIN RSA PRIVATE KEY-----\n    abc\n    -----END RSA PRIVATE KEY-----\n"),
+			wantName:   "web01",
+			wantFormat: "#cloud-config",
+			check: func(t *testing.T, c Config) {
+				assert.Contains(t, c.Chef.ValidationCert, "BEGIN RSA PRIVATE KEY")
+			},
+		},
+		{
+			name:       "gzip-compressed key=value",
+			data:       gz(t, "hostname=web03\n"),
+			wantName:   "web03",
+			wantFormat: "gzip > key=value",
+		},
+		{
+			name:       "MIME multipart with a script, cloud-config and x-bootagent",
+			data:       []byte(mimeUserData),
+			wantName:   "web01",
+			wantDomain: "example.internal",
+			wantFormat: "MIME multipart (text/x-shellscript (ignored), text/cloud-config, text/x-bootagent (key=value))",
+			check: func(t *testing.T, c Config) {
+				assert.Equal(t, []string{"role[web]"}, c.Chef.RunList)
+				assert.Equal(t, "production", c.Chef.Environment)
+			},
+		},
+		{
+			name:       "gzip-compressed MIME with a base64 part",
+			data:       gz(t, "Content-Type: multipart/mixed; boundary=XX\n\n--XX\nContent-Type: text/x-bootagent\nContent-Transfer-Encoding: base64\n\n"+b64Part+"\n--XX--\n"),
+			wantName:   "db01",
+			wantDomain: "example.internal",
+			wantFormat: "gzip > MIME multipart (text/x-bootagent (key=value))",
+		},
+		{
+			name:       "a shell script is left to cloud-init",
+			data:       []byte("#!/bin/bash\nhostnamectl set-hostname x\n"),
+			wantFormat: "ignored",
+		},
+		{
+			name:       "binary is ignored",
+			data:       []byte{0x00, 0xff, 0xfe, 0x10, 'x'},
+			wantFormat: "ignored",
+		},
+		{
+			name:       "empty user-data changes nothing",
+			data:       []byte("  \n"),
+			wantFormat: "none",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, info, err := ApplyUserData(Default(), tt.data)
+			require.NoError(t, err)
+			assert.Equal(t, tt.wantName, cfg.Hostname.Name, "hostname.name")
+			assert.Equal(t, tt.wantDomain, cfg.Hostname.Domain, "hostname.domain")
+			assert.Equal(t, tt.wantFormat, info.Format, "format")
+			if tt.check != nil {
+				tt.check(t, cfg)
+			}
+		})
+	}
+}
+
+func TestApplyUserDataNamesWhereEachSettingCameFrom(t *testing.T) {
+	cfg, info, err := ApplyUserData(Default(), []byte(mimeUserData))
+	require.NoError(t, err)
+	assert.Equal(t, "user-data part 2 #cloud-config line 2 key hostname", cfg.Source("hostname.name"))
+	assert.Equal(t, "user-data part 3 (key=value) line 1 key domain", cfg.Source("hostname.domain"))
+	assert.Equal(t, []string{"hostname.name", "chef.run_list", "hostname.domain", "chef.environment"}, info.Keys)
+	assert.Len(t, info.Ignored, 1, "the shell script part: %v", info.Ignored)
+}
+
+func TestApplyUserDataLeavesTheBaseUntouched(t *testing.T) {
+	base := Default()
+	base.Chef.RunList = []string{"role[base]"}
+	_, _, err := ApplyUserData(base, []byte("#cloud-config\nbootagent:\n  chef:\n    run_list: ['role[web]']\n"))
+	require.NoError(t, err)
+	assert.Equal(t, []string{"role[base]"}, base.Chef.RunList)
+}
+
+func TestApplyUserDataKeepsTheFileDomainForAShortName(t *testing.T) {
+	base := Default()
+	base.Hostname.Domain = "corp.internal"
+	cfg, _, err := ApplyUserData(base, []byte("hostname=web01\n"))
+	require.NoError(t, err)
+	assert.Equal(t, "corp.internal", cfg.Hostname.Domain)
+
+	cfg, _, err = ApplyUserData(base, []byte("fqdn=web01.other.internal\n"))
+	require.NoError(t, err)
+	assert.Empty(t, cfg.Hostname.Domain, "an fqdn is complete; the baked domain must not be appended")
+}
+
+func TestApplyUserDataRefusesBadInput(t *testing.T) {
+	truncated := gz(t, strings.Repeat("hostname=web01\n", 100))
+	tests := []struct {
+		name string
+		data []byte
+		want string
+	}{
+		{"a truncated gzip", truncated[:len(truncated)/2], "user-data: gzip: unexpected EOF (truncated or corrupt)"},
+		{"a gzip bomb", gz(t, "hostname=x\n#"+strings.Repeat("a", MaxUserDataSize)), "decompresses to more than"},
+		{"16 MiB of user-data", bytes.Repeat([]byte("a"), 16<<20), "16777216 bytes is more than the 1048576 bootagent reads"},
+		{"MIME multipart without a boundary", []byte("Content-Type: multipart/mixed\n\n--x\n\nhostname=a\n--x--\n"), "multipart/mixed without a boundary parameter"},
+		{"MIME whose boundary never appears", []byte("Content-Type: multipart/mixed; boundary=zz\n\nhostname=a\n"), `no part found with boundary "zz"`},
+		{"a MIME part with bad base64", []byte("Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/x-bootagent\nContent-Transfer-Encoding: base64\n\n!!!\n--b--\n"), "user-data part 1: base64 body"},
+		{"key=value with invalid UTF-8", []byte("hostname=web\xff01\n"), "user-data (key=value): not valid UTF-8"},
+		{"key=value with an unknown key", []byte("hostnme=web01\n"), `user-data (key=value) line 1 key hostnme: unknown key "hostnme"`},
+		{"key=value with a line that is not key=value", []byte("hostname=web01\nthis is not\n"), `line 2: "this is not" is not key=value`},
+		{"key=value with a key given twice", []byte("hostname=a\nhostname=b\n"), "hostname is already set on line 1"},
+		{"key=value with a bad boolean", []byte("prefer_fqdn=maybe\n"), `key prefer_fqdn: "maybe" is not true or false`},
+		{"key=value with attributes that are not JSON", []byte("chef_initial_attributes={a:1}\n"), "key chef_initial_attributes: not a JSON object"},
+		{"JSON with a syntax error names the line", []byte("{\n\"hostname\": \"a\",\n}"), "user-data (JSON): line 3: invalid character '}'"},
+		{"JSON with a wrong type", []byte(`{"hostname": 12}`), "user-data (JSON) key hostname: want a string, got 12"},
+		{"JSON with two objects", []byte(`{"hostname": "a"} {}`), "text after the JSON object"},
+		{"cloud-config that is not YAML", []byte("#cloud-config\nhostname: [a\n"), "user-data #cloud-config: line 1: did not find expected ',' or ']'"},
+		{"cloud-config with invalid UTF-8", []byte("#cloud-config\nhostname: \xc3\x28\n"), "user-data #cloud-config: not valid UTF-8"},
+		{"cloud-config with a list for a hostname", []byte("#cloud-config\nhostname: [a, b]\n"), "line 2 key hostname: line 2: want a string"},
+		{"cloud-config whose top is not a mapping", []byte("#cloud-config\n- a\n"), "want a mapping of keys"},
+		{"cloud-config with a bad ssl_verify_mode", []byte("#cloud-config\nchef:\n  ssl_verify_mode: :sometimes\n"), `key chef.ssl_verify_mode: ":sometimes" is not :verify_peer or :verify_none`},
+		{"cloud-config with a bad manage_etc_hosts", []byte("#cloud-config\nmanage_etc_hosts: partly\n"), "want true, false, template or localhost"},
+		{"an unknown key in the bootagent block", []byte("#cloud-config\nbootagent:\n  hostname:\n    nmae: x\n"), `user-data #cloud-config bootagent block: unknown key "nmae" in hostname`},
+		{"a YAML alias bomb in a run list", []byte("#cloud-config\n" + yamlBomb + "chef:\n  run_list: *h\n"), "want a list of strings: line 8: cannot unmarshal !!seq into string"},
+		{"a YAML alias bomb in attributes", []byte("#cloud-config\n" + yamlBomb + "chef:\n  initial_attributes: {x: *h}\n"), "excessive aliasing"},
+		{"a YAML alias bomb in the bootagent block", []byte("#cloud-config\n" + yamlBomb + "bootagent:\n  chef:\n    run_list: *h\n"), "excessive aliasing"},
+		{"fqdn and hostname that disagree", []byte("fqdn=web01.example.com\nhostname=db01\n"), `hostname "db01" disagrees with fqdn "web01.example.com"`},
+		{"fqdn and domain that disagree", []byte("fqdn=web01.example.com\ndomain=other.com\n"), `domain "other.com" disagrees with fqdn`},
+		{"a dotted hostname with a domain", []byte("hostname=web01.a\ndomain=example.com\n"), "already has a domain"},
+		{"settings that fail validation name their user-data key", []byte("chef_server_url=ftp://x\n"), `user-data (key=value) line 1 key chef_server_url: chef.server_url: "ftp://x" must start with http:// or https://`},
+		{"MIME nested too deep", nestedMIME(6), "nest deeper than 4 levels"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := ApplyUserData(Default(), tt.data)
+			require.Error(t, err)
+			assert.ErrorIs(t, err, ErrInvalid)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
+}
+
+const yamlBomb = `a: &a ["x","x","x","x","x","x","x","x","x"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+`
+
+func nestedMIME(depth int) []byte {
+	body := "hostname=deep\n"
+	for i := range depth {
+		b := fmt.Sprintf("b%d", i)
+		body = fmt.Sprintf("Content-Type: multipart/mixed; boundary=%s\n\n--%s\n%s\n--%s--\n", b, b, body, b)
+	}
+	return []byte(body)
+}
+
+func BenchmarkApplyUserData(b *testing.B) {
+	inputs := []struct {
+		name string
+		data []byte
+	}{
+		{"key=value", []byte("hostname=web01\ndomain=example.internal\nchef_run_list=role[web],recipe[base]\nchef_environment=production\n")},
+		{"json", []byte(`{"hostname":"web01","domain":"example.internal","chef_run_list":["role[web]","recipe[base]"]}`)},
+		{"cloud-config", []byte("#cloud-config\nfqdn: web01.example.internal\nchef:\n  run_list: [\"role[web]\"]\n  environment: production\npackages: [nginx, curl]\n")},
+		{"mime", []byte(mimeUserData)},
+		{"gzip-mime", gz(b, mimeUserData)},
+	}
+	for _, in := range inputs {
+		b.Run(in.name, func(b *testing.B) {
+			base := Default()
+			b.ReportAllocs()
+			b.SetBytes(int64(len(in.data)))
+			for b.Loop() {
+				if _, _, err := ApplyUserData(base, in.data); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func TestApplyUserDataFollowsAnchorsIntoTheBootagentBlock(t *testing.T) {
+	cfg, _, err := ApplyUserData(Default(), []byte("#cloud-config\nx-common: &common ['role[base]']\nbootagent:\n  chef:\n    run_list: *common\n"))
+	require.NoError(t, err)
+	assert.Equal(t, []string{"role[base]"}, cfg.Chef.RunList)
+}

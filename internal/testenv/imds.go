@@ -1,0 +1,163 @@
+package testenv
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// IMDSConfig sets what the AWS IMDS emulator (amazon-ec2-metadata-mock)
+// serves.
+type IMDSConfig struct {
+	InstanceID    string
+	Region        string
+	LocalHostname string
+	// UserData is served at /latest/user-data; nil serves a 404, as IMDS
+	// does for an instance launched without user-data.
+	UserData []byte
+	// Tags are served under /latest/meta-data/tags/instance/.
+	Tags map[string]string
+	// AllowIMDSv1 serves requests without a session token too; by default
+	// the emulator runs IMDSv2-only.
+	AllowIMDSv1 bool
+	// Command is an emulator subcommand and its flags, such as
+	// {"spot", "-a", "terminate"}; empty mocks every path.
+	Command []string
+}
+
+// IMDS is a running emulator.
+type IMDS struct {
+	// URL is the endpoint to give the agent: http://127.0.0.1:PORT.
+	URL string
+
+	mu  sync.Mutex
+	log bytes.Buffer
+}
+
+// Log returns what the emulator printed so far.
+func (m *IMDS) Log() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.log.String()
+}
+
+func (m *IMDS) Write(p []byte) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.log.Write(p)
+}
+
+// StartIMDS runs the AWS IMDS emulator on a free loopback port until the
+// test ends. It requires a private network namespace.
+func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
+	t.Helper()
+	RequirePrivateNetwork(t)
+	bin := Tool(t, "ec2-metadata-mock")
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "aemm-config.json")
+	data, err := json.Marshal(emulatorConfig(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgPath, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	port := FreePort(t)
+	args := append([]string{}, c.Command...)
+	args = append(args, "-n", "127.0.0.1", "-p", fmt.Sprint(port), "-c", cfgPath)
+	if !c.AllowIMDSv1 {
+		args = append(args, "-I")
+	}
+	m := &IMDS{URL: fmt.Sprintf("http://127.0.0.1:%d", port)}
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "HOME="+dir)
+	cmd.Stdout, cmd.Stderr = m, m
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("IMDS emulator log:\n%s", tail(m.Log(), 40))
+		}
+	})
+	WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second, exited)
+	return m
+}
+
+func emulatorConfig(c IMDSConfig) map[string]any {
+	id := c.InstanceID
+	if id == "" {
+		id = "i-0123456789abcdef0"
+	}
+	region := c.Region
+	if region == "" {
+		region = "eu-west-1"
+	}
+	local := c.LocalHostname
+	if local == "" {
+		local = "ip-10-0-7-10." + region + ".compute.internal"
+	}
+	metaValues := map[string]any{
+		"instance-id":                 id,
+		"local-hostname":              local,
+		"hostname":                    local,
+		"placement-region":            region,
+		"placement-availability-zone": region + "a",
+	}
+	metaPaths := map[string]any{}
+	// The emulator knows two tags by default; replace them with ours.
+	metaPaths["tags-instance-name"] = "/latest/meta-data/tags/instance/-unused-name"
+	metaPaths["tags-instance-test"] = "/latest/meta-data/tags/instance/-unused-test"
+	i := 0
+	for k, v := range c.Tags {
+		name := fmt.Sprintf("tags-instance-bootagent-%d", i)
+		metaPaths[name] = "/latest/meta-data/tags/instance/" + k
+		metaValues[name] = v
+		i++
+	}
+	cfg := map[string]any{
+		"metadata": map[string]any{"values": metaValues, "paths": metaPaths},
+		"dynamic": map[string]any{"values": map[string]any{
+			"instance-identity-document": map[string]any{
+				"accountId":        "123456789012",
+				"architecture":     "x86_64",
+				"availabilityZone": region + "a",
+				"imageId":          "ami-0123456789abcdef0",
+				"instanceId":       id,
+				"instanceType":     "m7g.large",
+				"pendingTime":      "2026-11-25T08:00:00Z",
+				"privateIp":        "10.0.7.10",
+				"region":           region,
+				"version":          "2017-09-30",
+			},
+		}},
+	}
+	if c.UserData == nil {
+		cfg["userdata"] = map[string]any{"paths": map[string]any{"userdata": "/latest/-no-user-data"}}
+	} else {
+		cfg["userdata"] = map[string]any{"values": map[string]any{"userdata": base64.StdEncoding.EncodeToString(c.UserData)}}
+	}
+	return cfg
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

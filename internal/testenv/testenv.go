@@ -1,0 +1,107 @@
+// Package testenv gives tests their real peers and guards the machine they
+// run on: tests that set a kernel host name or talk to a metadata service
+// refuse to run outside the private namespaces `make test` creates.
+package testenv
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"testing"
+	"time"
+)
+
+// RequirePrivateUTS fails the test unless the process has a UTS namespace
+// of its own, apart from its parent's, so that setting the kernel host name
+// cannot rename the machine. `make test` runs every test binary under
+// `unshare --uts`.
+func RequirePrivateUTS(t testing.TB) {
+	t.Helper()
+	self, err1 := os.Readlink("/proc/self/ns/uts")
+	parent, err2 := os.Readlink(fmt.Sprintf("/proc/%d/ns/uts", os.Getppid()))
+	if err1 != nil || err2 != nil || self == parent {
+		t.Fatalf("refusing to set the kernel host name: this test binary shares its parent's UTS namespace (%s, parent %s); run the tests with `make test`", orErr(self, err1), orErr(parent, err2))
+	}
+}
+
+// RequirePrivateNetwork fails the test unless the only network interface is
+// loopback, so that nothing the test sends can leave the machine (the real
+// IMDS address included). `make test` runs the tests under `unshare --net`.
+func RequirePrivateNetwork(t testing.TB) {
+	t.Helper()
+	ifaces, err := net.Interfaces()
+	if err != nil {
+		t.Fatalf("list network interfaces: %v", err)
+	}
+	for _, i := range ifaces {
+		if i.Flags&net.FlagLoopback == 0 {
+			t.Fatalf("refusing to open network connections: interface %s leads off this machine; run the tests with `make test`", i.Name)
+		}
+	}
+}
+
+// Tool returns the path of an executable the tests need, installed by
+// `make test` into the directory on PATH.
+func Tool(t testing.TB, name string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		t.Fatalf("%s is not installed; `make test` installs it (%v)", name, err)
+	}
+	return path
+}
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("find a free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// WaitListening polls until something accepts connections on addr, or fails
+// the test after timeout.
+func WaitListening(t testing.TB, addr string, timeout time.Duration, exited <-chan struct{}) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-exited:
+			t.Fatalf("the server meant to listen on %s exited", addr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listens on %s after %s: %v", addr, timeout, err)
+		}
+		time.Sleep(20 * time.Millisecond) // Polling a condition with a deadline.
+	}
+}
+
+// Eventually polls cond until it is true, or fails the test with msg after
+// timeout.
+func Eventually(t testing.TB, timeout time.Duration, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %s", timeout, fmt.Sprintf(msg, args...))
+		}
+		time.Sleep(10 * time.Millisecond) // Polling a condition with a deadline.
+	}
+}
+
+func orErr(s string, err error) string {
+	if err != nil {
+		return err.Error()
+	}
+	return s
+}

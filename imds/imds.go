@@ -1,0 +1,511 @@
+// Package imds reads the EC2 instance metadata service through the AWS SDK's
+// IMDS client: IMDSv2 session tokens (reused for their whole life), waiting
+// for the service at boot, and the few paths the agent needs.
+package imds
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
+	sdk "github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+	"github.com/aws/smithy-go/middleware"
+	smithyhttp "github.com/aws/smithy-go/transport/http"
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/backoff"
+)
+
+// ErrNotFound is returned for a path IMDS does not serve: a tag the instance
+// does not have, or tags not enabled in its metadata options.
+var ErrNotFound = errors.New("not found in IMDS")
+
+// maxResponse bounds every IMDS answer. User-data, the largest, is at most
+// 16 KiB on EC2; config.MaxUserDataSize is the agent's own bound, and this
+// is one byte more so that an oversized answer is reported, not truncated.
+const maxResponse = 1<<20 + 1
+
+// Timeouts for one request, as the SDK's defaults: IMDS is a link-local
+// service that answers in milliseconds or not at all.
+const (
+	dialTimeout           = 250 * time.Millisecond
+	responseHeaderTimeout = 500 * time.Millisecond
+)
+
+// readAttempts bounds the retries of one read once IMDS has answered: a
+// service that answered a moment ago and then fails five times in a row is
+// reported rather than waited for.
+const readAttempts = 5
+
+// Options configures a Client.
+type Options struct {
+	// Endpoint is the IMDS URL; "" takes AWS_EC2_METADATA_SERVICE_ENDPOINT,
+	// else the SDK's default.
+	Endpoint string
+	// AllowIMDSv1 lets the SDK fall back to token-less requests when the
+	// token request is refused.
+	AllowIMDSv1 bool
+	// TokenTTL is the life of a session token; one token serves every
+	// request until it expires.
+	TokenTTL time.Duration
+	// Backoff shapes retries; the zero value gives 200 ms doubling to 10 s.
+	Backoff backoff.Policy
+	// Clock paces retries; nil is the wall clock.
+	Clock backoff.Clock
+	Log   *zap.Logger
+}
+
+// Client reads instance metadata.
+type Client struct {
+	api   *sdk.Client
+	opts  Options
+	log   *zap.Logger
+	clock backoff.Clock
+}
+
+// New returns a Client. It sends nothing until a method is called.
+func New(o Options) *Client {
+	if o.Backoff == (backoff.Policy{}) {
+		o.Backoff = backoff.Policy{Initial: 200 * time.Millisecond, Max: 10 * time.Second, Jitter: 0.5}
+	}
+	if o.Clock == nil {
+		o.Clock = backoff.RealClock{}
+	}
+	if o.Log == nil {
+		o.Log = zap.NewNop()
+	}
+	fallback := aws.FalseTernary
+	if o.AllowIMDSv1 {
+		fallback = aws.TrueTernary
+	}
+	api := sdk.New(sdk.Options{
+		Endpoint:       o.Endpoint,
+		EnableFallback: fallback,
+		HTTPClient:     newHTTPClient(),
+		// Retries are the agent's own (one discipline, one log line per
+		// change of reason); the SDK makes each attempt once.
+		Retryer:                  aws.NopRetryer{},
+		DisableDefaultMaxBackoff: true,
+		APIOptions:               []func(*middleware.Stack) error{tokenTTL(o.TokenTTL), recordTokenFailure},
+	})
+	return &Client{api: api, opts: o, log: o.Log, clock: o.Clock}
+}
+
+func newHTTPClient() sdk.HTTPClient {
+	return limitedClient{awshttp.NewBuildableClient().
+		WithDialerOptions(func(d *net.Dialer) { d.Timeout = dialTimeout }).
+		WithTransportOptions(func(tr *http.Transport) {
+			tr.ResponseHeaderTimeout = responseHeaderTimeout
+			// IMDS is link-local: a proxy from the environment can
+			// only get in the way (or answer for another machine).
+			tr.Proxy = nil
+		})}
+}
+
+// limitedClient refuses answers larger than maxResponse, since the SDK reads
+// bodies whole into memory.
+type limitedClient struct{ inner sdk.HTTPClient }
+
+func (c limitedClient) Do(req *http.Request) (*http.Response, error) {
+	resp, err := c.inner.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = &limitedBody{rc: resp.Body, left: maxResponse}
+	return resp, nil
+}
+
+// ErrTooLarge is returned for an answer larger than the agent reads.
+var ErrTooLarge = errors.New("IMDS answer is larger than 1 MiB")
+
+type limitedBody struct {
+	rc   io.ReadCloser
+	left int64
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, ErrTooLarge
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.rc.Read(p)
+	b.left -= int64(n)
+	if b.left <= 0 && err == nil {
+		return n, ErrTooLarge
+	}
+	return n, err
+}
+
+func (b *limitedBody) Close() error { return b.rc.Close() }
+
+// tokenTTL makes the SDK ask for tokens of ttl instead of its fixed five
+// minutes. The SDK caches a token for the life IMDS grants in its answer, so
+// a longer life means fewer token requests over the agent's long life.
+func tokenTTL(ttl time.Duration) func(*middleware.Stack) error {
+	return func(stack *middleware.Stack) error {
+		if stack.ID() != "getToken" || ttl <= 0 {
+			return nil
+		}
+		secs := strconv.Itoa(int(ttl / time.Second))
+		return stack.Build.Add(middleware.BuildMiddlewareFunc("bootagentTokenTTL",
+			func(ctx context.Context, in middleware.BuildInput, next middleware.BuildHandler) (middleware.BuildOutput, middleware.Metadata, error) {
+				if req, ok := in.Request.(*smithyhttp.Request); ok {
+					req.Header.Set("X-Aws-Ec2-Metadata-Token-Ttl-Seconds", secs)
+				}
+				return next.HandleBuild(ctx, in)
+			}), middleware.After)
+	}
+}
+
+// tokenFailure carries the error of a failed token request out of the SDK,
+// which wraps it in a type that hides its cause.
+type tokenFailure struct{ err error }
+
+type tokenFailureKey struct{}
+
+func recordTokenFailure(stack *middleware.Stack) error {
+	if stack.ID() != "getToken" {
+		return nil
+	}
+	return stack.Initialize.Add(middleware.InitializeMiddlewareFunc("bootagentTokenFailure",
+		func(ctx context.Context, in middleware.InitializeInput, next middleware.InitializeHandler) (middleware.InitializeOutput, middleware.Metadata, error) {
+			out, md, err := next.HandleInitialize(ctx, in)
+			if f, ok := ctx.Value(tokenFailureKey{}).(*tokenFailure); ok && err != nil {
+				f.err = err
+			}
+			return out, md, err
+		}), middleware.Before)
+}
+
+// Error is a failed IMDS request, classified.
+type Error struct {
+	// Path is what was asked for.
+	Path string
+	// Status is the HTTP status, or 0 when no answer came.
+	Status int
+	// Token is true when the session token request failed.
+	Token bool
+	// Timeout is true when IMDS did not answer in time.
+	Timeout bool
+	Err     error
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "IMDS %s: ", e.Path)
+	switch {
+	case e.Token && e.Timeout:
+		b.WriteString("the IMDSv2 token request (PUT /latest/api/token) timed out. When plain GET requests work, this is the hop limit: " +
+			"the token answer is dropped before it reaches a container or a bridged network namespace. " +
+			"Raise it with `aws ec2 modify-instance-metadata-options --http-put-response-hop-limit 2`")
+	case e.Token && e.Status == http.StatusForbidden:
+		b.WriteString("IMDS refused a session token (403): the metadata service is disabled for this instance (--http-endpoint disabled) or the token request is blocked")
+	case e.Token && e.Status != 0:
+		fmt.Fprintf(&b, "the IMDSv2 token request failed with HTTP %d", e.Status)
+	case e.Token:
+		b.WriteString("the IMDSv2 token request failed")
+	case e.Status != 0:
+		fmt.Fprintf(&b, "HTTP %d", e.Status)
+	case e.Timeout:
+		b.WriteString("no answer in time")
+	default:
+		b.WriteString("no answer")
+	}
+	hopLimit := e.Token && e.Timeout // its message says all there is
+	if e.Err != nil && !hopLimit {
+		fmt.Fprintf(&b, ": %v", e.Err)
+	}
+	return b.String()
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Reason is a short, stable description of the failure, for logging only
+// when the reason changes.
+func (e *Error) Reason() string {
+	switch {
+	case e.Token && e.Timeout:
+		return "token request timed out (hop limit?)"
+	case e.Token && e.Status != 0:
+		return fmt.Sprintf("token request refused with HTTP %d", e.Status)
+	case e.Token:
+		return "token request failed: " + rootCause(e.Err)
+	case e.Status != 0:
+		return fmt.Sprintf("HTTP %d", e.Status)
+	case e.Timeout:
+		return "timeout"
+	default:
+		return rootCause(e.Err)
+	}
+}
+
+// retryable reports whether asking again can help: no answer, a timeout,
+// throttling, a server error, or a token that expired (401, after which the
+// SDK fetches a new one). A 403 or 404 will not change by asking again.
+func (e *Error) retryable() bool {
+	switch {
+	case errors.Is(e.Err, ErrTooLarge):
+		return false
+	case e.Status == 0, e.Status == http.StatusTooManyRequests, e.Status == http.StatusUnauthorized, e.Status >= 500:
+		return true
+	default:
+		return false
+	}
+}
+
+// rootCause strips the layers of operation names the SDK adds, leaving the
+// innermost message, such as "connect: connection refused".
+func rootCause(err error) string {
+	if err == nil {
+		return "unknown"
+	}
+	for {
+		next := errors.Unwrap(err)
+		if next == nil {
+			return err.Error()
+		}
+		err = next
+	}
+}
+
+// classify turns an SDK error into an *Error.
+func classify(path string, err error, tf *tokenFailure) *Error {
+	e := &Error{Path: path, Err: err}
+	if tf.err != nil {
+		e.Token = true
+		e.Err = tf.err
+		err = tf.err
+	}
+	var status interface{ HTTPStatusCode() int }
+	if errors.As(err, &status) {
+		e.Status = status.HTTPStatusCode()
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded) {
+		e.Timeout = true
+	}
+	return e
+}
+
+// do runs one SDK call, classifying its failure.
+func (c *Client) do(ctx context.Context, path string, call func(context.Context) error) error {
+	tf := &tokenFailure{}
+	err := call(context.WithValue(ctx, tokenFailureKey{}, tf))
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return classify(path, err, tf)
+}
+
+// read runs op, whose errors are already classified, with retries for what
+// can succeed on retry, up to readAttempts.
+func (c *Client) read(ctx context.Context, path string, op func(context.Context) error) error {
+	b := backoff.New(c.opts.Backoff, c.clock)
+	return b.Retry(ctx, readAttempts, func(ctx context.Context) error {
+		err := op(ctx)
+		var e *Error
+		if errors.As(err, &e) && !e.retryable() {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, func(err error, delay time.Duration) {
+		c.log.Debug("IMDS read failed; retrying", zap.String("path", path), zap.Error(err), zap.Duration("delay", delay))
+	})
+}
+
+// Identity is the instance identity document's fields the agent uses.
+type Identity struct {
+	InstanceID       string `json:"instance_id"`
+	Region           string `json:"region"`
+	AvailabilityZone string `json:"availability_zone"`
+	AccountID        string `json:"account_id"`
+	InstanceType     string `json:"instance_type"`
+	ImageID          string `json:"image_id"`
+}
+
+// Identity reads the instance identity document.
+func (c *Client) Identity(ctx context.Context) (Identity, error) {
+	var id Identity
+	err := c.read(ctx, identityPath, func(ctx context.Context) error {
+		var err error
+		id, err = c.identityOnce(ctx)
+		return err
+	})
+	return id, err
+}
+
+const identityPath = "/latest/dynamic/instance-identity/document"
+
+// identityOnce makes one attempt at the identity document.
+func (c *Client) identityOnce(ctx context.Context) (Identity, error) {
+	var out *sdk.GetInstanceIdentityDocumentOutput
+	err := c.do(ctx, identityPath, func(ctx context.Context) error {
+		var err error
+		out, err = c.api.GetInstanceIdentityDocument(ctx, nil)
+		return err
+	})
+	if err != nil {
+		return Identity{}, err
+	}
+	if !validInstanceID(out.InstanceID) {
+		return Identity{}, backoff.Permanent(fmt.Errorf("IMDS %s: instance ID %q is not of the form i-0123abcd", identityPath, out.InstanceID))
+	}
+	return Identity{
+		InstanceID:       out.InstanceID,
+		Region:           out.Region,
+		AvailabilityZone: out.AvailabilityZone,
+		AccountID:        out.AccountID,
+		InstanceType:     out.InstanceType,
+		ImageID:          out.ImageID,
+	}, nil
+}
+
+// validInstanceID reports whether s looks like an EC2 instance ID. It ends up
+// in file names and Chef node names, so nothing else is accepted.
+func validInstanceID(s string) bool {
+	if len(s) < 3 || len(s) > 32 || !strings.HasPrefix(s, "i-") {
+		return false
+	}
+	for _, r := range s[2:] {
+		if !strings.ContainsRune("0123456789abcdef", r) {
+			return false
+		}
+	}
+	return true
+}
+
+// Wait polls IMDS until it serves the identity document, then returns it. It
+// waits forever when timeout is 0. The first failure is logged, and then
+// only each change of reason, so a long wait at boot is three lines, not
+// three thousand. A refusal that waiting cannot fix (a 403 on the token, a
+// 404) ends the wait at once.
+func (c *Client) Wait(ctx context.Context, timeout time.Duration) (Identity, error) {
+	waitCtx := ctx
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		waitCtx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	start := c.clock.Now()
+	b := backoff.New(c.opts.Backoff, c.clock)
+	var (
+		lastReason string
+		lastErr    error
+	)
+	for attempts := 1; ; attempts++ {
+		id, err := c.identityOnce(waitCtx)
+		if err == nil {
+			if lastErr != nil {
+				c.log.Info("IMDS answers", zap.Int("attempts", attempts), zap.Duration("waited", c.clock.Now().Sub(start)))
+			}
+			return id, nil
+		}
+		var e *Error
+		switch {
+		case ctx.Err() != nil:
+			return Identity{}, ctx.Err()
+		case waitCtx.Err() != nil:
+			return Identity{}, fmt.Errorf("IMDS did not answer within %s (imds.wait_timeout): %w", timeout, cmp.Or(lastErr, err))
+		case !errors.As(err, &e) || !e.retryable():
+			return Identity{}, err
+		}
+		lastErr = err
+		if r := e.Reason(); r != lastReason {
+			c.log.Warn("waiting for IMDS", zap.String("reason", r), zap.Error(err))
+			lastReason = r
+		}
+		// A wait cut short by either context is reported at the top of
+		// the loop, after one more attempt.
+		_ = backoff.Wait(waitCtx, c.clock, b.Next())
+	}
+}
+
+// Metadata reads a path under /latest/meta-data/.
+func (c *Client) Metadata(ctx context.Context, path string) (string, error) {
+	var value string
+	full := "/latest/meta-data/" + path
+	err := c.read(ctx, full, func(ctx context.Context) error {
+		return c.do(ctx, full, func(ctx context.Context) error {
+			out, err := c.api.GetMetadata(ctx, &sdk.GetMetadataInput{Path: path})
+			if err != nil {
+				return err
+			}
+			defer out.Content.Close()
+			b, err := io.ReadAll(out.Content)
+			value = string(b)
+			return err
+		})
+	})
+	var e *Error
+	if errors.As(err, &e) && e.Status == http.StatusNotFound {
+		return "", fmt.Errorf("%w: %s", ErrNotFound, e.Path)
+	}
+	return value, err
+}
+
+// LocalHostname reads the instance's private DNS name.
+func (c *Client) LocalHostname(ctx context.Context) (string, error) {
+	s, err := c.Metadata(ctx, "local-hostname")
+	return strings.TrimSpace(s), err
+}
+
+// Tag reads an instance tag. It returns ErrNotFound when the instance has no
+// such tag or tags are not enabled in its metadata options.
+func (c *Client) Tag(ctx context.Context, key string) (string, error) {
+	s, err := c.Metadata(ctx, "tags/instance/"+key)
+	if errors.Is(err, ErrNotFound) {
+		return "", fmt.Errorf("tag %q: %w (the instance lacks the tag, or instance tags are not allowed in its metadata options: --instance-metadata-tags enabled)", key, err)
+	}
+	return s, err
+}
+
+// UserData reads the instance's user-data; nil when it has none (IMDS
+// answers 404).
+func (c *Client) UserData(ctx context.Context) ([]byte, error) {
+	const path = "/latest/user-data"
+	var data []byte
+	err := c.read(ctx, path, func(ctx context.Context) error {
+		return c.do(ctx, path, func(ctx context.Context) error {
+			out, err := c.api.GetUserData(ctx, nil)
+			if err != nil {
+				return err
+			}
+			defer out.Content.Close()
+			data, err = io.ReadAll(out.Content)
+			return err
+		})
+	})
+	var e *Error
+	if errors.As(err, &e) && e.Status == http.StatusNotFound {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if data == nil {
+		data = []byte{}
+	}
+	return data, nil
+}
+
+// String describes the endpoint, for logs.
+func (c *Client) String() string {
+	if c.opts.Endpoint != "" {
+		return c.opts.Endpoint
+	}
+	return "the SDK's endpoint (AWS_EC2_METADATA_SERVICE_ENDPOINT or the link-local default)"
+}

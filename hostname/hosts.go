@@ -18,20 +18,21 @@ const (
 // (LF or CRLF) is kept. A block without its end marker is refused rather than
 // guessed at.
 func EditHosts(content []byte, entry string) ([]byte, error) {
+	lines := bytes.SplitAfter(content, []byte("\n"))
+	begin, end, err := findBlock(lines)
+	if err != nil {
+		return nil, err
+	}
+	// An existing block keeps its own line ending; a new one takes the
+	// file's, as its first line shows it.
 	eol := []byte("\n")
-	if bytes.Contains(content, []byte("\r\n")) {
+	if first := lines[max(begin, 0)]; bytes.HasSuffix(first, []byte("\r\n")) {
 		eol = []byte("\r\n")
 	}
 	var block bytes.Buffer
 	for _, l := range []string{beginMarker, entry, endMarker} {
 		block.WriteString(l)
 		block.Write(eol)
-	}
-
-	lines := bytes.SplitAfter(content, []byte("\n"))
-	begin, end, err := findBlock(lines)
-	if err != nil {
-		return nil, err
 	}
 	var out bytes.Buffer
 	out.Grow(len(content) + block.Len())

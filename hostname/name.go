@@ -80,7 +80,7 @@ func Validate(s string) error {
 	}
 	for i, label := range strings.Split(s, ".") {
 		if err := validateLabel(label); err != nil {
-			return fmt.Errorf("%w: %q: label %d %s", ErrInvalid, shorten(s), i+1, err)
+			return fmt.Errorf("%w: %q: label %d %w", ErrInvalid, shorten(s), i+1, err)
 		}
 	}
 	return nil
@@ -94,7 +94,7 @@ func validateLabel(l string) error {
 		return fmt.Errorf("is %d characters; the limit is %d", len(l), maxLabel)
 	}
 	for _, r := range l {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+		if !isLDH(r) {
 			return fmt.Errorf("has %q; only letters, digits and hyphens are allowed", r)
 		}
 	}
@@ -134,3 +134,9 @@ func (n Name) HostsEntry() string {
 // loopbackAddr is Debian's convention for the host's own name: 127.0.1.1, so
 // that 127.0.0.1 keeps resolving to localhost alone.
 const loopbackAddr = "127.0.1.1"
+
+// isLDH reports whether r is a letter, digit or hyphen: the characters of
+// a host name label.
+func isLDH(r rune) bool {
+	return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-'
+}

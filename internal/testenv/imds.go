@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -23,7 +24,8 @@ type IMDSConfig struct {
 	// UserData is served at /latest/user-data; nil serves a 404, as IMDS
 	// does for an instance launched without user-data.
 	UserData []byte
-	// Tags are served under /latest/meta-data/tags/instance/.
+	// Tags are served under /latest/meta-data/tags/instance/; the emulator
+	// has room for two.
 	Tags map[string]string
 	// AllowIMDSv1 serves requests without a session token too; by default
 	// the emulator runs IMDSv2-only.
@@ -118,16 +120,19 @@ func emulatorConfig(c IMDSConfig) map[string]any {
 		"placement-region":            region,
 		"placement-availability-zone": region + "a",
 	}
+	// The emulator serves two tags, from two fixed slots; each slot's path
+	// names the tag key. Unused slots are moved out of the tags tree.
+	slots := []string{"tags-instance-name", "tags-instance-test"}
+	if len(c.Tags) > len(slots) {
+		panic("testenv: the IMDS emulator serves at most two tags")
+	}
 	metaPaths := map[string]any{}
-	// The emulator knows two tags by default; replace them with ours.
-	metaPaths["tags-instance-name"] = "/latest/meta-data/tags/instance/-unused-name"
-	metaPaths["tags-instance-test"] = "/latest/meta-data/tags/instance/-unused-test"
-	i := 0
-	for k, v := range c.Tags {
-		name := fmt.Sprintf("tags-instance-bootagent-%d", i)
-		metaPaths[name] = "/latest/meta-data/tags/instance/" + k
-		metaValues[name] = v
-		i++
+	for i, k := range sortedKeys(c.Tags) {
+		metaPaths[slots[i]] = "/latest/meta-data/tags/instance/" + k
+		metaValues[slots[i]] = c.Tags[k]
+	}
+	for _, slot := range slots[len(c.Tags):] {
+		metaPaths[slot] = "/latest/-unused/" + slot
 	}
 	cfg := map[string]any{
 		"metadata": map[string]any{"values": metaValues, "paths": metaPaths},
@@ -152,6 +157,15 @@ func emulatorConfig(c IMDSConfig) map[string]any {
 		cfg["userdata"] = map[string]any{"values": map[string]any{"userdata": base64.StdEncoding.EncodeToString(c.UserData)}}
 	}
 	return cfg
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 func tail(s string, n int) string {

@@ -1,0 +1,288 @@
+// Package agent orchestrates the bootstrap of an instance: wait for IMDS,
+// read the identity and user-data, decide and apply the host name, then keep
+// watching for drift.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/hostname"
+	"github.com/bootagent/bootagent/imds"
+)
+
+// Metadata is what the agent reads from the instance metadata service.
+type Metadata interface {
+	Wait(ctx context.Context, timeout time.Duration) (imds.Identity, error)
+	UserData(ctx context.Context) ([]byte, error)
+	LocalHostname(ctx context.Context) (string, error)
+	Tag(ctx context.Context, key string) (string, error)
+}
+
+// Namer applies host names to the system.
+type Namer interface {
+	Apply(ctx context.Context, n hostname.Name, p hostname.Policy) ([]hostname.Change, error)
+	TameCloudInit() (bool, error)
+}
+
+// Options are the Engine's dependencies.
+type Options struct {
+	// Config is the baked configuration (file over defaults); user-data is
+	// applied over it at each pass.
+	Config config.Config
+	// Root prefixes every path the agent writes.
+	Root string
+	Log  *zap.Logger
+	// Clock paces retries; nil is the wall clock.
+	Clock backoff.Clock
+	// Metadata reads IMDS; nil builds a client from Config.
+	Metadata Metadata
+	// Namer applies host names; nil builds a hostname.Manager for Root.
+	Namer Namer
+}
+
+// Engine runs bootstrap passes and the watch loop.
+type Engine struct {
+	cfg   config.Config
+	root  string
+	log   *zap.Logger
+	clock backoff.Clock
+	md    Metadata
+	namer Namer
+	close func()
+}
+
+// New returns an Engine. It reaches for nothing until Once or Run.
+func New(ctx context.Context, o Options) *Engine {
+	e := &Engine{cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, close: func() {}}
+	if e.log == nil {
+		e.log = zap.NewNop()
+	}
+	if e.clock == nil {
+		e.clock = backoff.RealClock{}
+	}
+	if e.md == nil {
+		e.md = imds.New(imds.Options{
+			Endpoint:    o.Config.IMDS.Endpoint,
+			AllowIMDSv1: o.Config.IMDS.AllowIMDSv1,
+			TokenTTL:    o.Config.IMDS.TokenTTL.D(),
+			Clock:       e.clock,
+			Log:         e.log.Named("imds"),
+		})
+	}
+	if e.namer == nil {
+		m := hostname.New(ctx, o.Root, e.log.Named("hostname"))
+		e.namer = m
+		e.close = m.Close
+	}
+	return e
+}
+
+// Close releases what the Engine holds (a D-Bus connection).
+func (e *Engine) Close() { e.close() }
+
+// Step is one timed step of a pass.
+type Step struct {
+	Name     string        `json:"name"`
+	Offset   time.Duration `json:"offset"`
+	Duration time.Duration `json:"duration"`
+}
+
+// Result is what one bootstrap pass found and did.
+type Result struct {
+	Identity imds.Identity   `json:"identity"`
+	UserData config.UserData `json:"user_data"`
+	// Config is the effective configuration: the file with user-data over it.
+	Config config.Config `json:"-"`
+	// Hostname is the name applied; zero when the name is left alone.
+	Hostname hostname.Name `json:"hostname"`
+	// HostnameSource says where the name came from.
+	HostnameSource string            `json:"hostname_source"`
+	Changes        []hostname.Change `json:"changes"`
+	Steps          []Step            `json:"steps"`
+}
+
+// stepTimer records the steps of a pass against its start.
+type stepTimer struct {
+	clock backoff.Clock
+	start time.Time
+	last  time.Time
+	steps []Step
+}
+
+func newStepTimer(c backoff.Clock) *stepTimer {
+	now := c.Now()
+	return &stepTimer{clock: c, start: now, last: now}
+}
+
+// done records the step that ran since the previous one ended.
+func (t *stepTimer) done(name string) Step {
+	now := t.clock.Now()
+	s := Step{Name: name, Offset: t.last.Sub(t.start), Duration: now.Sub(t.last)}
+	t.steps = append(t.steps, s)
+	t.last = now
+	return s
+}
+
+// Once runs one bootstrap pass: IMDS, user-data, host name. Bad user-data or
+// a bad name is an error matching config.ErrInvalid, and then nothing has been
+// applied.
+func (e *Engine) Once(ctx context.Context) (Result, error) {
+	timer := newStepTimer(e.clock)
+	var res Result
+
+	id, err := e.md.Wait(ctx, e.cfg.IMDS.WaitTimeout.D())
+	if err != nil {
+		return res, err
+	}
+	res.Identity = id
+	log := e.log.With(zap.String("instance_id", id.InstanceID))
+	log.Info("instance identified", zap.String("region", id.Region), zap.String("availability_zone", id.AvailabilityZone),
+		zap.Duration("waited", timer.done("imds").Duration))
+
+	raw, err := e.md.UserData(ctx)
+	if err != nil {
+		return res, fmt.Errorf("read user-data: %w", err)
+	}
+	cfg, info, err := config.ApplyUserData(e.cfg, raw)
+	if err != nil {
+		return res, err
+	}
+	res.Config, res.UserData = cfg, info
+	log.Info("user-data read", zap.String("format", info.Format), zap.Strings("keys", info.Keys), zap.Int("bytes", len(raw)))
+	for _, why := range info.Ignored {
+		log.Info("user-data left alone", zap.String("why", why))
+	}
+	log.Debug("effective configuration", zap.Any("config", cfg))
+	timer.done("user-data")
+
+	if cfg.Hostname.Preserve {
+		log.Info("hostname preserved, as asked (preserve_hostname)")
+		res.HostnameSource = cfg.Source("hostname.preserve")
+		timer.done("hostname")
+		res.Steps = timer.steps
+		return res, nil
+	}
+	name, source, err := e.desiredName(ctx, cfg)
+	if err != nil {
+		return res, err
+	}
+	res.Hostname, res.HostnameSource = name, source
+	if name.IsZero() {
+		log.Info("hostname left alone: no name in user-data and hostname.fallback is keep")
+	} else {
+		changes, err := e.apply(ctx, log, cfg, name)
+		res.Changes = changes
+		if err != nil {
+			return res, err
+		}
+		log.Info("hostname applied", zap.Stringer("hostname", name), zap.String("from", source),
+			zap.Int("changes", len(changes)), zap.Duration("since_start", e.clock.Now().Sub(timer.start)))
+	}
+	timer.done("hostname")
+	res.Steps = timer.steps
+	return res, nil
+}
+
+// apply sets the name and logs each change.
+func (e *Engine) apply(ctx context.Context, log *zap.Logger, cfg config.Config, name hostname.Name) ([]hostname.Change, error) {
+	if wrote, err := e.namer.TameCloudInit(); err != nil {
+		return nil, fmt.Errorf("keep cloud-init off the hostname: %w", err)
+	} else if wrote {
+		log.Info("told cloud-init to leave the hostname alone", zap.String("file", "/etc/cloud/cloud.cfg.d/99-bootagent.cfg"))
+	}
+	changes, err := e.namer.Apply(ctx, name, policy(cfg))
+	for _, c := range changes {
+		log.Info("hostname set", zap.String("what", c.What), zap.String("old", c.Old), zap.String("new", c.New))
+	}
+	if err != nil {
+		return changes, fmt.Errorf("apply hostname %s: %w", name, err)
+	}
+	return changes, nil
+}
+
+func policy(cfg config.Config) hostname.Policy {
+	return hostname.Policy{PreferFQDN: cfg.Hostname.PreferFQDN, ManageEtcHosts: cfg.Hostname.ManageEtcHosts}
+}
+
+// desiredName decides the host name, in order: the configuration (user-data
+// or the file), the configured instance tag, IMDS local-hostname. It returns
+// the zero Name when the name is to be left alone.
+func (e *Engine) desiredName(ctx context.Context, cfg config.Config) (hostname.Name, string, error) {
+	h := cfg.Hostname
+	n, err := configuredName(cfg)
+	if err != nil || !n.IsZero() {
+		return n, cfg.Source("hostname.name"), err
+	}
+	if h.FromTag != "" {
+		v, err := e.md.Tag(ctx, h.FromTag)
+		switch {
+		case err == nil:
+			n, err := hostname.Make(v, h.Domain)
+			if err != nil {
+				return hostname.Name{}, "", &config.InvalidError{Source: "instance tag " + h.FromTag, Reason: err.Error() + "; fix the tag, or set hostname in user-data"}
+			}
+			return n, "instance tag " + h.FromTag, nil
+		case errors.Is(err, imds.ErrNotFound):
+			e.log.Info("no name from the instance tag", zap.String("tag", h.FromTag), zap.Error(err))
+		default:
+			return hostname.Name{}, "", fmt.Errorf("read instance tag %s: %w", h.FromTag, err)
+		}
+	}
+	if h.Fallback == config.FallbackKeep {
+		return hostname.Name{}, "hostname.fallback keep", nil
+	}
+	local, err := e.md.LocalHostname(ctx)
+	if err != nil {
+		return hostname.Name{}, "", fmt.Errorf("read local-hostname: %w", err)
+	}
+	if h.Domain != "" {
+		// A baked domain replaces the EC2 one: ip-10-0-7-10.example.internal.
+		local, _, _ = strings.Cut(local, ".")
+	}
+	n, err = hostname.Make(local, h.Domain)
+	if err != nil {
+		return hostname.Name{}, "", fmt.Errorf("IMDS local-hostname: %w", err)
+	}
+	return n, "IMDS local-hostname", nil
+}
+
+// configuredName validates the name the configuration gives (from
+// user-data or the file); zero when it gives none.
+func configuredName(cfg config.Config) (hostname.Name, error) {
+	h := cfg.Hostname
+	if h.Domain != "" {
+		if err := hostname.Validate(h.Domain); err != nil {
+			return hostname.Name{}, &config.InvalidError{Source: cfg.Source("hostname.domain"), Reason: "domain " + err.Error()}
+		}
+	}
+	if h.Name == "" {
+		return hostname.Name{}, nil
+	}
+	n, err := hostname.Make(h.Name, h.Domain)
+	if err != nil {
+		return hostname.Name{}, &config.InvalidError{Source: cfg.Source("hostname.name"), Reason: err.Error()}
+	}
+	return n, nil
+}
+
+// ExitCode maps the outcome of a command to the exit status of the CLI
+// contract: 0 success, 1 runtime failure, 2 invalid configuration or
+// user-data.
+func ExitCode(err error) int {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, config.ErrInvalid), errors.Is(err, hostname.ErrInvalid):
+		return 2
+	default:
+		return 1
+	}
+}

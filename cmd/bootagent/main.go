@@ -1,0 +1,204 @@
+// Command bootagent is the in-guest bootstrap agent for EC2 instances. See
+// the README for the commands and DESIGN.md for the contract they keep.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"syscall"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/bootagent/bootagent/agent"
+	"github.com/bootagent/bootagent/config"
+)
+
+// version is stamped at build time with -ldflags "-X main.version=...".
+var version = "unknown"
+
+const usage = `usage:
+  bootagent run    [--config FILE] [--root DIR]   the daemon (systemd Type=notify)
+  bootagent once   [--config FILE] [--root DIR]   one full bootstrap pass, then exit
+  bootagent userdata check [--config FILE] [--json] [FILE|-]
+                                                 print what user-data would apply
+  bootagent version
+
+Exit status: 0 success, 1 runtime failure, 2 usage or invalid configuration/user-data.
+`
+
+// errUsage marks a command line that does not follow the usage.
+var errUsage = errors.New("usage")
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+// run executes one command line and returns the exit status.
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	err := dispatch(args, stdin, stdout, stderr)
+	if errors.Is(err, errUsage) {
+		fmt.Fprintf(stderr, "bootagent: %v\n%s", err, usage)
+		return 2
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "bootagent: %v\n", err)
+	}
+	return agent.ExitCode(err)
+}
+
+func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("%w: no command given", errUsage)
+	}
+	switch cmd, rest := args[0], args[1:]; cmd {
+	case "run", "once":
+		return runAgent(cmd, rest, stdout, stderr)
+	case "userdata":
+		if len(rest) == 0 || rest[0] != "check" {
+			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
+		}
+		return checkUserData(rest[1:], stdin, stdout, stderr)
+	case "version", "--version", "-v":
+		fmt.Fprintf(stdout, "bootagent %s (%s)\n", version, runtime.Version())
+		return nil
+	case "help", "--help", "-h":
+		fmt.Fprint(stdout, usage)
+		return nil
+	default:
+		return fmt.Errorf("%w: unknown command %q", errUsage, cmd)
+	}
+}
+
+// commonFlags are the flags shared by the commands that load the config.
+type commonFlags struct {
+	config   string
+	root     string
+	logLevel zapcore.Level
+}
+
+func newFlagSet(name string, stderr io.Writer) (*flag.FlagSet, *commonFlags) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	c := &commonFlags{logLevel: zapcore.InfoLevel}
+	fs.StringVar(&c.config, "config", config.DefaultPath, "config file")
+	fs.StringVar(&c.root, "root", "/", "directory every system path is taken under")
+	fs.Var(&c.logLevel, "log-level", "debug, info, warn or error")
+	return fs, c
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	return nil
+}
+
+// loadConfig loads the file named by --config. The default file may be
+// absent (the defaults then apply); a file named on the command line may not.
+func (c *commonFlags) loadConfig(fs *flag.FlagSet) (config.Config, error) {
+	named := false
+	fs.Visit(func(f *flag.Flag) { named = named || f.Name == "config" })
+	return config.Load(c.config, !named)
+}
+
+func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
+	fs, common := newFlagSet(cmd, stderr)
+	asJSON := fs.Bool("json", false, "print the result as JSON (once)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: %s takes no arguments", errUsage, cmd)
+	}
+	cfg, err := common.loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, common.logLevel)
+	defer func() { _ = log.Sync() }()
+	log.Info("bootagent "+cmd, zap.String("version", version), zap.String("config", common.config), zap.String("root", common.root))
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	e := agent.New(ctx, agent.Options{Config: cfg, Root: common.root, Log: log})
+	defer e.Close()
+
+	if cmd == "run" {
+		return e.Run(ctx)
+	}
+	res, err := e.Once(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	return res.WriteText(stdout)
+}
+
+func checkUserData(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	fs, common := newFlagSet("userdata check", stderr)
+	asJSON := fs.Bool("json", false, "print the settings as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 1 {
+		return fmt.Errorf("%w: userdata check takes one FILE or -", errUsage)
+	}
+	cfg, err := common.loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	data, err := readInput(fs.Arg(0), stdin)
+	if err != nil {
+		return err
+	}
+	check, err := agent.CheckUserData(cfg, data)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(check)
+	}
+	return check.WriteText(stdout)
+}
+
+// readInput reads a user-data file, or standard input for "-" or nothing,
+// refusing more than the agent would ever read.
+func readInput(name string, stdin io.Reader) ([]byte, error) {
+	r := stdin
+	if name != "" && name != "-" {
+		f, err := os.Open(name)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		r = f
+	}
+	data, err := io.ReadAll(io.LimitReader(r, config.MaxUserDataSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read user-data: %w", err)
+	}
+	return data, nil
+}
+
+// newLogger logs to stderr in the console format.
+func newLogger(w io.Writer, level zapcore.Level) *zap.Logger {
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	enc.EncodeDuration = zapcore.StringDurationEncoder
+	core := zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.AddSync(w), level)
+	return zap.New(core)
+}

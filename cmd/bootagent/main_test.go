@@ -1,0 +1,157 @@
+package main
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/bootagent/bootagent/internal/testenv"
+)
+
+// bootagent runs a command line in-process and returns its exit status,
+// standard output and standard error.
+func bootagent(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := run(args, strings.NewReader(stdin), &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func writeConfig(t *testing.T, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(path, []byte(content), 0o600))
+	return path
+}
+
+func TestUsageErrorsExitTwo(t *testing.T) {
+	for _, args := range [][]string{{}, {"frobnicate"}, {"once", "extra"}, {"once", "--no-such-flag"}, {"userdata"}, {"userdata", "check", "a", "b"}} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			code, _, stderr := bootagent(t, "", args...)
+			assert.Equal(t, 2, code)
+			assert.Contains(t, stderr, "usage:")
+		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	code, out, _ := bootagent(t, "", "version")
+	assert.Equal(t, 0, code)
+	assert.Regexp(t, `^bootagent \S+ \(go1\.`, out)
+}
+
+func TestAnInvalidConfigFileExitsTwoWithItsLine(t *testing.T) {
+	cfg := writeConfig(t, "imds:\n  token_ttl: 1h\n  tokn: x\n")
+	code, _, stderr := bootagent(t, "", "once", "--config", cfg, "--root", t.TempDir())
+	assert.Equal(t, 2, code)
+	assert.Contains(t, stderr, `line 3: unknown key "tokn" in imds`)
+}
+
+func TestANamedConfigFileMustExist(t *testing.T) {
+	code, _, stderr := bootagent(t, "", "userdata", "check", "--config", filepath.Join(t.TempDir(), "missing.yaml"), "-")
+	assert.Equal(t, 1, code)
+	assert.Contains(t, stderr, "no such file")
+}
+
+func gz(t *testing.T, s string) string {
+	var b bytes.Buffer
+	w := gzip.NewWriter(&b)
+	_, err := w.Write([]byte(s))
+	require.NoError(t, err)
+	require.NoError(t, w.Close())
+	return b.String()
+}
+
+func TestUserdataCheck(t *testing.T) {
+	cfg := writeConfig(t, "hostname:\n  domain: corp.internal\n")
+	code, out, stderr := bootagent(t, "hostname=web01\nchef_run_list=role[web]\n", "userdata", "check", "--config", cfg)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, out, "web01.corp.internal")
+	assert.Contains(t, out, "127.0.1.1 web01.corp.internal web01")
+
+	code, out, stderr = bootagent(t, "#cloud-config\nfqdn: db01.example.internal\n", "userdata", "check", "--config", cfg, "--json", "-")
+	require.Equal(t, 0, code, stderr)
+	var got struct {
+		UserData struct{ Format string } `json:"user_data"`
+		Hostname struct{ FQDN, Kernel string }
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &got))
+	assert.Equal(t, "#cloud-config", got.UserData.Format)
+	assert.Equal(t, "db01.example.internal", got.Hostname.FQDN)
+}
+
+func TestUserdataCheckReadsAFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "user-data")
+	require.NoError(t, os.WriteFile(path, []byte(gz(t, "fqdn=web02.example.internal\n")), 0o600))
+	code, out, stderr := bootagent(t, "", "userdata", "check", path)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, out, "gzip > key=value")
+	assert.Contains(t, out, "web02.example.internal")
+}
+
+func TestUserdataCheckRefusesBrokenInputWithExitTwo(t *testing.T) {
+	tests := []struct {
+		name, data, want string
+	}{
+		{"a hostile hostname", "hostname=$(reboot)\n", `key hostname: invalid host name: "$(reboot)"`},
+		{"a newline smuggled in JSON", `{"hostname": "web01\nevil"}`, `has '\n'`},
+		{"a truncated gzip", gz(t, strings.Repeat("hostname=a\n", 40))[:30], "gzip"},
+		{"MIME without a boundary", "Content-Type: multipart/mixed\n\n--x\n", "without a boundary"},
+		{"a YAML bomb", "#cloud-config\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nbootagent:\n  chef:\n    initial_attributes: {k: [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]}\n", "excessive aliasing"},
+		{"16 MiB of user-data", strings.Repeat("#", 16<<20), "more than the 1048576 bootagent reads"},
+		{"invalid UTF-8", "#cloud-config\nhostname: \xfe\n", "not valid UTF-8"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, out, stderr := bootagent(t, tt.data, "userdata", "check", "-")
+			assert.Equal(t, 2, code)
+			assert.Empty(t, out)
+			assert.Contains(t, stderr, tt.want)
+		})
+	}
+}
+
+func TestOnceAgainstTheEmulator(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	require.NoError(t, syscall.Sethostname([]byte("localhost")))
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("hostname=cli01\ndomain=example.internal\n")})
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	cfg := writeConfig(t, "imds:\n  endpoint: "+emu.URL+"\n")
+
+	code, out, stderr := bootagent(t, "", "once", "--config", cfg, "--root", root)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, out, "cli01.example.internal (from user-data (key=value) line 1 key hostname)")
+	assert.Contains(t, stderr, "hostname applied")
+	assert.Contains(t, stderr, `"instance_id": "i-0123456789abcdef0"`)
+	h, err := os.Hostname()
+	require.NoError(t, err)
+	assert.Equal(t, "cli01.example.internal", h)
+}
+
+func TestOnceExitsTwoOnBadUserDataAndChangesNothing(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	require.NoError(t, syscall.Sethostname([]byte("localhost")))
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("#cloud-config\nhostname: \"web01 && reboot\"\n")})
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", emu.URL)
+
+	code, _, stderr := bootagent(t, "", "once", "--config", writeConfig(t, ""), "--root", root)
+	assert.Equal(t, 2, code)
+	assert.Contains(t, stderr, `user-data #cloud-config line 2 key hostname: invalid host name: "web01 && reboot"`)
+	entries, err := os.ReadDir(filepath.Join(root, "etc"))
+	require.NoError(t, err)
+	assert.Empty(t, entries, "nothing written")
+	h, err := os.Hostname()
+	require.NoError(t, err)
+	assert.Equal(t, "localhost", h)
+}

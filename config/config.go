@@ -437,9 +437,13 @@ func validTagKey(key string) bool {
 		return false
 	}
 	for _, r := range key {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("+-=._:@,", r)) {
+		if !isAlnum(r) && !strings.ContainsRune("+-=._:@,", r) {
 			return false
 		}
 	}
 	return key != "." && key != ".." && key != "_index"
+}
+
+func isAlnum(r rune) bool {
+	return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9'
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
@@ -101,4 +102,36 @@ func TestInvalidErrorIsMatchedThroughWrapping(t *testing.T) {
 	err := errors.Join(errors.New("other"), &InvalidError{Source: "s", Reason: "r"})
 	assert.ErrorIs(t, err, ErrInvalid)
 	assert.NotErrorIs(t, errors.New("plain"), ErrInvalid)
+}
+
+// The packaged config file documents every key at its default; it must
+// stay true to the code.
+func TestThePackagedConfigShowsTheDefaults(t *testing.T) {
+	cfg, err := Load("../packaging/config.yaml", false)
+	require.NoError(t, err)
+	for _, key := range yamlKeys(reflect.TypeFor[Config]()) {
+		assert.NotContains(t, cfg.Source(key), "default", "packaging/config.yaml does not document %s", key)
+	}
+	want := Default()
+	want.Chef.RunList = []string{}
+	want.Chef.InitialAttributes = Object{}
+	cfg.sources = nil
+	assert.Equal(t, want, cfg)
+}
+
+// yamlKeys lists the "section.key" paths of the config file's schema.
+func yamlKeys(t reflect.Type) []string {
+	var keys []string
+	for section := range t.Fields() {
+		name := section.Tag.Get("yaml")
+		if name == "" || name == "-" {
+			continue
+		}
+		for field := range section.Type.Fields() {
+			if k := field.Tag.Get("yaml"); k != "" && k != "-" {
+				keys = append(keys, name+"."+k)
+			}
+		}
+	}
+	return keys
 }

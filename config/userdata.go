@@ -267,7 +267,7 @@ func decodeTransfer(encoding string, body []byte) ([]byte, error) {
 		out := make([]byte, base64.StdEncoding.DecodedLen(len(clean)))
 		n, err := base64.StdEncoding.Decode(out, clean)
 		if err != nil {
-			return nil, fmt.Errorf("base64 body: %v", err)
+			return nil, fmt.Errorf("base64 body: %w", err)
 		}
 		return out[:n], nil
 	default:

@@ -242,7 +242,7 @@ func TestApplyUserDataRefusesBadInput(t *testing.T) {
 		{"cloud-config whose top is not a mapping", []byte("#cloud-config\n- a\n"), "want a mapping of keys"},
 		{"cloud-config with a bad ssl_verify_mode", []byte("#cloud-config\nchef:\n  ssl_verify_mode: :sometimes\n"), `key chef.ssl_verify_mode: ":sometimes" is not :verify_peer or :verify_none`},
 		{"cloud-config with a bad manage_etc_hosts", []byte("#cloud-config\nmanage_etc_hosts: partly\n"), "want true, false, template or localhost"},
-		{"an unknown key in the bootagent block", []byte("#cloud-config\nbootagent:\n  hostname:\n    nmae: x\n"), `user-data #cloud-config bootagent block: unknown key "nmae" in hostname`},
+		{"an unknown key in the bootagent block", []byte("#cloud-config\nbootagent:\n  hostname:\n    nam: x\n"), `user-data #cloud-config bootagent block: unknown key "nam" in hostname`},
 		{"a YAML alias bomb in a run list", []byte("#cloud-config\n" + yamlBomb + "chef:\n  run_list: *h\n"), "want a list of strings: line 8: cannot unmarshal !!seq into string"},
 		{"a YAML alias bomb in attributes", []byte("#cloud-config\n" + yamlBomb + "chef:\n  initial_attributes: {x: *h}\n"), "excessive aliasing"},
 		{"a YAML alias bomb in the bootagent block", []byte("#cloud-config\n" + yamlBomb + "bootagent:\n  chef:\n    run_list: *h\n"), "excessive aliasing"},

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The demo: a first boot of a "fresh instance" against AWS's own IMDS
+# emulator. It runs in a private network and UTS namespace, so the host name
+# it sets and the traffic it sends never leave this sandbox; the files it
+# writes go under a temporary root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+agent=$repo/bin/bootagent
+mock=$repo/.tools/bin/ec2-metadata-mock
+
+if [[ ${1:-} != inside ]]; then
+	work=$(mktemp -d /tmp/bootagent-demo.XXXXXX)
+	trap 'rm -rf "$work"' EXIT
+	exec_inside() { unshare --net --uts -- "$0" inside "$work"; }
+	exec_inside
+	exit
+fi
+work=$2
+ip link set lo up
+
+section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# The instance: launched from a stock image, with this user-data.
+user_data='#cloud-config
+# cloud-init'"'"'s own keys, as an operator would already write them
+fqdn: web01.demo.internal
+manage_etc_hosts: true
+packages: [nginx]
+chef:
+  server_url: https://chef.demo.internal/organizations/demo
+  run_list: ["role[web]", "recipe[base]"]
+  environment: production'
+
+root=$work/root
+mkdir -p "$root/etc"
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n\n::1     localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n' >"$root/etc/hosts"
+echo debian >"$root/etc/hostname"
+hostname ip-10-0-7-10
+
+port=1338
+cat >"$work/aemm.json" <<JSON
+{"userdata": {"values": {"userdata": "$(printf '%s\n' "$user_data" | base64 -w0)"}},
+ "metadata": {"values": {"instance-id": "i-0de70c0ffee000001", "local-hostname": "ip-10-0-7-10.eu-west-1.compute.internal"}},
+ "dynamic": {"values": {"instance-identity-document": {"instanceId": "i-0de70c0ffee000001", "region": "eu-west-1",
+   "availabilityZone": "eu-west-1a", "accountId": "123456789012", "instanceType": "m7g.large", "imageId": "ami-0123456789abcdef0"}}}}
+JSON
+(cd "$work" && HOME=$work exec "$mock" -n 127.0.0.1 -p "$port" -I -c "$work/aemm.json" >"$work/aemm.log" 2>&1) &
+mock_pid=$!
+trap 'kill $mock_pid 2>/dev/null' EXIT
+for _ in $(seq 100); do
+	(exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
+	sleep 0.1
+done
+
+printf 'imds:\n  endpoint: http://127.0.0.1:%s\n' "$port" >"$work/config.yaml"
+
+section "the AWS IMDS emulator (IMDSv2 only) serves this user-data"
+printf '%s\n' "$user_data"
+
+section "what bootagent makes of it (bootagent userdata check)"
+printf '%s\n' "$user_data" | "$agent" userdata check --config "$work/config.yaml" -
+
+section "before: a fresh instance"
+echo "kernel hostname: $(hostname)"
+echo "/etc/hostname:   $(cat "$root/etc/hostname")"
+
+section "bootagent once --root $root"
+"$agent" once --config "$work/config.yaml" --root "$root"
+
+section "after"
+echo "kernel hostname: $(hostname)"
+echo "/etc/hostname:   $(cat "$root/etc/hostname")"
+echo "hostname -f:     $(unshare --mount -- sh -c 'mount --bind "$1" /etc/hosts && hostname -f' sh "$root/etc/hosts")"
+echo "/etc/hosts:"
+sed 's/^/    /' "$root/etc/hosts"
+
+section "a second pass finds nothing to change"
+"$agent" once --config "$work/config.yaml" --root "$root" 2>/dev/null | grep -E '^(hostname|  changed)' || true

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need, and nothing when it is already
+# there: Debian packages with apt-get, Go tools at pinned versions into
+# .tools/bin. Run as root on Debian (bookworm). `deps.sh lint` adds the
+# linter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: unshare and mount (private namespaces), ip (loopback in
+# the test namespace), hostname (the `hostname -f` check).
+packages=(util-linux mount iproute2 hostname)
+
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "deps: installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Go tools, pinned. A stamp file records the version installed.
+tools_dir="$PWD/.tools/bin"
+mkdir -p "$tools_dir"
+install_tool() {
+	local pkg=$1 version=$2 name=$3
+	local stamp="$tools_dir/.$name@$version"
+	if [[ -x "$tools_dir/$name" && -e "$stamp" ]]; then
+		return
+	fi
+	echo "deps: go install $pkg@$version"
+	GOBIN="$tools_dir" go install "$pkg@$version"
+	rm -f "$tools_dir/.$name@"*
+	touch "$stamp"
+}
+install_tool github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock v1.13.0 ec2-metadata-mock
+if [[ " $* " == *" lint "* ]]; then
+	install_tool github.com/golangci/golangci-lint/v2/cmd/golangci-lint v2.15.0 golangci-lint
+fi

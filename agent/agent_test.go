@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"bytes"
-	"compress/gzip"
 	"context"
 	"os"
 	"path/filepath"
@@ -67,15 +65,6 @@ func readFile(t *testing.T, path string) string {
 	return string(b)
 }
 
-func gzipped(t *testing.T, s string) []byte {
-	var b bytes.Buffer
-	w := gzip.NewWriter(&b)
-	_, err := w.Write([]byte(s))
-	require.NoError(t, err)
-	require.NoError(t, w.Close())
-	return b.Bytes()
-}
-
 func TestOnceAppliesTheHostnameFromEveryUserDataForm(t *testing.T) {
 	mime := "Content-Type: multipart/mixed; boundary=\"==B==\"\nMIME-Version: 1.0\n\n" +
 		"--==B==\nContent-Type: text/x-shellscript\n\n#!/bin/sh\necho hi\n" +
@@ -90,7 +79,7 @@ func TestOnceAppliesTheHostnameFromEveryUserDataForm(t *testing.T) {
 		{"JSON", []byte(`{"fqdn": "json01.example.internal"}`), "json01.example.internal", "127.0.1.1\tjson01.example.internal json01"},
 		{"cloud-config", []byte("#cloud-config\nhostname: cc01\nfqdn: cc01.example.internal\nprefer_fqdn_over_hostname: false\n"), "cc01", "127.0.1.1\tcc01.example.internal cc01"},
 		{"MIME multipart", []byte(mime), "mime01.example.internal", "127.0.1.1\tmime01.example.internal mime01"},
-		{"gzip", gzipped(t, "#cloud-config\nfqdn: gz01.example.internal\n"), "gz01.example.internal", "127.0.1.1\tgz01.example.internal gz01"},
+		{"gzip", testenv.Gzip(t, "#cloud-config\nfqdn: gz01.example.internal\n"), "gz01.example.internal", "127.0.1.1\tgz01.example.internal gz01"},
 		{"none, so IMDS local-hostname", nil, "ip-10-0-7-10.eu-west-1.compute.internal", "127.0.1.1\tip-10-0-7-10.eu-west-1.compute.internal ip-10-0-7-10"},
 		{"a shell script, so IMDS local-hostname", []byte("#!/bin/sh\nexit 0\n"), "ip-10-0-7-10.eu-west-1.compute.internal", "127.0.1.1\tip-10-0-7-10.eu-west-1.compute.internal ip-10-0-7-10"},
 	}
@@ -172,7 +161,7 @@ func TestOnceRefusesBadInputAndWritesNothing(t *testing.T) {
 	}{
 		{"a hostile hostname", []byte("hostname=web01;reboot\n"), "user-data (key=value) line 1 key hostname: invalid host name"},
 		{"a hostile domain", []byte("#cloud-config\nhostname: web01\nbootagent:\n  hostname:\n    domain: \"a b\"\n"), "bootagent block line 5: domain invalid host name"},
-		{"a truncated gzip", gzipped(t, strings.Repeat("hostname=web01\n", 50))[:40], "user-data: gzip"},
+		{"a truncated gzip", testenv.Gzip(t, strings.Repeat("hostname=web01\n", 50))[:40], "user-data: gzip"},
 		{"invalid UTF-8", []byte("hostname=w\xffb\n"), "not valid UTF-8"},
 	}
 	for _, tt := range tests {

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"errors"
 	"testing"
+
+	"github.com/bootagent/bootagent/internal/testenv"
 )
 
 // FuzzApplyUserData feeds arbitrary user-data to the decoder: it must never
@@ -15,7 +17,7 @@ func FuzzApplyUserData(f *testing.F) {
 		[]byte(`{"hostname":"web01","chef_run_list":["role[web]"],"chef_initial_attributes":{"a":[1,{"b":null}]}}`),
 		[]byte("#cloud-config\nfqdn: a.b\nchef:\n  run_list: [x]\nbootagent:\n  imds:\n    token_ttl: 1h\n"),
 		[]byte(mimeUserData),
-		gz(f, mimeUserData),
+		testenv.Gzip(f, mimeUserData),
 		nestedMIME(3),
 		[]byte("#!/bin/sh\n"),
 	} {

@@ -2,25 +2,17 @@ package config
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/base64"
 	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
-)
 
-func gz(t testing.TB, s string) []byte {
-	t.Helper()
-	var b bytes.Buffer
-	w := gzip.NewWriter(&b)
-	_, err := w.Write([]byte(s))
-	require.NoError(t, err)
-	require.NoError(t, w.Close())
-	return b.Bytes()
-}
+	"github.com/stretchr/testify/require"
+
+	"github.com/bootagent/bootagent/internal/testenv"
+)
 
 const mimeUserData = `Content-Type: multipart/mixed; boundary="==BOUNDARY=="
 MIME-Version: 1.0
@@ -133,7 +125,7 @@ func TestApplyUserDataForms(t *testing.T) {
 		},
 		{
 			name:       "gzip-compressed key=value",
-			data:       gz(t, "hostname=web03\n"),
+			data:       testenv.Gzip(t, "hostname=web03\n"),
 			wantName:   "web03",
 			wantFormat: "gzip > key=value",
 		},
@@ -150,7 +142,7 @@ func TestApplyUserDataForms(t *testing.T) {
 		},
 		{
 			name:       "gzip-compressed MIME with a base64 part",
-			data:       gz(t, "Content-Type: multipart/mixed; boundary=XX\n\n--XX\nContent-Type: text/x-bootagent\nContent-Transfer-Encoding: base64\n\n"+b64Part+"\n--XX--\n"),
+			data:       testenv.Gzip(t, "Content-Type: multipart/mixed; boundary=XX\n\n--XX\nContent-Type: text/x-bootagent\nContent-Transfer-Encoding: base64\n\n"+b64Part+"\n--XX--\n"),
 			wantName:   "db01",
 			wantDomain: "example.internal",
 			wantFormat: "gzip > MIME multipart (text/x-bootagent (key=value))",
@@ -215,14 +207,14 @@ func TestApplyUserDataKeepsTheFileDomainForAShortName(t *testing.T) {
 }
 
 func TestApplyUserDataRefusesBadInput(t *testing.T) {
-	truncated := gz(t, strings.Repeat("hostname=web01\n", 100))
+	truncated := testenv.Gzip(t, strings.Repeat("hostname=web01\n", 100))
 	tests := []struct {
 		name string
 		data []byte
 		want string
 	}{
 		{"a truncated gzip", truncated[:len(truncated)/2], "user-data: gzip: unexpected EOF (truncated or corrupt)"},
-		{"a gzip bomb", gz(t, "hostname=x\n#"+strings.Repeat("a", MaxUserDataSize)), "decompresses to more than"},
+		{"a gzip bomb", testenv.Gzip(t, "hostname=x\n#"+strings.Repeat("a", MaxUserDataSize)), "decompresses to more than"},
 		{"16 MiB of user-data", bytes.Repeat([]byte("a"), 16<<20), "16777216 bytes is more than the 1048576 bootagent reads"},
 		{"MIME multipart without a boundary", []byte("Content-Type: multipart/mixed\n\n--x\n\nhostname=a\n--x--\n"), "multipart/mixed without a boundary parameter"},
 		{"MIME whose boundary never appears", []byte("Content-Type: multipart/mixed; boundary=zz\n\nhostname=a\n"), `no part found with boundary "zz"`},
@@ -290,7 +282,7 @@ func BenchmarkApplyUserData(b *testing.B) {
 		{"json", []byte(`{"hostname":"web01","domain":"example.internal","chef_run_list":["role[web]","recipe[base]"]}`)},
 		{"cloud-config", []byte("#cloud-config\nfqdn: web01.example.internal\nchef:\n  run_list: [\"role[web]\"]\n  environment: production\npackages: [nginx, curl]\n")},
 		{"mime", []byte(mimeUserData)},
-		{"gzip-mime", gz(b, mimeUserData)},
+		{"gzip-mime", testenv.Gzip(b, mimeUserData)},
 	}
 	for _, in := range inputs {
 		b.Run(in.name, func(b *testing.B) {

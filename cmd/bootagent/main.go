@@ -138,12 +138,21 @@ func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(res)
+	return output(stdout, *asJSON, res)
+}
+
+// report is a command's result, printable for people or as JSON.
+type report interface {
+	WriteText(w io.Writer) error
+}
+
+func output(w io.Writer, asJSON bool, r report) error {
+	if !asJSON {
+		return r.WriteText(w)
 	}
-	return res.WriteText(stdout)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
 }
 
 func checkUserData(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
@@ -167,12 +176,7 @@ func checkUserData(args []string, stdin io.Reader, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(check)
-	}
-	return check.WriteText(stdout)
+	return output(stdout, *asJSON, check)
 }
 
 // readInput reads a user-data file, or standard input for "-" or nothing,

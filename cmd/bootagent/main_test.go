@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -61,15 +60,6 @@ func TestANamedConfigFileMustExist(t *testing.T) {
 	assert.Contains(t, stderr, "no such file")
 }
 
-func gz(t *testing.T, s string) string {
-	var b bytes.Buffer
-	w := gzip.NewWriter(&b)
-	_, err := w.Write([]byte(s))
-	require.NoError(t, err)
-	require.NoError(t, w.Close())
-	return b.String()
-}
-
 func TestUserdataCheck(t *testing.T) {
 	cfg := writeConfig(t, "hostname:\n  domain: corp.internal\n")
 	code, out, stderr := bootagent(t, "hostname=web01\nchef_run_list=role[web]\n", "userdata", "check", "--config", cfg)
@@ -90,7 +80,7 @@ func TestUserdataCheck(t *testing.T) {
 
 func TestUserdataCheckReadsAFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "user-data")
-	require.NoError(t, os.WriteFile(path, []byte(gz(t, "fqdn=web02.example.internal\n")), 0o600))
+	require.NoError(t, os.WriteFile(path, testenv.Gzip(t, "fqdn=web02.example.internal\n"), 0o600))
 	code, out, stderr := bootagent(t, "", "userdata", "check", path)
 	require.Equal(t, 0, code, stderr)
 	assert.Contains(t, out, "gzip > key=value")
@@ -103,7 +93,7 @@ func TestUserdataCheckRefusesBrokenInputWithExitTwo(t *testing.T) {
 	}{
 		{"a hostile hostname", "hostname=$(reboot)\n", `key hostname: invalid host name: "$(reboot)"`},
 		{"a newline smuggled in JSON", `{"hostname": "web01\nevil"}`, `has '\n'`},
-		{"a truncated gzip", gz(t, strings.Repeat("hostname=a\n", 40))[:30], "gzip"},
+		{"a truncated gzip", string(testenv.Gzip(t, strings.Repeat("hostname=a\n", 40))[:30]), "gzip"},
 		{"MIME without a boundary", "Content-Type: multipart/mixed\n\n--x\n", "without a boundary"},
 		{"a YAML bomb", "#cloud-config\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nbootagent:\n  chef:\n    initial_attributes: {k: [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]}\n", "excessive aliasing"},
 		{"16 MiB of user-data", strings.Repeat("#", 16<<20), "more than the 1048576 bootagent reads"},

@@ -4,6 +4,8 @@
 package testenv
 
 import (
+	"bytes"
+	"compress/gzip"
 	"fmt"
 	"net"
 	"os"
@@ -104,4 +106,18 @@ func orErr(s string, err error) string {
 		return err.Error()
 	}
 	return s
+}
+
+// Gzip compresses s, as `gzip -c` would, for user-data tests.
+func Gzip(t testing.TB, s string) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	w := gzip.NewWriter(&b)
+	if _, err := w.Write([]byte(s)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
 }

@@ -95,7 +95,10 @@ const (
 
 // Chef configures registration with a Chef Infra Server and chef-client runs.
 type Chef struct {
-	ServerURL            string   `yaml:"server_url" json:"server_url"`
+	ServerURL string `yaml:"server_url" json:"server_url"`
+	// AuthProtocol is the request signing version: 1.3 (SHA-256), or 1.0
+	// for old servers.
+	AuthProtocol         string   `yaml:"auth_protocol" json:"auth_protocol"`
 	ValidationClientName string   `yaml:"validation_client_name" json:"validation_client_name"`
 	ValidationKey        string   `yaml:"validation_key" json:"validation_key"`
 	DeleteValidationKey  bool     `yaml:"delete_validation_key" json:"delete_validation_key"`
@@ -148,6 +151,7 @@ func Default() Config {
 			ManageEtcHosts: true,
 		},
 		Chef: Chef{
+			AuthProtocol:         "1.3",
 			ValidationClientName: "chef-validator",
 			ValidationKey:        "/etc/chef/validation.pem",
 			DeleteValidationKey:  true,
@@ -380,6 +384,9 @@ func (c Config) validateChef() []error {
 		if err := checkURL(ch.ServerURL); err != nil {
 			errs = append(errs, c.invalid("chef.server_url", "%v", err))
 		}
+	}
+	if ch.AuthProtocol != "1.3" && ch.AuthProtocol != "1.0" {
+		errs = append(errs, c.invalid("chef.auth_protocol", "%q is not 1.3 or 1.0", ch.AuthProtocol))
 	}
 	if (ch.PolicyName == "") != (ch.PolicyGroup == "") {
 		errs = append(errs, c.invalid("chef.policy_name", "policy_name and policy_group go together; set both or neither"))

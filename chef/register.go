@@ -1,0 +1,297 @@
+package chef
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/atomicfile"
+	"github.com/bootagent/bootagent/backoff"
+)
+
+// ErrNameTaken is returned when another key already owns the node's client
+// name on the server.
+var ErrNameTaken = errors.New("node name taken")
+
+// ErrValidatorRefused is returned when the server does not accept the
+// validator's signature or rights; retrying cannot help.
+var ErrValidatorRefused = errors.New("validator refused")
+
+// Registration is what registering one node needs.
+type Registration struct {
+	NodeName string
+	// ClientKeyPath is where the node's private key is written (under the
+	// agent's root).
+	ClientKeyPath string
+	ValidatorName string
+	// ValidatorKey is the validator's private key; it may be nil when the
+	// client already exists with the node's key (a later pass).
+	ValidatorKey []byte
+	// ValidatorPath names where the validator key was looked for, for
+	// errors.
+	ValidatorPath string
+	Node          Node
+}
+
+// Node is the node object's content the agent sets.
+type Node struct {
+	Environment string
+	RunList     []string
+	PolicyName  string
+	PolicyGroup string
+	// Attributes are the initial attributes, set as normal attributes.
+	Attributes map[string]any
+}
+
+// Registered says what Register found and did.
+type Registered struct {
+	// KeyReused is true when a key left by an interrupted registration was
+	// used instead of a new one.
+	KeyReused     bool
+	ClientCreated bool
+	NodeCreated   bool
+	// Attempts counts requests that had to be retried.
+	Retries int
+}
+
+// Registrar registers nodes.
+type Registrar struct {
+	Server ServerOptions
+	Log    *zap.Logger
+	// Backoff shapes retries of requests that can succeed on retry.
+	Backoff backoff.Policy
+	// MaxAttempts bounds the attempts of one request; 0 means no bound.
+	MaxAttempts int
+	Clock       backoff.Clock
+}
+
+// Register makes the instance a Chef client and node. The key pair is made
+// on the instance and its private half written (0600, atomically) before the
+// client is created, so the server never holds a private key and a crash at
+// any point leaves something the next attempt completes: a 409 for a client
+// whose key is ours is success.
+func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered, error) {
+	var out Registered
+	if err := ValidateNodeName(reg.NodeName); err != nil {
+		return out, err
+	}
+	keyPEM, reused, err := ensureKey(reg.ClientKeyPath)
+	if err != nil {
+		return out, err
+	}
+	out.KeyReused = reused
+	key, err := ParseKey(keyPEM)
+	if err != nil {
+		return out, fmt.Errorf("client key %s: %w", reg.ClientKeyPath, err)
+	}
+	pub, err := PublicKeyPEM(key)
+	if err != nil {
+		return out, err
+	}
+	node, err := newAPI(r.Server, reg.NodeName, keyPEM)
+	if err != nil {
+		return out, err
+	}
+	if reused {
+		// A pass after a successful one finds the client with our key, and
+		// the validator may be gone already: no need for it.
+		var owned bool
+		err := r.retry(ctx, &out, func(ctx context.Context) error {
+			var err error
+			owned, err = ownsClient(ctx, node, reg.NodeName, pub)
+			return err
+		})
+		if err != nil {
+			return out, fmt.Errorf("register client %q: %w", reg.NodeName, err)
+		}
+		if owned {
+			return r.finishNode(ctx, node, reg, out)
+		}
+	}
+	if len(reg.ValidatorKey) == 0 {
+		return out, fmt.Errorf("register client %q: %w: no validator key at %s; place the organisation's validator key there (or give chef.validation_cert in user-data)",
+			reg.NodeName, ErrValidatorRefused, reg.ValidatorPath)
+	}
+	validator, err := newAPI(r.Server, reg.ValidatorName, reg.ValidatorKey)
+	if err != nil {
+		return out, fmt.Errorf("validator key %s: %w", reg.ValidatorPath, err)
+	}
+
+	err = r.retry(ctx, &out, func(ctx context.Context) error {
+		err := validator.do(ctx, http.MethodPost, "clients", map[string]string{"name": reg.NodeName, "public_key": pub}, nil)
+		switch StatusOf(err) {
+		case 0:
+			if err == nil {
+				out.ClientCreated = true
+			}
+			return err
+		case http.StatusConflict:
+			return r.checkOwnClient(ctx, node, reg.NodeName, pub)
+		case http.StatusUnauthorized, http.StatusForbidden:
+			return backoff.Permanent(fmt.Errorf("%w: the Chef server refused validator %q (%w); check chef.validation_client_name and that chef.validation_key is that client's key",
+				ErrValidatorRefused, reg.ValidatorName, err))
+		}
+		return err
+	})
+	if err != nil {
+		return out, fmt.Errorf("register client %q: %w", reg.NodeName, err)
+	}
+	return r.finishNode(ctx, node, reg, out)
+}
+
+// finishNode creates or updates the node as the node's own client.
+func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration, out Registered) (Registered, error) {
+	err := r.retry(ctx, &out, func(ctx context.Context) error {
+		created, err := saveNode(ctx, node, reg.NodeName, reg.Node)
+		out.NodeCreated = out.NodeCreated || created
+		return err
+	})
+	if err != nil {
+		return out, fmt.Errorf("save node %q: %w", reg.NodeName, err)
+	}
+	return out, nil
+}
+
+// retry runs op with the registrar's backoff, retrying only what can
+// succeed on retry.
+func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.Context) error) error {
+	b := backoff.New(r.Backoff, r.Clock)
+	return b.Retry(ctx, r.MaxAttempts, func(ctx context.Context) error {
+		err := op(ctx)
+		var e *APIError
+		if errors.As(err, &e) && !e.Retryable() {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, func(err error, delay time.Duration) {
+		out.Retries++
+		r.Log.Warn("Chef server request failed; retrying", zap.Error(err), zap.Duration("retry_in", delay))
+	})
+}
+
+// ensureKey returns the private key at path, made and written first if
+// there is none. A key already there is one an interrupted registration
+// wrote; it is reused, so that a client created with it is recognised.
+func ensureKey(path string) ([]byte, bool, error) {
+	data, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		if _, perr := ParseKey(data); perr == nil {
+			return data, true, nil
+		}
+		// A damaged key cannot have registered anything that works:
+		// replace it.
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, false, fmt.Errorf("read client key: %w", err)
+	}
+	data, err = GenerateKey()
+	if err != nil {
+		return nil, false, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, false, fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+	}
+	if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
+		return nil, false, fmt.Errorf("write client key: %w", err)
+	}
+	return data, false, nil
+}
+
+// ownsClient reports whether the client called name exists with our key:
+// whether the server accepts a request signed with it. A client that does
+// not exist, or has another key, is refused (401) the same way.
+func ownsClient(ctx context.Context, node *api, name, pub string) (bool, error) {
+	var got struct {
+		PublicKey string `json:"public_key"`
+	}
+	err := node.do(ctx, http.MethodGet, "clients/"+name+"/keys/default", nil, &got)
+	if s := StatusOf(err); s == http.StatusNotFound || s == http.StatusMethodNotAllowed {
+		// Servers before Chef 12 keep the key on the client itself.
+		err = node.do(ctx, http.MethodGet, "clients/"+name, nil, &got)
+	}
+	switch s := StatusOf(err); {
+	case err == nil:
+		return got.PublicKey == "" || samePublicKey(got.PublicKey, pub), nil
+	case s == http.StatusUnauthorized, s == http.StatusForbidden, s == http.StatusNotFound:
+		return false, nil
+	default:
+		return false, err
+	}
+}
+
+// checkOwnClient decides what a 409 on client creation means: if the client
+// is ours, an earlier attempt created it and was interrupted; otherwise
+// another instance or a person owns the name.
+func (r *Registrar) checkOwnClient(ctx context.Context, node *api, name, pub string) error {
+	owned, err := ownsClient(ctx, node, name, pub)
+	switch {
+	case err != nil:
+		return err
+	case owned:
+		r.Log.Info("the Chef client exists with this instance's key: an earlier registration was interrupted; continuing", zap.String("node_name", name))
+		return nil
+	default:
+		return backoff.Permanent(fmt.Errorf("%w: a client named %q already exists on the Chef server with another key. "+
+			"Another instance uses the same name (an Auto Scaling group reusing host names?) or a stale client was left behind: "+
+			"make names unique with chef.node_name: \"{hostname}-{instance_id}\", or delete the stale node and client (knife node delete / knife client delete %s)",
+			ErrNameTaken, name, name))
+	}
+}
+
+// nodeObject is the node as the server stores it.
+type nodeObject struct {
+	Name        string         `json:"name"`
+	ChefType    string         `json:"chef_type"`
+	JSONClass   string         `json:"json_class"`
+	Environment string         `json:"chef_environment"`
+	RunList     []string       `json:"run_list"`
+	PolicyName  string         `json:"policy_name,omitempty"`
+	PolicyGroup string         `json:"policy_group,omitempty"`
+	Normal      map[string]any `json:"normal"`
+	Default     map[string]any `json:"default"`
+	Override    map[string]any `json:"override"`
+	Automatic   map[string]any `json:"automatic"`
+}
+
+// saveNode creates the node, or updates the one that exists, and reports
+// whether it created it. An update sets the run list, environment and
+// policy and merges the initial attributes; whatever chef-client saved
+// stays.
+func saveNode(ctx context.Context, a *api, name string, spec Node) (bool, error) {
+	n := nodeObject{
+		Name: name, ChefType: "node", JSONClass: "Chef::Node",
+		Environment: "_default", RunList: nonNil(spec.RunList),
+		PolicyName: spec.PolicyName, PolicyGroup: spec.PolicyGroup,
+		Normal: map[string]any{}, Default: map[string]any{}, Override: map[string]any{}, Automatic: map[string]any{},
+	}
+	if spec.Environment != "" {
+		n.Environment = spec.Environment
+	}
+	for k, v := range spec.Attributes {
+		n.Normal[k] = v
+	}
+	err := a.do(ctx, http.MethodPost, "nodes", n, nil)
+	if StatusOf(err) != http.StatusConflict {
+		return err == nil, err
+	}
+	var existing nodeObject
+	if err := a.do(ctx, http.MethodGet, "nodes/"+name, nil, &existing); err != nil {
+		return false, err
+	}
+	existing.Environment, existing.RunList = n.Environment, n.RunList
+	existing.PolicyName, existing.PolicyGroup = n.PolicyName, n.PolicyGroup
+	if existing.Normal == nil {
+		existing.Normal = map[string]any{}
+	}
+	for k, v := range spec.Attributes {
+		existing.Normal[k] = v
+	}
+	return false, a.do(ctx, http.MethodPut, "nodes/"+name, existing, nil)
+}

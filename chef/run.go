@@ -1,0 +1,259 @@
+package chef
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/backoff"
+)
+
+// Result names how a chef-client run ended, after Chef RFC 062's exit
+// codes, plus the endings the agent itself causes.
+type Result string
+
+// Run results.
+const (
+	ResultSuccess         Result = "success"          // 0
+	ResultFailed          Result = "failed"           // 1
+	ResultInterrupted     Result = "interrupted"      // 2 (SIGINT), 3 (SIGTERM)
+	ResultRebootScheduled Result = "reboot_scheduled" // 35
+	ResultRebootNeeded    Result = "reboot_needed"    // 37
+	ResultRebootFailed    Result = "reboot_failed"    // 41
+	ResultAuditFailed     Result = "audit_failed"     // 42
+	ResultConfigFailed    Result = "config_failed"    // 43
+	ResultLicense         Result = "license_refused"  // 173, 174
+	ResultClientUpgraded  Result = "client_upgraded"  // 213
+	ResultTimeout         Result = "timeout"          // chef.run_timeout passed
+	ResultKilled          Result = "killed"           // ended by a signal it did not handle
+	ResultUnknown         Result = "unknown_exit"     // any other exit code
+)
+
+// ResultOf maps a chef-client exit code to its result.
+func ResultOf(code int) Result {
+	switch code {
+	case 0:
+		return ResultSuccess
+	case 1:
+		return ResultFailed
+	case 2, 3:
+		return ResultInterrupted
+	case 35:
+		return ResultRebootScheduled
+	case 37:
+		return ResultRebootNeeded
+	case 41:
+		return ResultRebootFailed
+	case 42:
+		return ResultAuditFailed
+	case 43:
+		return ResultConfigFailed
+	case 173, 174:
+		return ResultLicense
+	case 213:
+		return ResultClientUpgraded
+	default:
+		return ResultUnknown
+	}
+}
+
+// Failed reports whether the run failed. A run that converged and asks for
+// a reboot (35, 37), or that upgraded chef-client itself (213), did its job.
+func (r Result) Failed() bool {
+	switch r {
+	case ResultSuccess, ResultRebootScheduled, ResultRebootNeeded, ResultClientUpgraded:
+		return false
+	default:
+		return true
+	}
+}
+
+// RunSpec is one chef-client run to make.
+type RunSpec struct {
+	// ID names the run in logs, the journal and the agent's state.
+	ID      string
+	Command []string
+	// Timeout bounds the run; then it gets SIGTERM, and SIGKILL Grace later,
+	// its whole process group (or unit) with it.
+	Timeout time.Duration
+	Grace   time.Duration
+}
+
+// Outcome is how a run ended.
+type Outcome struct {
+	ID       string        `json:"id"`
+	Start    time.Time     `json:"start"`
+	Duration time.Duration `json:"duration"`
+	// ExitCode is chef-client's, or -1 when a signal ended it.
+	ExitCode int    `json:"exit_code"`
+	Signal   string `json:"signal,omitempty"`
+	Result   Result `json:"result"`
+	// Unit is the transient systemd unit the run had, if any.
+	Unit string `json:"unit,omitempty"`
+	// Tail is the end of the run's output, kept for failures.
+	Tail []string `json:"-"`
+}
+
+// Runner runs chef-client to the end and says how it ended. An error means
+// the run could not be started or followed.
+type Runner interface {
+	Run(ctx context.Context, spec RunSpec) (Outcome, error)
+}
+
+// tailLines is how much of a run's output a failure report carries.
+const tailLines = 20
+
+// ProcessRunner runs chef-client as a child process in its own process
+// group, streaming its output into the log line by line. It is used where
+// systemd is not the agent's manager (tests, the demo, `bootagent once`
+// from a shell). When ctx ends the run is stopped like a timed-out one.
+type ProcessRunner struct {
+	Log   *zap.Logger
+	Clock backoff.Clock
+}
+
+// Run starts the command and follows it to the end.
+func (p ProcessRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
+	clock := p.Clock
+	if clock == nil {
+		clock = backoff.RealClock{}
+	}
+	log := p.Log.With(zap.String("run_id", spec.ID))
+	out := Outcome{ID: spec.ID, Start: clock.Now()}
+	tail := &lineLog{log: log, stream: "stdout"}
+	errTail := &lineLog{log: log, stream: "stderr", tail: tail}
+	cmd := exec.Command(spec.Command[0], spec.Command[1:]...)
+	// Its own process group, so a timeout reaches every process the run
+	// started, not only chef-client.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Stdout, cmd.Stderr = tail, errTail
+	// A process the run left behind may hold the output open; do not wait
+	// for it once chef-client itself has exited.
+	cmd.WaitDelay = 2 * time.Second
+	if err := cmd.Start(); err != nil {
+		return out, fmt.Errorf("start %s: %w", strings.Join(spec.Command, " "), err)
+	}
+	log.Info("chef-client started", zap.Strings("command", spec.Command), zap.Int("pid", cmd.Process.Pid))
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+
+	signalled := Result("")
+	timeout := clock.After(spec.Timeout)
+	var kill <-chan time.Time
+	var waitErr error
+wait:
+	for {
+		select {
+		case waitErr = <-done:
+			break wait
+		case <-timeout:
+			signalled = ResultTimeout
+			log.Warn("chef-client ran past chef.run_timeout; sending SIGTERM to its process group", zap.Duration("timeout", spec.Timeout))
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+			kill = clock.After(spec.Grace)
+			timeout = nil
+		case <-ctx.Done():
+			if signalled == "" {
+				signalled = ResultInterrupted
+				log.Warn("stopping chef-client: the agent is stopping")
+				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+				kill = clock.After(spec.Grace)
+			}
+			ctx = context.Background() // Only once.
+		case <-kill:
+			log.Warn("chef-client outlived SIGTERM; sending SIGKILL to its process group", zap.Duration("grace", spec.Grace))
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			kill = nil
+		}
+	}
+	tail.flush()
+	errTail.flush()
+	out.Duration = clock.Now().Sub(out.Start)
+	out.Tail = tail.lines()
+	out.ExitCode = cmd.ProcessState.ExitCode()
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		out.Signal = ws.Signal().String()
+	}
+	switch {
+	case signalled != "":
+		out.Result = signalled
+	case out.Signal != "":
+		out.Result = ResultKilled
+	default:
+		out.Result = ResultOf(out.ExitCode)
+	}
+	if waitErr != nil && !errors.As(waitErr, new(*exec.ExitError)) && !errors.Is(waitErr, exec.ErrWaitDelay) {
+		return out, fmt.Errorf("wait for %s: %w", spec.Command[0], waitErr)
+	}
+	return out, nil
+}
+
+// lineLog logs what a run writes, one entry per line, and keeps the last
+// lines of both streams for the failure report.
+type lineLog struct {
+	log    *zap.Logger
+	stream string
+	// tail, when set, is where the lines are kept (stdout's, shared).
+	tail *lineLog
+
+	mu      sync.Mutex
+	partial []byte
+	last    []string
+}
+
+func (l *lineLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.partial = append(l.partial, p...)
+	for {
+		i := bytes.IndexByte(l.partial, '\n')
+		if i < 0 {
+			break
+		}
+		l.emit(string(bytes.TrimRight(l.partial[:i], "\r")))
+		l.partial = l.partial[i+1:]
+	}
+	// A line without an end is logged in pieces rather than held forever.
+	if len(l.partial) > 64<<10 {
+		l.emit(string(l.partial))
+		l.partial = nil
+	}
+	return len(p), nil
+}
+
+func (l *lineLog) emit(line string) {
+	l.log.Info(line, zap.String("stream", l.stream))
+	keeper := l
+	if l.tail != nil {
+		keeper = l.tail
+		keeper.mu.Lock()
+		defer keeper.mu.Unlock()
+	}
+	keeper.last = append(keeper.last, line)
+	if len(keeper.last) > tailLines {
+		keeper.last = keeper.last[len(keeper.last)-tailLines:]
+	}
+}
+
+func (l *lineLog) flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.partial) > 0 {
+		l.emit(string(l.partial))
+		l.partial = nil
+	}
+}
+
+func (l *lineLog) lines() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.last...)
+}

@@ -1,0 +1,174 @@
+package chef
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"syscall"
+	"time"
+
+	sddbus "github.com/coreos/go-systemd/v22/dbus"
+	"github.com/godbus/dbus/v5"
+	"go.uber.org/zap"
+)
+
+// UnitPrefix starts the name of every transient unit that runs chef-client;
+// `systemctl list-units 'bootagent-chef-client-*'` shows them, and a
+// prefix drop-in (/etc/systemd/system/bootagent-chef-client-.service.d/)
+// gives them all resource limits.
+const UnitPrefix = "bootagent-chef-client-"
+
+// unitPoll is how often a running unit is checked. A run lasts minutes;
+// learning of its end a second late costs nothing.
+const unitPoll = time.Second
+
+// UnitRunner runs chef-client as a transient systemd service through
+// systemd's D-Bus API. The run has its own cgroup and journal stream
+// (`journalctl -u bootagent-chef-client-ID` or BOOTAGENT_RUN_ID=ID), is
+// bounded by RuntimeMaxSec, and survives a restart of the agent, which
+// follows it again when it comes back.
+type UnitRunner struct {
+	conn *sddbus.Conn
+	log  *zap.Logger
+}
+
+// NewUnitRunner connects to systemd on the system bus.
+func NewUnitRunner(ctx context.Context, log *zap.Logger) (*UnitRunner, error) {
+	conn, err := sddbus.NewSystemConnectionContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("connect to systemd: %w", err)
+	}
+	return &UnitRunner{conn: conn, log: log}, nil
+}
+
+// Close ends the D-Bus connection.
+func (u *UnitRunner) Close() { u.conn.Close() }
+
+// UnitName is the transient unit of a run.
+func UnitName(runID string) string { return UnitPrefix + runID + ".service" }
+
+// Run starts chef-client as a transient unit and follows it to the end.
+// When ctx ends first, the unit is left running and ctx's error returned.
+func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
+	name := UnitName(spec.ID)
+	props := []sddbus.Property{
+		sddbus.PropDescription("chef-client run " + spec.ID + ", started by bootagent"),
+		sddbus.PropExecStart(spec.Command, false),
+		// exec: the start job ends once chef-client is executing, so a
+		// missing binary fails the start itself.
+		sddbus.PropType("exec"),
+		// The unit stays (active, exited) after chef-client ends, so that
+		// its exit status can be read; the agent then stops it.
+		sddbus.PropRemainAfterExit(true),
+		{Name: "RuntimeMaxUSec", Value: dbus.MakeVariant(uint64(spec.Timeout.Microseconds()))},
+		{Name: "TimeoutStopUSec", Value: dbus.MakeVariant(uint64(spec.Grace.Microseconds()))},
+		// A timeout or a stop reaches every process of the run.
+		{Name: "KillMode", Value: dbus.MakeVariant("control-group")},
+		{Name: "SyslogIdentifier", Value: dbus.MakeVariant("chef-client")},
+		{Name: "LogExtraFields", Value: dbus.MakeVariant([][]byte{[]byte("BOOTAGENT_RUN_ID=" + spec.ID)})},
+	}
+	done := make(chan string, 1)
+	if _, err := u.conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
+		return Outcome{ID: spec.ID, Unit: name}, fmt.Errorf("start unit %s (%s): %w", name, strings.Join(spec.Command, " "), err)
+	}
+	select {
+	case result := <-done:
+		if result != "done" {
+			return Outcome{ID: spec.ID, Unit: name}, fmt.Errorf("start unit %s (%s): job %s; see journalctl -u %s", name, strings.Join(spec.Command, " "), result, name)
+		}
+	case <-ctx.Done():
+		return Outcome{ID: spec.ID, Unit: name}, ctx.Err()
+	}
+	u.log.Info("chef-client started", zap.String("run_id", spec.ID), zap.String("unit", name), zap.Strings("command", spec.Command))
+	return u.Follow(ctx, spec.ID)
+}
+
+// Running returns the ID of a run whose unit is still going, left by an
+// earlier life of the agent, if there is one.
+func (u *UnitRunner) Running(ctx context.Context) (string, bool, error) {
+	units, err := u.conn.ListUnitsByPatternsContext(ctx, nil, []string{UnitPrefix + "*.service"})
+	if err != nil {
+		return "", false, fmt.Errorf("list chef-client units: %w", err)
+	}
+	for _, s := range units {
+		if s.ActiveState == "activating" || s.ActiveState == "active" || s.ActiveState == "failed" || s.ActiveState == "deactivating" {
+			id := strings.TrimSuffix(strings.TrimPrefix(s.Name, UnitPrefix), ".service")
+			return id, true, nil
+		}
+	}
+	return "", false, nil
+}
+
+// Follow waits for the run's unit to end, reads how it ended, and removes
+// the unit. When ctx ends first, the unit is left running.
+func (u *UnitRunner) Follow(ctx context.Context, id string) (Outcome, error) {
+	name := UnitName(id)
+	out := Outcome{ID: id, Unit: name}
+	tick := time.NewTicker(unitPoll)
+	defer tick.Stop()
+	for {
+		props, err := u.conn.GetUnitTypePropertiesContext(ctx, name, "Service")
+		if err != nil {
+			return out, fmt.Errorf("read unit %s: %w", name, err)
+		}
+		unit, err := u.conn.GetUnitPropertiesContext(ctx, name)
+		if err != nil {
+			return out, fmt.Errorf("read unit %s: %w", name, err)
+		}
+		active, _ := unit["ActiveState"].(string)
+		sub, _ := unit["SubState"].(string)
+		if active == "failed" || active == "inactive" || (active == "active" && sub == "exited") {
+			return u.finish(ctx, out, active, props)
+		}
+		select {
+		case <-ctx.Done():
+			return out, ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+// Exit codes of a unit's main process, as systemd reports them (siginfo's
+// si_code).
+const (
+	cldExited = 1
+	cldKilled = 2
+	cldDumped = 3
+)
+
+func (u *UnitRunner) finish(ctx context.Context, out Outcome, active string, props map[string]any) (Outcome, error) {
+	code, _ := props["ExecMainCode"].(int32)
+	status, _ := props["ExecMainStatus"].(int32)
+	result, _ := props["Result"].(string)
+	start, _ := props["ExecMainStartTimestamp"].(uint64)
+	exit, _ := props["ExecMainExitTimestamp"].(uint64)
+	if start > 0 {
+		out.Start = time.UnixMicro(int64(start))
+		if exit > start {
+			out.Duration = time.Duration(exit-start) * time.Microsecond
+		}
+	}
+	switch code {
+	case cldExited:
+		out.ExitCode = int(status)
+		out.Result = ResultOf(out.ExitCode)
+	case cldKilled, cldDumped:
+		out.ExitCode = -1
+		out.Signal = syscall.Signal(status).String()
+		out.Result = ResultKilled
+	}
+	if result == "timeout" {
+		out.Result = ResultTimeout
+	}
+	var err error
+	switch active {
+	case "failed":
+		err = u.conn.ResetFailedUnitContext(ctx, out.Unit)
+	case "active":
+		_, err = u.conn.StopUnitContext(ctx, out.Unit, "replace", nil)
+	}
+	if err != nil {
+		u.log.Warn("could not remove the finished chef-client unit", zap.String("unit", out.Unit), zap.Error(err))
+	}
+	return out, nil
+}

@@ -7,12 +7,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
@@ -46,22 +50,31 @@ type Options struct {
 	Metadata Metadata
 	// Namer applies host names; nil builds a hostname.Manager for Root.
 	Namer Namer
+	// Runner runs chef-client; nil picks a transient systemd unit when
+	// systemd runs the agent on the real root, a child process otherwise.
+	Runner chef.Runner
 }
 
 // Engine runs bootstrap passes and the watch loop.
 type Engine struct {
-	cfg   config.Config
-	root  string
-	log   *zap.Logger
-	clock backoff.Clock
-	md    Metadata
-	namer Namer
-	close func()
+	cfg    config.Config
+	root   string
+	log    *zap.Logger
+	clock  backoff.Clock
+	md     Metadata
+	namer  Namer
+	runner chef.Runner
+	runNow chan struct{}
+	close  []func()
+
+	mu      sync.Mutex
+	lastRun *chef.Outcome
+	nextRun time.Time
 }
 
 // New returns an Engine. It reaches for nothing until Once or Run.
 func New(ctx context.Context, o Options) *Engine {
-	e := &Engine{cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, close: func() {}}
+	e := &Engine{cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, runner: o.Runner, runNow: make(chan struct{}, 1)}
 	if e.log == nil {
 		e.log = zap.NewNop()
 	}
@@ -80,13 +93,36 @@ func New(ctx context.Context, o Options) *Engine {
 	if e.namer == nil {
 		m := hostname.New(ctx, o.Root, e.log.Named("hostname"))
 		e.namer = m
-		e.close = m.Close
+		e.close = append(e.close, m.Close)
+	}
+	if e.runner == nil {
+		e.runner = e.chooseRunner(ctx)
 	}
 	return e
 }
 
-// Close releases what the Engine holds (a D-Bus connection).
-func (e *Engine) Close() { e.close() }
+// chooseRunner runs chef-client as a transient unit when systemd manages
+// the agent on the real root, so that a run survives an agent restart and
+// has its own journal stream; as a child process otherwise.
+func (e *Engine) chooseRunner(ctx context.Context) chef.Runner {
+	log := e.log.Named("chef")
+	if os.Getenv("INVOCATION_ID") != "" && filepath.Clean(e.root) == "/" {
+		u, err := chef.NewUnitRunner(ctx, log)
+		if err == nil {
+			e.close = append(e.close, u.Close)
+			return u
+		}
+		log.Warn("cannot reach systemd; chef-client runs as a child process", zap.Error(err))
+	}
+	return chef.ProcessRunner{Log: log, Clock: e.clock}
+}
+
+// Close releases what the Engine holds (D-Bus connections).
+func (e *Engine) Close() {
+	for _, c := range e.close {
+		c()
+	}
+}
 
 // Step is one timed step of a pass.
 type Step struct {
@@ -106,7 +142,15 @@ type Result struct {
 	// HostnameSource says where the name came from.
 	HostnameSource string            `json:"hostname_source"`
 	Changes        []hostname.Change `json:"changes"`
-	Steps          []Step            `json:"steps"`
+	// NodeName is the Chef node, when Chef is configured.
+	NodeName   string          `json:"node_name,omitempty"`
+	Registered chef.Registered `json:"registered"`
+	// FirstRun is the chef-client run `once` made.
+	FirstRun *chef.Outcome `json:"first_run,omitempty"`
+	Steps    []Step        `json:"steps"`
+
+	// chef is what the Chef steps do; nil when Chef is not configured.
+	chef *chefPlan
 }
 
 // stepTimer records the steps of a pass against its start.
@@ -131,12 +175,32 @@ func (t *stepTimer) done(name string) Step {
 	return s
 }
 
-// Once runs one bootstrap pass: IMDS, user-data, host name. Bad user-data or
-// a bad name is an error matching config.ErrInvalid, and then nothing has been
-// applied.
+// Once runs one full bootstrap pass and the first chef-client run (with
+// the first-boot JSON) when Chef is configured. Bad user-data or a bad
+// setting is an error matching config.ErrInvalid, and then nothing has been
+// applied. A chef-client run that fails is an error too.
 func (e *Engine) Once(ctx context.Context) (Result, error) {
+	res, err := e.pass(ctx)
+	if err != nil || res.chef == nil {
+		return res, err
+	}
+	out, err := e.runChef(ctx, e.log.With(zap.String("instance_id", res.Identity.InstanceID)), res, true)
+	res.FirstRun = &out
+	if err != nil {
+		return res, err
+	}
+	if out.Result.Failed() {
+		return res, fmt.Errorf("first chef-client run %s: %s (exit code %d)%s", out.ID, out.Result, out.ExitCode, tailText(out.Tail))
+	}
+	return res, nil
+}
+
+// pass runs the bootstrap steps, without chef-client: IMDS, user-data, the
+// host name, registration. Everything is decided and validated before the
+// first change is made.
+func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 	timer := newStepTimer(e.clock)
-	var res Result
+	defer func() { res.Steps = timer.steps }()
 
 	id, err := e.md.Wait(ctx, e.cfg.IMDS.WaitTimeout.D())
 	if err != nil {
@@ -163,31 +227,40 @@ func (e *Engine) Once(ctx context.Context) (Result, error) {
 	log.Debug("effective configuration", zap.Any("config", cfg))
 	timer.done("user-data")
 
+	var name hostname.Name
 	if cfg.Hostname.Preserve {
-		log.Info("hostname preserved, as asked (preserve_hostname)")
 		res.HostnameSource = cfg.Source("hostname.preserve")
-		timer.done("hostname")
-		res.Steps = timer.steps
-		return res, nil
-	}
-	name, source, err := e.desiredName(ctx, cfg)
-	if err != nil {
+	} else if name, res.HostnameSource, err = e.desiredName(ctx, cfg); err != nil {
 		return res, err
 	}
-	res.Hostname, res.HostnameSource = name, source
-	if name.IsZero() {
+	res.Hostname = name
+	if res.chef, err = e.planChef(cfg, id, name); err != nil {
+		return res, err
+	}
+
+	switch {
+	case cfg.Hostname.Preserve:
+		log.Info("hostname preserved, as asked (preserve_hostname)")
+	case name.IsZero():
 		log.Info("hostname left alone: no name in user-data and hostname.fallback is keep")
-	} else {
+	default:
 		changes, err := e.apply(ctx, log, cfg, name)
 		res.Changes = changes
 		if err != nil {
 			return res, err
 		}
-		log.Info("hostname applied", zap.Stringer("hostname", name), zap.String("from", source),
+		log.Info("hostname applied", zap.Stringer("hostname", name), zap.String("from", res.HostnameSource),
 			zap.Int("changes", len(changes)), zap.Duration("since_start", e.clock.Now().Sub(timer.start)))
 	}
 	timer.done("hostname")
-	res.Steps = timer.steps
+
+	if res.chef != nil {
+		res.NodeName = res.chef.nodeName
+		if res.Registered, err = e.register(ctx, log, cfg, res.chef); err != nil {
+			return res, err
+		}
+		timer.done("register")
+	}
 	return res, nil
 }
 
@@ -280,7 +353,7 @@ func ExitCode(err error) int {
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, config.ErrInvalid), errors.Is(err, hostname.ErrInvalid):
+	case errors.Is(err, config.ErrInvalid), errors.Is(err, hostname.ErrInvalid), errors.Is(err, chef.ErrInvalid):
 		return 2
 	default:
 		return 1

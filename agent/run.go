@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -16,10 +17,10 @@ import (
 // hiccupped recovers quickly without hammering anything.
 var bootstrapRetry = backoff.Policy{Initial: time.Second, Max: 5 * time.Minute, Jitter: 0.5}
 
-// Run bootstraps the instance, retrying failures that can pass, then watches
-// it until ctx ends: the host name is re-applied whenever it drifts. Invalid
-// configuration or user-data ends Run with an error matching
-// config.ErrInvalid, since retrying cannot fix it.
+// Run bootstraps the instance, retrying failures that can pass, then until
+// ctx ends runs chef-client on its schedule and re-applies the host name
+// whenever it drifts. Invalid configuration or user-data ends Run with an
+// error matching config.ErrInvalid, since retrying cannot fix it.
 func (e *Engine) Run(ctx context.Context) error {
 	res, err := e.bootstrap(ctx)
 	if err != nil {
@@ -28,18 +29,23 @@ func (e *Engine) Run(ctx context.Context) error {
 		}
 		return err
 	}
+	var wg sync.WaitGroup
+	if res.chef != nil {
+		wg.Go(func() { e.schedule(ctx, res) })
+	}
 	e.watch(ctx, res)
+	wg.Wait()
 	return nil
 }
 
-// bootstrap runs Once until it succeeds, fails on bad input, or ctx ends.
+// bootstrap runs a pass until it succeeds, fails on bad input, or ctx ends.
 func (e *Engine) bootstrap(ctx context.Context) (Result, error) {
 	var res Result
 	b := backoff.New(bootstrapRetry, e.clock)
 	failures := repeatLog{log: e.log, msg: "bootstrap failed; retrying", recovered: "bootstrap succeeded after failures"}
 	err := b.Retry(ctx, 0, func(ctx context.Context) error {
 		var err error
-		res, err = e.Once(ctx)
+		res, err = e.pass(ctx)
 		if errors.Is(err, config.ErrInvalid) {
 			return backoff.Permanent(err)
 		}

@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: unshare and mount (private namespaces), ip (loopback in
-# the test namespace), hostname (the `hostname -f` check).
-packages=(util-linux mount iproute2 hostname)
+# the test namespace), hostname (the `hostname -f` check), goiardi (the Chef
+# server the tests register with), ruby (`ruby -c` on every client.rb).
+packages=(util-linux mount iproute2 hostname goiardi ruby)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -132,6 +132,17 @@ func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
 	defer e.Close()
 
 	if cmd == "run" {
+		// SIGUSR1 starts a chef-client run now, as it does for chef-client's
+		// own daemon.
+		usr1 := make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		defer signal.Stop(usr1)
+		go func() {
+			for range usr1 {
+				log.Info("SIGUSR1: chef-client run requested")
+				e.TriggerRun()
+			}
+		}()
 		return e.Run(ctx)
 	}
 	res, err := e.Once(ctx)

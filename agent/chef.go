@@ -1,0 +1,208 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/atomicfile"
+	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/hostname"
+	"github.com/bootagent/bootagent/imds"
+)
+
+// Where chef-client's files live (under the agent's root).
+const (
+	clientRBPath  = "/etc/chef/client.rb"
+	firstBootPath = "/etc/chef/first-boot.json"
+	// runLockPath is held while a chef-client run is followed, so that a
+	// `bootagent once` and the daemon never run chef-client together.
+	runLockPath = "/var/lib/bootagent/chef-client.lock"
+)
+
+// registerRetry paces retries of Chef server requests during registration:
+// a fleet scaling out together spreads its retries, and a server that is
+// down for a few minutes is waited for.
+var registerRetry = backoff.Policy{Initial: time.Second, Max: time.Minute, Jitter: 0.5}
+
+// registerAttempts bounds the attempts of one registration request before
+// the pass fails (about five minutes with registerRetry); the daemon then
+// retries the whole pass.
+const registerAttempts = 9
+
+// clientRBKeys maps client.rb settings to the config keys they come from.
+var clientRBKeys = map[string]string{
+	"chef_server_url": "chef.server_url",
+	"client_key":      "chef.client_key",
+	"ssl_ca_file":     "chef.trusted_certs",
+	"environment":     "chef.environment",
+	"policy_name":     "chef.policy_name",
+	"policy_group":    "chef.policy_group",
+}
+
+// chefPlan is everything the Chef steps will do, decided and validated
+// before anything is written.
+type chefPlan struct {
+	nodeName  string
+	node      chef.Node
+	clientRB  []byte
+	firstBoot []byte
+	// validator is the validator key given in user-data, normalised; nil
+	// when it is read from chef.validation_key.
+	validator []byte
+}
+
+// planChef validates the Chef settings and renders chef-client's files, so
+// that a value that cannot be represented is refused before anything at all
+// is written.
+func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Name) (*chefPlan, error) {
+	ch := cfg.Chef
+	if !ch.Enabled() {
+		return nil, nil
+	}
+	bad := func(key string, err error) error {
+		return &config.InvalidError{Source: cfg.Source(key), Reason: err.Error()}
+	}
+	vars := chef.NameVars{FQDN: name.String(), Hostname: name.Short, InstanceID: id.InstanceID, Region: id.Region}
+	if name.IsZero() {
+		// The name is left alone; the node is named after what the host
+		// is called now.
+		current, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("read the host name: %w", err)
+		}
+		vars.FQDN = current
+		vars.Hostname, _, _ = strings.Cut(current, ".")
+	}
+	p := &chefPlan{}
+	var err error
+	if p.nodeName, err = chef.ExpandNodeName(ch.NodeName, vars); err != nil {
+		return nil, bad("chef.node_name", err)
+	}
+	if ch.Environment != "" {
+		if err := chef.ValidateEnvironment(ch.Environment); err != nil {
+			return nil, bad("chef.environment", err)
+		}
+	}
+	if ch.PolicyName != "" {
+		if err := chef.ValidatePolicy("policy_name", ch.PolicyName); err != nil {
+			return nil, bad("chef.policy_name", err)
+		}
+		if err := chef.ValidatePolicy("policy_group", ch.PolicyGroup); err != nil {
+			return nil, bad("chef.policy_group", err)
+		}
+	}
+	runList, err := chef.NormalizeRunList(ch.RunList)
+	if err != nil {
+		return nil, bad("chef.run_list", err)
+	}
+	p.node = chef.Node{Environment: ch.Environment, RunList: runList, PolicyName: ch.PolicyName, PolicyGroup: ch.PolicyGroup, Attributes: ch.InitialAttributes}
+	if p.firstBoot, err = chef.RenderFirstBoot(chef.FirstBoot{RunList: runList, PolicyName: ch.PolicyName, PolicyGroup: ch.PolicyGroup, Attributes: ch.InitialAttributes}); err != nil {
+		return nil, bad("chef.initial_attributes", err)
+	}
+	rb := chef.ClientConfig{
+		ServerURL:    ch.ServerURL,
+		NodeName:     p.nodeName,
+		ClientKey:    e.path(ch.ClientKey),
+		SSLVerify:    ch.SSLVerify,
+		AuthProtocol: ch.AuthProtocol,
+		Environment:  ch.Environment,
+		PolicyName:   ch.PolicyName,
+		PolicyGroup:  ch.PolicyGroup,
+	}
+	if ch.TrustedCerts != "" {
+		rb.CAFile = e.path(ch.TrustedCerts)
+	}
+	if p.clientRB, err = chef.RenderClientRB(rb); err != nil {
+		key := "chef.server_url"
+		var se *chef.SettingError
+		if errors.As(err, &se) {
+			key = clientRBKeys[se.Setting]
+		}
+		return nil, bad(key, err)
+	}
+	if ch.ValidationCert != "" {
+		if p.validator, err = chef.NormalizeKeyPEM(ch.ValidationCert); err != nil {
+			return nil, bad("chef.validation_cert", err)
+		}
+	}
+	return p, nil
+}
+
+// path takes a system path under the agent's root.
+func (e *Engine) path(p string) string { return filepath.Join(e.root, p) }
+
+// register makes the instance a node and writes chef-client's files. The
+// validator key is deleted only once everything it was needed for is done.
+func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Config, p *chefPlan) (chef.Registered, error) {
+	ch := cfg.Chef
+	log = log.With(zap.String("node_name", p.nodeName))
+	if !ch.SSLVerify {
+		log.Warn("chef.ssl_verify is false: the Chef server's certificate is not checked, so anyone on the path can impersonate it")
+	}
+	validatorPath := e.path(ch.ValidationKey)
+	if p.validator != nil {
+		if err := os.MkdirAll(filepath.Dir(validatorPath), 0o755); err != nil {
+			return chef.Registered{}, err
+		}
+		if err := atomicfile.WriteFile(validatorPath, p.validator, 0o600); err != nil {
+			return chef.Registered{}, fmt.Errorf("write the validator key from user-data: %w", err)
+		}
+	}
+	validator, err := os.ReadFile(validatorPath)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return chef.Registered{}, fmt.Errorf("read the validator key: %w", err)
+	}
+	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify}
+	if ch.TrustedCerts != "" {
+		server.CAFile = e.path(ch.TrustedCerts)
+	}
+	r := &chef.Registrar{Server: server, Log: log, Backoff: registerRetry, MaxAttempts: registerAttempts, Clock: e.clock}
+	reg, err := r.Register(ctx, chef.Registration{
+		NodeName:      p.nodeName,
+		ClientKeyPath: e.path(ch.ClientKey),
+		ValidatorName: ch.ValidationClientName,
+		ValidatorKey:  validator,
+		ValidatorPath: ch.ValidationKey,
+		Node:          p.node,
+	})
+	if err != nil {
+		return reg, err
+	}
+	for _, f := range []struct {
+		path string
+		data []byte
+		mode fs.FileMode
+	}{
+		{e.path(clientRBPath), p.clientRB, 0o644},
+		// The first run's attributes may be secrets of the application.
+		{e.path(firstBootPath), p.firstBoot, 0o600},
+	} {
+		if err := os.MkdirAll(filepath.Dir(f.path), 0o755); err != nil {
+			return reg, err
+		}
+		if err := atomicfile.WriteFile(f.path, f.data, f.mode); err != nil {
+			return reg, err
+		}
+	}
+	log.Info("registered with the Chef server", zap.String("server", ch.ServerURL),
+		zap.Bool("client_created", reg.ClientCreated), zap.Bool("node_created", reg.NodeCreated), zap.Bool("key_reused", reg.KeyReused))
+	if ch.DeleteValidationKey {
+		switch err := os.Remove(validatorPath); {
+		case err == nil:
+			log.Info("validator key deleted: this instance no longer needs it", zap.String("path", ch.ValidationKey))
+		case !errors.Is(err, fs.ErrNotExist):
+			return reg, fmt.Errorf("delete the validator key: %w", err)
+		}
+	}
+	return reg, nil
+}

@@ -1,0 +1,167 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/internal/testenv"
+)
+
+// chefSetup is an instance under a temporary root, with the IMDS emulator,
+// goiardi, the organisation's validator in place, and the chef-client
+// stand-in as chef.client_command.
+type chefSetup struct {
+	root    string
+	goiardi *testenv.Goiardi
+	record  string
+	engine  *Engine
+}
+
+func newChefSetup(t *testing.T, userData string, mod ...func(*config.Config)) *chefSetup {
+	t.Helper()
+	s := &chefSetup{root: newRoot(t), goiardi: testenv.StartGoiardi(t)}
+	s.record = filepath.Join(t.TempDir(), "runs.jsonl")
+	validator, err := os.ReadFile(s.goiardi.ValidatorKey)
+	require.NoError(t, err)
+	require.NoError(t, os.MkdirAll(filepath.Join(s.root, "etc/chef"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(s.root, "etc/chef/validation.pem"), validator, 0o600))
+	standin := testenv.Tool(t, "chefclient-standin")
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, append([]func(*config.Config){func(c *config.Config) {
+		c.Chef.ServerURL = s.goiardi.URL
+		c.Chef.ClientCommand = []string{standin, "--record", s.record}
+	}}, mod...)...)
+	return s
+}
+
+// runs reads what the stand-in recorded of each chef-client run.
+func (s *chefSetup) runs(t *testing.T) []map[string]any {
+	t.Helper()
+	f, err := os.Open(s.record)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	require.NoError(t, err)
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var rec map[string]any
+		require.NoError(t, json.Unmarshal(sc.Bytes(), &rec))
+		out = append(out, rec)
+	}
+	return out
+}
+
+func TestOnceRegistersAndConverges(t *testing.T) {
+	s := newChefSetup(t, "#cloud-config\nfqdn: web01.example.internal\nchef:\n  run_list: [\"role[web]\", \"base\"]\n  environment: production\n  initial_attributes:\n    app: {port: 8080}\n")
+
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, "web01.example.internal", res.NodeName)
+	assert.Equal(t, chef.Registered{ClientCreated: true, NodeCreated: true}, res.Registered)
+	require.NotNil(t, res.FirstRun)
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+
+	node := s.goiardi.Node(t, "web01.example.internal")
+	assert.Equal(t, []string{"role[web]", "recipe[base]"}, node.RunList)
+	assert.Equal(t, "production", node.Environment)
+	assert.Equal(t, map[string]any{"port": float64(8080)}, node.NormalAttributes["app"])
+	assert.Equal(t, true, node.AutomaticAttributes["chef_client_standin"], "the stand-in saved the node with its own key")
+
+	keyPEM := readFile(t, filepath.Join(s.root, "etc/chef/client.pem"))
+	key, err := chef.ParseKey([]byte(keyPEM))
+	require.NoError(t, err)
+	pub, err := chef.PublicKeyPEM(key)
+	require.NoError(t, err)
+	assert.Equal(t, strings.TrimSpace(pub), strings.TrimSpace(s.goiardi.ClientPublicKey(t, "web01.example.internal")), "client.pem matches the server's public key")
+	fi, err := os.Stat(filepath.Join(s.root, "etc/chef/client.pem"))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
+	assert.True(t, os.IsNotExist(err), "the validator is deleted after registration")
+
+	runs := s.runs(t)
+	require.Len(t, runs, 1)
+	assert.Equal(t, filepath.Join(s.root, "etc/chef/first-boot.json"), runs[0]["first_boot"], "the first run gets -j first-boot.json")
+	assert.JSONEq(t, `{"run_list": ["role[web]", "recipe[base]"], "app": {"port": 8080}}`, readFile(t, filepath.Join(s.root, "etc/chef/first-boot.json")))
+	assert.Contains(t, readFile(t, filepath.Join(s.root, "etc/chef/client.rb")), "environment                      'production'\n")
+}
+
+func TestOnceAgainNeedsNoValidator(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\nchef_run_list=role[web]\n")
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err, "the validator was deleted; the node's own key is enough now")
+	assert.Equal(t, chef.Registered{KeyReused: true}, res.Registered)
+	assert.Len(t, s.runs(t), 2)
+}
+
+func TestOnceFailsWhenTheFirstRunFails(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\n", func(c *config.Config) {
+		c.Chef.ClientCommand = append(c.Chef.ClientCommand, "--exit", "1")
+	})
+	res, err := s.engine.Once(context.Background())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "first chef-client run")
+	assert.Contains(t, err.Error(), "failed (exit code 1)")
+	assert.Equal(t, 1, ExitCode(err))
+	assert.Equal(t, chef.ResultFailed, res.FirstRun.Result)
+}
+
+func TestOnceRefusesBadChefSettingsBeforeWritingAnything(t *testing.T) {
+	tests := []struct {
+		name, userData, want string
+	}{
+		{"a hostile run list item", "hostname=web01\nchef_run_list=recipe[x]',system('id')\n", `key chef_run_list: invalid Chef setting: run list item "recipe[x]'"`},
+		{"a node name with a quote", "hostname=web01\nchef_node_name=web'01\n", `key chef_node_name: invalid Chef setting: node name "web'01"`},
+		{"an unknown placeholder", "hostname=web01\nchef_node_name={host}\n", "unknown placeholder {host}"},
+		{"an environment with a space", "hostname=web01\nchef_environment=prod uction\n", `environment "prod uction"`},
+		{"a server URL with a newline", "#cloud-config\nhostname: web01\nchef:\n  server_url: \"http://a/\\nsystem('id')\"\n", "key chef.server_url: chef.server_url: \"http://a/\\nsystem('id')\" is not a URL"},
+		{"a client key path with a tab", "#cloud-config\nhostname: web01\nchef:\n  client_key: \"/etc/chef/a\\tb.pem\"\n", `user-data #cloud-config line 4 key chef.client_key: client.rb client_key: invalid Chef setting: `},
+		{"a mangled validator key", "#cloud-config\nhostname: web01\nchef:\n  validation_cert: not a key\n", "chef.validation_cert: invalid Chef setting: validation key"},
+		{"attributes that override the run list", `{"hostname": "web01", "chef_initial_attributes": {"run_list": ["recipe[evil]"]}}`, `initial attribute "run_list"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newChefSetup(t, tt.userData)
+			_, err := s.engine.Once(context.Background())
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tt.want)
+			assert.Equal(t, 2, ExitCode(err))
+			assert.Equal(t, "localhost", kernelHostname(t), "nothing applied, not even the host name")
+			assert.Equal(t, debianHosts, readFile(t, filepath.Join(s.root, "etc/hosts")))
+			_, err = os.Stat(filepath.Join(s.root, "etc/chef/client.pem"))
+			assert.True(t, os.IsNotExist(err), "no key made")
+			assert.Empty(t, s.goiardi.Clients(t)["web01"], "nothing registered")
+		})
+	}
+}
+
+func TestOnceTakesAValidatorKeyFromUserData(t *testing.T) {
+	s := newChefSetup(t, "")
+	validator := readFile(t, filepath.Join(s.root, "etc/chef/validation.pem"))
+	require.NoError(t, os.Remove(filepath.Join(s.root, "etc/chef/validation.pem")))
+	// As it often arrives from a launch form: newlines turned into spaces.
+	mangled := strings.ReplaceAll(strings.TrimSpace(validator), "\n", " ")
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("#cloud-config\nhostname: web01\nchef:\n  validation_cert: \"" + mangled + "\"\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = s.goiardi.URL
+		c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin")}
+	})
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.True(t, res.Registered.ClientCreated)
+	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
+	assert.True(t, os.IsNotExist(err), "written for registration, then deleted")
+}

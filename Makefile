@@ -34,6 +34,7 @@ deps: ## install the Debian packages and pinned Go tools the tests and demo use
 build: ## build bin/bootagent, version stamped from git describe, and the test stand-in
 	go build -trimpath -ldflags "$(LDFLAGS)" -o bin/bootagent ./cmd/bootagent
 	go build -trimpath -o bin/chefclient-standin ./test/chefclient-standin
+	go build -trimpath -o bin/knife-standin ./test/knife-standin
 
 .PHONY: test
 test: deps build ## install what is needed, then run every test (loopback-only network namespace)

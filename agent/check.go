@@ -133,7 +133,7 @@ func (r Result) WriteText(w io.Writer) error {
 		fmt.Fprintf(tw, "chef node\t%s (client created: %t, node created: %t)\n", r.NodeName, r.Registered.ClientCreated, r.Registered.NodeCreated)
 	}
 	if f := r.FirstRun; f != nil {
-		fmt.Fprintf(tw, "first chef-client run\t%s: %s, exit code %d, took %s\n", f.ID, f.Result, f.ExitCode, f.Duration.Round(time.Millisecond))
+		fmt.Fprintf(tw, "chef-client run\t%s: %s, exit code %d, took %s\n", f.ID, f.Result, f.ExitCode, f.Duration.Round(time.Millisecond))
 	}
 	for _, s := range r.Steps {
 		fmt.Fprintf(tw, "step %s\t+%s, took %s\n", s.Name, s.Offset.Round(time.Microsecond), s.Duration.Round(time.Microsecond))

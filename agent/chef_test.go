@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -164,4 +165,23 @@ func TestOnceTakesAValidatorKeyFromUserData(t *testing.T) {
 	assert.True(t, res.Registered.ClientCreated)
 	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
 	assert.True(t, os.IsNotExist(err), "written for registration, then deleted")
+}
+
+func TestRunConvergesAtOnceAndOnSIGUSR1(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\nchef_run_list=role[web]\n")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.engine.Run(ctx) }()
+
+	testenv.Eventually(t, 15*time.Second, func() bool { return len(s.runs(t)) == 1 }, "the first chef-client run starts right after registration")
+	first := s.runs(t)[0]
+	assert.NotEmpty(t, first["first_boot"], "with -j")
+	testenv.Eventually(t, 5*time.Second, func() bool { return !s.engine.NextRun().IsZero() && s.engine.lastRunResult() == chef.ResultSuccess }, "the run is recorded")
+	assert.WithinDuration(t, time.Now().Add(30*time.Minute), s.engine.NextRun(), 6*time.Minute, "next run an interval plus at most the splay away")
+
+	s.engine.TriggerRun()
+	testenv.Eventually(t, 15*time.Second, func() bool { return len(s.runs(t)) == 2 }, "SIGUSR1 starts a run at once")
+	assert.Empty(t, s.runs(t)[1]["first_boot"], "later runs go without -j")
+	cancel()
+	require.NoError(t, <-done)
 }

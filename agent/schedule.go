@@ -234,6 +234,16 @@ func (e *Engine) recordRun(out chef.Outcome) {
 	e.lastRun = &out
 }
 
+// lastRunResult returns the result of the last run, or "" before any.
+func (e *Engine) lastRunResult() chef.Result {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.lastRun == nil {
+		return ""
+	}
+	return e.lastRun.Result
+}
+
 // NextRun returns when the next chef-client run is due; zero before the
 // schedule starts.
 func (e *Engine) NextRun() time.Time {

@@ -70,6 +70,8 @@ type Registrar struct {
 	// MaxAttempts bounds the attempts of one request; 0 means no bound.
 	MaxAttempts int
 	Clock       backoff.Clock
+	// NewKey makes the instance's private key; nil is GenerateKey.
+	NewKey func() ([]byte, error)
 }
 
 // Register makes the instance a Chef client and node. The key pair is made
@@ -82,7 +84,11 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	if err := ValidateNodeName(reg.NodeName); err != nil {
 		return out, err
 	}
-	keyPEM, reused, err := ensureKey(reg.ClientKeyPath)
+	newKey := r.NewKey
+	if newKey == nil {
+		newKey = GenerateKey
+	}
+	keyPEM, reused, err := ensureKey(reg.ClientKeyPath, newKey)
 	if err != nil {
 		return out, err
 	}
@@ -179,7 +185,7 @@ func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.
 // ensureKey returns the private key at path, made and written first if
 // there is none. A key already there is one an interrupted registration
 // wrote; it is reused, so that a client created with it is recognised.
-func ensureKey(path string) ([]byte, bool, error) {
+func ensureKey(path string, newKey func() ([]byte, error)) ([]byte, bool, error) {
 	data, err := os.ReadFile(path)
 	switch {
 	case err == nil:
@@ -191,7 +197,7 @@ func ensureKey(path string) ([]byte, bool, error) {
 	case !errors.Is(err, fs.ErrNotExist):
 		return nil, false, fmt.Errorf("read client key: %w", err)
 	}
-	data, err = GenerateKey()
+	data, err = newKey()
 	if err != nil {
 		return nil, false, err
 	}

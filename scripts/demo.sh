@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The demo: a first boot of a "fresh instance" against AWS's own IMDS
-# emulator. It runs in a private network and UTS namespace, so the host name
-# it sets and the traffic it sends never leave this sandbox; the files it
-# writes go under a temporary root.
+# emulator and a real Chef server (goiardi), with the chef-client stand-in
+# (test/chefclient-standin: Chef Infra Client cannot be installed here). It
+# runs in a private network and UTS namespace, so the host name it sets and
+# the traffic it sends never leave this sandbox; the files it writes go
+# under a temporary root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 agent=$repo/bin/bootagent
+standin=$repo/bin/chefclient-standin
+knife=$repo/bin/knife-standin
 mock=$repo/.tools/bin/ec2-metadata-mock
 
 if [[ ${1:-} != inside ]]; then
@@ -28,9 +32,10 @@ fqdn: web01.demo.internal
 manage_etc_hosts: true
 packages: [nginx]
 chef:
-  server_url: https://chef.demo.internal/organizations/demo
   run_list: ["role[web]", "recipe[base]"]
-  environment: production'
+  environment: production
+  initial_attributes:
+    nginx: {worker_processes: 4}'
 
 root=$work/root
 mkdir -p "$root/etc"
@@ -48,12 +53,29 @@ JSON
 (cd "$work" && HOME=$work exec "$mock" -n 127.0.0.1 -p "$port" -I -c "$work/aemm.json" >"$work/aemm.log" 2>&1) &
 mock_pid=$!
 trap 'kill $mock_pid 2>/dev/null' EXIT
-for _ in $(seq 100); do
-	(exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-	sleep 0.1
+# The Chef server, with authentication on; its validator key is what an
+# image bakes at /etc/chef/validation.pem.
+chef_port=4545
+mkdir -p "$work/goiardi" "$root/etc/chef"
+goiardi -A -I 127.0.0.1 -P "$chef_port" -H 127.0.0.1 --conf-root="$work/goiardi" -g error >"$work/goiardi.log" 2>&1 &
+goiardi_pid=$!
+trap 'kill $mock_pid $goiardi_pid 2>/dev/null' EXIT
+for port_ in "$port" "$chef_port"; do
+	for _ in $(seq 100); do
+		(exec 3<>/dev/tcp/127.0.0.1/$port_) 2>/dev/null && break
+		sleep 0.1
+	done
 done
+cp "$work/goiardi/chef-validator.pem" "$root/etc/chef/validation.pem"
 
-printf 'imds:\n  endpoint: http://127.0.0.1:%s\n' "$port" >"$work/config.yaml"
+# The baked config: IMDS and the Chef server (the demo's are on loopback).
+cat >"$work/config.yaml" <<YAML
+imds:
+  endpoint: http://127.0.0.1:$port
+chef:
+  server_url: http://127.0.0.1:$chef_port
+  client_command: ["$standin"]
+YAML
 
 section "the AWS IMDS emulator (IMDSv2 only) serves this user-data"
 printf '%s\n' "$user_data"
@@ -68,12 +90,19 @@ echo "/etc/hostname:   $(cat "$root/etc/hostname")"
 section "bootagent once --root $root"
 "$agent" once --config "$work/config.yaml" --root "$root"
 
+section "the node, as the Chef server sees it (knife node show, stand-in)"
+"$knife" -s "http://127.0.0.1:$chef_port" -u admin -k "$work/goiardi/admin.pem" node show web01.demo.internal
+
 section "after"
 echo "kernel hostname: $(hostname)"
 echo "/etc/hostname:   $(cat "$root/etc/hostname")"
 echo "hostname -f:     $(unshare --mount -- sh -c 'mount --bind "$1" /etc/hosts && hostname -f' sh "$root/etc/hosts")"
 echo "/etc/hosts:"
 sed 's/^/    /' "$root/etc/hosts"
+echo "/etc/chef:"
+ls -l "$root/etc/chef" | sed 's/^/    /'
+echo "client.rb:"
+sed 's/^/    /' "$root/etc/chef/client.rb"
 
-section "a second pass finds nothing to change"
-"$agent" once --config "$work/config.yaml" --root "$root" 2>/dev/null | grep -E '^(hostname|  changed)' || true
+section "a second pass: nothing to change, no second registration (the validator is gone; the node's own key is enough)"
+"$agent" once --config "$work/config.yaml" --root "$root" 2>/dev/null | grep -E '^(hostname|  changed|chef)' || true

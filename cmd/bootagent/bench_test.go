@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,32 +17,58 @@ import (
 
 var sinceStartRE = regexp.MustCompile(`"since_start": "([^"]+)"`)
 
-// BenchmarkOnceProcess runs the built binary, `bootagent once`, against the
-// IMDS emulator on loopback, from a fresh root and kernel name each time. It
-// reports the whole process time per run (ns/op) and, from the agent's own
-// log, the time from its start to the host name applied, median and worst.
+// BenchmarkOnceProcess runs the built binary, `bootagent once`, from a fresh
+// root and kernel name each time, against the IMDS emulator on loopback:
+//
+//   - hostname: no Chef; ns/op is the whole process, and the agent's own
+//     log gives the time from its start to the host name applied;
+//   - full: with goiardi and the chef-client stand-in, a new node each
+//     time; ns/op is the whole first boot: key, registration, first run.
 func BenchmarkOnceProcess(b *testing.B) {
 	testenv.RequirePrivateUTS(b)
 	bin := testenv.Tool(b, "bootagent")
-	emu := testenv.StartIMDS(b, testenv.IMDSConfig{UserData: []byte("hostname=bench01\ndomain=example.internal\n")})
+	emu := testenv.StartIMDS(b, testenv.IMDSConfig{UserData: []byte("hostname=bench01\ndomain=example.internal\nchef_run_list=role[web]\n")})
+
+	b.Run("hostname", func(b *testing.B) {
+		benchOnce(b, bin, func(int) string { return "imds:\n  endpoint: " + emu.URL + "\n" }, nil)
+	})
+	b.Run("full", func(b *testing.B) {
+		g := testenv.StartGoiardi(b)
+		standin := testenv.Tool(b, "chefclient-standin")
+		validator, err := os.ReadFile(g.ValidatorKey)
+		if err != nil {
+			b.Fatal(err)
+		}
+		config := func(i int) string {
+			return fmt.Sprintf("imds:\n  endpoint: %s\nchef:\n  server_url: %s\n  node_name: bench-%d\n  client_command: [%q]\n", emu.URL, g.URL, i, standin)
+		}
+		benchOnce(b, bin, config, func(root string) {
+			if err := os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600); err != nil {
+				b.Fatal(err)
+			}
+		})
+	})
+}
+
+func benchOnce(b *testing.B, bin string, config func(i int) string, prepare func(root string)) {
 	dir := b.TempDir()
 	cfg := filepath.Join(dir, "config.yaml")
-	if err := os.WriteFile(cfg, []byte("imds:\n  endpoint: "+emu.URL+"\n"), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	root := filepath.Join(dir, "root")
-	hosts := []byte("127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n")
-
 	var toHostname []time.Duration
-	for b.Loop() {
+	for i := 0; b.Loop(); i++ {
 		b.StopTimer()
-		if err := os.MkdirAll(filepath.Join(root, "etc"), 0o755); err != nil {
+		root := filepath.Join(dir, fmt.Sprintf("root-%d", i))
+		if err := os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755); err != nil {
 			b.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(root, "etc/hosts"), hosts, 0o644); err != nil {
-			b.Fatal(err)
+		for name, content := range map[string]string{"etc/hosts": "127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n", "etc/hostname": "debian\n"} {
+			if err := os.WriteFile(filepath.Join(root, name), []byte(content), 0o644); err != nil {
+				b.Fatal(err)
+			}
 		}
-		if err := os.WriteFile(filepath.Join(root, "etc/hostname"), []byte("debian\n"), 0o644); err != nil {
+		if prepare != nil {
+			prepare(root)
+		}
+		if err := os.WriteFile(cfg, []byte(config(i)), 0o600); err != nil {
 			b.Fatal(err)
 		}
 		if err := syscall.Sethostname([]byte("localhost")); err != nil {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -144,4 +145,29 @@ func TestOnceExitsTwoOnBadUserDataAndChangesNothing(t *testing.T) {
 	h, err := os.Hostname()
 	require.NoError(t, err)
 	assert.Equal(t, "localhost", h)
+}
+
+func TestOnceRegistersWithTheChefServer(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("#cloud-config\nfqdn: cli01.example.internal\nchef:\n  run_list: [\"role[web]\"]\n")})
+	g := testenv.StartGoiardi(t)
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
+	validator, err := os.ReadFile(g.ValidatorKey)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600))
+	for _, tt := range []struct {
+		exit     string
+		wantCode int
+		wantOut  string
+	}{
+		{"0", 0, "chef-client run"},
+		{"1", 1, "failed (exit code 1)"},
+	} {
+		cfg := writeConfig(t, fmt.Sprintf("imds:\n  endpoint: %s\nchef:\n  server_url: %s\n  client_command: [%q, --exit, %q]\n", emu.URL, g.URL, testenv.Tool(t, "chefclient-standin"), tt.exit))
+		code, out, stderr := bootagent(t, "", "once", "--config", cfg, "--root", root)
+		assert.Equal(t, tt.wantCode, code, stderr)
+		assert.Contains(t, out+stderr, tt.wantOut)
+	}
+	assert.Equal(t, []string{"role[web]"}, g.Node(t, "cli01.example.internal").RunList)
 }

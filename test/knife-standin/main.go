@@ -1,0 +1,70 @@
+// Command knife-standin is a STAND-IN for the few knife commands the demo
+// and the boot test use to look at the Chef server as an operator would:
+// `node show NAME`, `node list` and `client list`, printed as JSON. knife
+// itself cannot be installed from the package registries reachable here.
+//
+//	knife-standin -s URL -u admin -k admin.pem node show web01
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+
+	gochef "github.com/go-chef/chef"
+)
+
+func main() {
+	server := flag.String("s", "", "Chef server URL")
+	user := flag.String("u", "admin", "client or user to sign as")
+	keyPath := flag.String("k", "", "its private key")
+	flag.Parse()
+	if err := run(*server, *user, *keyPath, flag.Args()); err != nil {
+		fmt.Fprintf(os.Stderr, "knife-standin: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(server, user, keyPath string, args []string) error {
+	key, err := os.ReadFile(keyPath)
+	if err != nil {
+		return err
+	}
+	if !strings.HasSuffix(server, "/") {
+		server += "/"
+	}
+	c, err := gochef.NewClient(&gochef.Config{Name: user, Key: string(key), BaseURL: server, AuthenticationVersion: gochef.AuthVersion13})
+	if err != nil {
+		return err
+	}
+	var out any
+	switch strings.Join(args[:min(2, len(args))], " ") {
+	case "node show":
+		if len(args) != 3 {
+			return fmt.Errorf("usage: node show NAME")
+		}
+		n, err := c.Nodes.Get(args[2])
+		if err != nil {
+			return err
+		}
+		out = map[string]any{
+			"name": n.Name, "chef_environment": n.Environment, "run_list": n.RunList,
+			"policy_name": n.PolicyName, "policy_group": n.PolicyGroup,
+			"normal": n.NormalAttributes, "fqdn": n.AutomaticAttributes["fqdn"], "ohai_time": n.AutomaticAttributes["ohai_time"],
+		}
+	case "node list":
+		out, err = c.Nodes.List()
+	case "client list":
+		out, err = c.Clients.List()
+	default:
+		return fmt.Errorf("usage: node show NAME | node list | client list")
+	}
+	if err != nil {
+		return err
+	}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(out)
+}

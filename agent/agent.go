@@ -1,6 +1,8 @@
 // Package agent orchestrates the bootstrap of an instance: wait for IMDS,
-// read the identity and user-data, decide and apply the host name, then keep
-// watching for drift.
+// read the identity and user-data, decide and apply the host name, register
+// with the Chef server, then keep the instance converged and named. It keeps
+// per-instance state, so that a later boot of the same instance does only
+// what is left, and a new instance launched from the image starts afresh.
 package agent
 
 import (
@@ -11,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -20,6 +23,7 @@ import (
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/systemd"
 )
 
 // Metadata is what the agent reads from the instance metadata service.
@@ -53,42 +57,59 @@ type Options struct {
 	// Runner runs chef-client; nil picks a transient systemd unit when
 	// systemd runs the agent on the real root, a child process otherwise.
 	Runner chef.Runner
+	// Notifier tells systemd the agent's state; nil speaks sd_notify (a
+	// no-op when not started by systemd).
+	Notifier Notifier
+}
+
+// Notifier tells the service manager how the agent is doing.
+type Notifier interface {
+	Ready(status string)
+	Status(status string)
+	Stopping()
+	Watchdog()
 }
 
 // Engine runs bootstrap passes and the watch loop.
 type Engine struct {
-	cfg    config.Config
-	root   string
-	log    *zap.Logger
-	clock  backoff.Clock
-	md     Metadata
-	namer  Namer
-	runner chef.Runner
-	runNow chan struct{}
-	close  []func()
+	cfg      config.Config
+	root     string
+	log      *zap.Logger
+	clock    backoff.Clock
+	md       Metadata
+	ownMD    bool
+	namer    Namer
+	runner   chef.Runner
+	notifier Notifier
+	runNow   chan struct{}
+	reload   chan config.Config
+	close    []func()
+	// beat is the wall time (UnixNano) of the main loop's last turn; the
+	// systemd watchdog is fed only while it is recent.
+	beat atomic.Int64
 
-	mu      sync.Mutex
-	lastRun *chef.Outcome
-	nextRun time.Time
+	mu    sync.Mutex
+	state State
 }
 
 // New returns an Engine. It reaches for nothing until Once or Run.
 func New(ctx context.Context, o Options) *Engine {
-	e := &Engine{cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, runner: o.Runner, runNow: make(chan struct{}, 1)}
+	e := &Engine{
+		cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, runner: o.Runner, notifier: o.Notifier,
+		runNow: make(chan struct{}, 1), reload: make(chan config.Config, 1), state: State{Version: stateVersion},
+	}
 	if e.log == nil {
 		e.log = zap.NewNop()
 	}
 	if e.clock == nil {
 		e.clock = backoff.RealClock{}
 	}
+	if e.notifier == nil {
+		e.notifier = systemd.NewNotifier(e.log)
+	}
 	if e.md == nil {
-		e.md = imds.New(imds.Options{
-			Endpoint:    o.Config.IMDS.Endpoint,
-			AllowIMDSv1: o.Config.IMDS.AllowIMDSv1,
-			TokenTTL:    o.Config.IMDS.TokenTTL.D(),
-			Clock:       e.clock,
-			Log:         e.log.Named("imds"),
-		})
+		e.ownMD = true
+		e.md = e.newMetadata(o.Config)
 	}
 	if e.namer == nil {
 		m := hostname.New(ctx, o.Root, e.log.Named("hostname"))
@@ -99,6 +120,17 @@ func New(ctx context.Context, o Options) *Engine {
 		e.runner = e.chooseRunner(ctx)
 	}
 	return e
+}
+
+// newMetadata builds the IMDS client the configuration describes.
+func (e *Engine) newMetadata(cfg config.Config) Metadata {
+	return imds.New(imds.Options{
+		Endpoint:    cfg.IMDS.Endpoint,
+		AllowIMDSv1: cfg.IMDS.AllowIMDSv1,
+		TokenTTL:    cfg.IMDS.TokenTTL.D(),
+		Clock:       e.clock,
+		Log:         e.log.Named("imds"),
+	})
 }
 
 // chooseRunner runs chef-client as a transient unit when systemd manages
@@ -145,6 +177,9 @@ type Result struct {
 	// NodeName is the Chef node, when Chef is configured.
 	NodeName   string          `json:"node_name,omitempty"`
 	Registered chef.Registered `json:"registered"`
+	// AlreadyRegistered is true when the state showed this instance
+	// registered already, so registration was skipped.
+	AlreadyRegistered bool `json:"already_registered"`
 	// FirstRun is the chef-client run `once` made.
 	FirstRun *chef.Outcome `json:"first_run,omitempty"`
 	Steps    []Step        `json:"steps"`
@@ -179,18 +214,29 @@ func (t *stepTimer) done(name string) Step {
 // the first-boot JSON) when Chef is configured. Bad user-data or a bad
 // setting is an error matching config.ErrInvalid, and then nothing has been
 // applied. A chef-client run that fails is an error too.
-func (e *Engine) Once(ctx context.Context) (Result, error) {
-	res, err := e.pass(ctx)
-	if err != nil || res.chef == nil {
+func (e *Engine) Once(ctx context.Context) (res Result, err error) {
+	unlock, err := e.lockAgent()
+	if err != nil {
 		return res, err
 	}
-	out, err := e.runChef(ctx, e.log.With(zap.String("instance_id", res.Identity.InstanceID)), res, true)
+	defer unlock()
+	defer func() {
+		if err != nil && ctx.Err() == nil {
+			e.fail(err, "")
+		}
+	}()
+	if res, err = e.pass(ctx); err != nil || res.chef == nil {
+		e.idle(res)
+		return res, err
+	}
+	out, err := e.runChef(ctx, e.log.With(zap.String("instance_id", res.Identity.InstanceID)), res, !e.snapshot().FirstRunDone)
 	res.FirstRun = &out
 	if err != nil {
 		return res, err
 	}
+	e.idle(res)
 	if out.Result.Failed() {
-		return res, fmt.Errorf("first chef-client run %s: %s (exit code %d)%s", out.ID, out.Result, out.ExitCode, tailText(out.Tail))
+		return res, fmt.Errorf("chef-client run %s: %s (exit code %d)%s", out.ID, out.Result, out.ExitCode, tailText(out.Tail))
 	}
 	return res, nil
 }
@@ -201,6 +247,8 @@ func (e *Engine) Once(ctx context.Context) (Result, error) {
 func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 	timer := newStepTimer(e.clock)
 	defer func() { res.Steps = timer.steps }()
+	e.startBoot(timer.start)
+	e.transition(PhaseWaitingIMDS, "waiting for IMDS")
 
 	id, err := e.md.Wait(ctx, e.cfg.IMDS.WaitTimeout.D())
 	if err != nil {
@@ -210,6 +258,9 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 	log := e.log.With(zap.String("instance_id", id.InstanceID))
 	log.Info("instance identified", zap.String("region", id.Region), zap.String("availability_zone", id.AvailabilityZone),
 		zap.Duration("waited", timer.done("imds").Duration))
+	if err := e.adoptInstance(log, id.InstanceID, e.cfg); err != nil {
+		return res, err
+	}
 
 	raw, err := e.md.UserData(ctx)
 	if err != nil {
@@ -244,6 +295,7 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 	case name.IsZero():
 		log.Info("hostname left alone: no name in user-data and hostname.fallback is keep")
 	default:
+		e.transition(PhaseApplyingHostname, "applying hostname "+name.String())
 		changes, err := e.apply(ctx, log, cfg, name)
 		res.Changes = changes
 		if err != nil {
@@ -253,14 +305,32 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 			zap.Int("changes", len(changes)), zap.Duration("since_start", e.clock.Now().Sub(timer.start)))
 	}
 	timer.done("hostname")
+	e.update(func(s *State) {
+		s.Hostname, s.HostnameSource = name.String(), res.HostnameSource
+		s.Boot.Steps = timer.steps
+	})
 
-	if res.chef != nil {
-		res.NodeName = res.chef.nodeName
-		if res.Registered, err = e.register(ctx, log, cfg, res.chef); err != nil {
-			return res, err
+	if p := res.chef; p != nil {
+		res.NodeName = p.nodeName
+		st := e.snapshot()
+		_, keyErr := os.Stat(e.path(cfg.Chef.ClientKey))
+		if st.NodeName == p.nodeName && st.RegisteredAt != nil && keyErr == nil {
+			res.AlreadyRegistered = true
+			log.Info("already registered; registration skipped", zap.String("node_name", p.nodeName), zap.Time("registered_at", *st.RegisteredAt))
+		} else {
+			e.transition(PhaseRegistering, fmt.Sprintf("registering node %s with %s", p.nodeName, cfg.Chef.ServerURL))
+			if res.Registered, err = e.register(ctx, log, cfg, p); err != nil {
+				return res, err
+			}
+			now := e.clock.Now()
+			e.update(func(s *State) { s.NodeName, s.ClientName, s.RegisteredAt = p.nodeName, p.nodeName, &now })
 		}
 		timer.done("register")
 	}
+	e.update(func(s *State) {
+		s.Bootstrapped, s.Error = true, ""
+		s.Boot.Steps = timer.steps
+	})
 	return res, nil
 }
 

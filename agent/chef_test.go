@@ -98,15 +98,29 @@ func TestOnceRegistersAndConverges(t *testing.T) {
 	assert.Contains(t, readFile(t, filepath.Join(s.root, "etc/chef/client.rb")), "environment                      'production'\n")
 }
 
-func TestOnceAgainNeedsNoValidator(t *testing.T) {
+func TestOnceAgainOnTheSameInstanceDoesNotRegisterAgain(t *testing.T) {
 	s := newChefSetup(t, "hostname=web01\nchef_run_list=role[web]\n")
 	_, err := s.engine.Once(context.Background())
 	require.NoError(t, err)
 
 	res, err := s.engine.Once(context.Background())
-	require.NoError(t, err, "the validator was deleted; the node's own key is enough now")
+	require.NoError(t, err, "the validator was deleted; the state says the instance is registered")
+	assert.True(t, res.AlreadyRegistered)
+	assert.Equal(t, chef.Registered{}, res.Registered, "no request to create anything")
+	runs := s.runs(t)
+	require.Len(t, runs, 2)
+	assert.Empty(t, runs[1]["first_boot"], "the first-boot JSON served its purpose")
+}
+
+func TestOnceRepairsARegistrationWhoseStateWasLost(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\n")
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	require.NoError(t, os.Remove(filepath.Join(s.root, "var/lib/bootagent/state.json")))
+
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err, "the node's key still opens the door; no validator needed")
 	assert.Equal(t, chef.Registered{KeyReused: true}, res.Registered)
-	assert.Len(t, s.runs(t), 2)
 }
 
 func TestOnceFailsWhenTheFirstRunFails(t *testing.T) {
@@ -115,7 +129,7 @@ func TestOnceFailsWhenTheFirstRunFails(t *testing.T) {
 	})
 	res, err := s.engine.Once(context.Background())
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "first chef-client run")
+	assert.Contains(t, err.Error(), "chef-client run ")
 	assert.Contains(t, err.Error(), "failed (exit code 1)")
 	assert.Equal(t, 1, ExitCode(err))
 	assert.Equal(t, chef.ResultFailed, res.FirstRun.Result)
@@ -176,7 +190,9 @@ func TestRunConvergesAtOnceAndOnSIGUSR1(t *testing.T) {
 	testenv.Eventually(t, 15*time.Second, func() bool { return len(s.runs(t)) == 1 }, "the first chef-client run starts right after registration")
 	first := s.runs(t)[0]
 	assert.NotEmpty(t, first["first_boot"], "with -j")
-	testenv.Eventually(t, 5*time.Second, func() bool { return !s.engine.NextRun().IsZero() && s.engine.lastRunResult() == chef.ResultSuccess }, "the run is recorded")
+	testenv.Eventually(t, 5*time.Second, func() bool {
+		return !s.engine.NextRun().IsZero() && s.engine.snapshot().LastRun != nil && s.engine.snapshot().LastRun.Result == chef.ResultSuccess
+	}, "the run is recorded")
 	assert.WithinDuration(t, time.Now().Add(30*time.Minute), s.engine.NextRun(), 6*time.Minute, "next run an interval plus at most the splay away")
 
 	s.engine.TriggerRun()

@@ -7,10 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"os"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -72,7 +69,10 @@ func (e *Engine) TriggerRun() {
 
 // runChef makes one chef-client run, holding the run lock, and records it.
 func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, firstBoot bool) (chef.Outcome, error) {
-	unlock, err := e.lockRuns()
+	unlock, err := flock(e.path(runLockPath))
+	if errors.Is(err, errLocked) {
+		return chef.Outcome{}, errRunLocked
+	}
 	if err != nil {
 		return chef.Outcome{}, err
 	}
@@ -85,11 +85,12 @@ func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, first
 	}
 	log = log.With(zap.String("run_id", spec.ID), zap.String("node_name", res.NodeName))
 	log.Info("chef-client run starting", zap.Bool("first_boot", firstBoot))
+	e.transition(PhaseConverging, "converging: chef-client run "+spec.ID)
 	out, err := e.runner.Run(ctx, spec)
 	if err != nil {
 		return out, fmt.Errorf("chef-client run %s: %w", spec.ID, err)
 	}
-	e.recordRun(out)
+	e.recordRun(out, firstBoot)
 	fields := []zap.Field{zap.String("result", string(out.Result)), zap.Int("exit_code", out.ExitCode), zap.Duration("duration", out.Duration)}
 	if out.Result.Failed() {
 		log.Warn("chef-client run failed", append(fields, zap.String("signal", out.Signal), zap.Strings("tail", out.Tail))...)
@@ -97,26 +98,6 @@ func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, first
 		log.Info("chef-client run finished", fields...)
 	}
 	return out, nil
-}
-
-// lockRuns takes the run lock without waiting; it returns the unlock.
-func (e *Engine) lockRuns() (func(), error) {
-	path := e.path(runLockPath)
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open the run lock: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, errRunLocked
-		}
-		return nil, fmt.Errorf("take the run lock: %w", err)
-	}
-	return func() { f.Close() }, nil
 }
 
 // follower is a runner that can find and follow a run started by an
@@ -150,7 +131,7 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 			go func() {
 				out, err := f.Follow(ctx, id)
 				if err == nil {
-					e.recordRun(out)
+					e.recordRun(out, false)
 				}
 				done <- runEnd{out, err}
 			}()
@@ -180,6 +161,9 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 		if timer == nil || !timerFor.Equal(due) {
 			timer, timerFor = e.clock.After(due.Sub(e.clock.Now())), due
 			e.setNextRun(due)
+			if !running {
+				e.idle(res)
+			}
 		}
 		why := "scheduled"
 		select {
@@ -227,36 +211,29 @@ type runEnd struct {
 	err error
 }
 
-// recordRun keeps the last run for status and metrics.
-func (e *Engine) recordRun(out chef.Outcome) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.lastRun = &out
-}
-
-// lastRunResult returns the result of the last run, or "" before any.
-func (e *Engine) lastRunResult() chef.Result {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.lastRun == nil {
-		return ""
-	}
-	return e.lastRun.Result
+// recordRun keeps the last run in the state. A first-boot run that did
+// its job means later runs go without the first-boot JSON.
+func (e *Engine) recordRun(out chef.Outcome, firstBoot bool) {
+	e.update(func(s *State) {
+		s.LastRun = &out
+		if firstBoot && !out.Result.Failed() {
+			s.FirstRunDone = true
+		}
+	})
 }
 
 // NextRun returns when the next chef-client run is due; zero before the
 // schedule starts.
 func (e *Engine) NextRun() time.Time {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.nextRun
+	if t := e.snapshot().NextRun; t != nil {
+		return *t
+	}
+	return time.Time{}
 }
 
-// setNextRun keeps the time of the next run for status.
+// setNextRun keeps the time of the next run in the state.
 func (e *Engine) setNextRun(t time.Time) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.nextRun = t
+	e.update(func(s *State) { s.NextRun = &t })
 }
 
 // tailText formats the end of a run's output for an error message.

@@ -214,7 +214,7 @@ func TestSplayIsFixedPerInstanceAndSpreadsAFleet(t *testing.T) {
 
 func TestRunChefRefusesToRunTwiceAtOnce(t *testing.T) {
 	e := New(context.Background(), Options{Config: config.Default(), Root: t.TempDir(), Log: zaptest.NewLogger(t), Runner: &scriptedRunner{}})
-	unlock, err := e.lockRuns()
+	unlock, err := flock(e.path(runLockPath))
 	require.NoError(t, err)
 	defer unlock()
 	_, err = e.runChef(context.Background(), e.log, Result{Config: config.Default()}, false)

@@ -13,12 +13,14 @@ import (
 	"os/signal"
 	"runtime"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
 	"github.com/bootagent/bootagent/agent"
 	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/systemd"
 )
 
 // version is stamped at build time with -ldflags "-X main.version=...".
@@ -27,6 +29,10 @@ var version = "unknown"
 const usage = `usage:
   bootagent run    [--config FILE] [--root DIR]   the daemon (systemd Type=notify)
   bootagent once   [--config FILE] [--root DIR]   one full bootstrap pass, then exit
+  bootagent status [--root DIR] [--json] [--wait[=DURATION]]
+                                                 the agent's state; exit 0 bootstrapped,
+                                                 1 failed, 2 in progress
+  bootagent clean  [--config FILE] [--root DIR]   forget this instance (before baking an image)
   bootagent userdata check [--config FILE] [--json] [FILE|-]
                                                  print what user-data would apply
   bootagent version
@@ -41,9 +47,19 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
 }
 
+// exitStatus is a command's exit status that is not an error: `status`
+// says "in progress" with 2.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
 // run executes one command line and returns the exit status.
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	err := dispatch(args, stdin, stdout, stderr)
+	var code exitStatus
+	if errors.As(err, &code) {
+		return int(code)
+	}
 	if errors.Is(err, errUsage) {
 		fmt.Fprintf(stderr, "bootagent: %v\n%s", err, usage)
 		return 2
@@ -61,6 +77,10 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	switch cmd, rest := args[0], args[1:]; cmd {
 	case "run", "once":
 		return runAgent(cmd, rest, stdout, stderr)
+	case "status":
+		return status(rest, stdout, stderr)
+	case "clean":
+		return clean(rest, stdout, stderr)
 	case "userdata":
 		if len(rest) == 0 || rest[0] != "check" {
 			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
@@ -122,7 +142,7 @@ func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(stderr, common.logLevel)
+	log := systemd.NewLogger(stderr, common.logLevel)
 	defer func() { _ = log.Sync() }()
 	log.Info("bootagent "+cmd, zap.String("version", version), zap.String("config", common.config), zap.String("root", common.root))
 
@@ -137,10 +157,28 @@ func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
 		usr1 := make(chan os.Signal, 1)
 		signal.Notify(usr1, syscall.SIGUSR1)
 		defer signal.Stop(usr1)
+		// SIGHUP reloads the config file; a file that does not load is
+		// refused and the running configuration kept.
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
 		go func() {
-			for range usr1 {
-				log.Info("SIGUSR1: chef-client run requested")
-				e.TriggerRun()
+			for {
+				select {
+				case <-usr1:
+					log.Info("SIGUSR1: chef-client run requested")
+					e.TriggerRun()
+				case <-hup:
+					cfg, err := common.loadConfig(fs)
+					if err != nil {
+						log.Error("SIGHUP: the config does not load; keeping the running one", zap.Error(err))
+						continue
+					}
+					log.Info("SIGHUP: reloading the config", zap.String("config", common.config))
+					e.Reload(cfg)
+				case <-ctx.Done():
+					return
+				}
 			}
 		}()
 		return e.Run(ctx)
@@ -164,6 +202,96 @@ func output(w io.Writer, asJSON bool, r report) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(r)
+}
+
+func status(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	root := fs.String("root", "/", "directory every system path is taken under")
+	asJSON := fs.Bool("json", false, "print the state as JSON")
+	var wait waitFlag
+	fs.Var(&wait, "wait", "wait until bootstrapped or failed; with =DURATION, at most that long")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: status takes no arguments", errUsage)
+	}
+	deadline := time.Now().Add(wait.limit)
+	for {
+		st, err := agent.ReadState(*root)
+		code := agent.StatusCode(st)
+		if code == 2 && wait.on && (wait.limit == 0 || time.Now().Before(deadline)) {
+			time.Sleep(statusPoll) // Polling the state file until it says done.
+			continue
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "bootagent: %v\n", err)
+		}
+		if err := output(stdout, *asJSON, st); err != nil {
+			return err
+		}
+		if code == 0 {
+			return nil
+		}
+		return exitStatus(code)
+	}
+}
+
+// statusPoll is how often `status --wait` reads the state file: often
+// enough that a launch script gates without delay, rarely enough to cost
+// nothing.
+const statusPoll = 250 * time.Millisecond
+
+// waitFlag is --wait (no limit) or --wait=DURATION.
+type waitFlag struct {
+	on    bool
+	limit time.Duration
+}
+
+func (w *waitFlag) String() string {
+	if !w.on {
+		return ""
+	}
+	return w.limit.String()
+}
+
+func (w *waitFlag) Set(v string) error {
+	w.on = true
+	if v == "true" {
+		return nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		return fmt.Errorf("want a duration such as 5m, got %q", v)
+	}
+	w.limit = d
+	return nil
+}
+
+// IsBoolFlag lets --wait stand alone.
+func (w *waitFlag) IsBoolFlag() bool { return true }
+
+func clean(args []string, stdout, stderr io.Writer) error {
+	fs, common := newFlagSet("clean", stderr)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: clean takes no arguments", errUsage)
+	}
+	cfg, err := common.loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	removed, err := agent.Clean(common.root, cfg)
+	for _, p := range removed {
+		fmt.Fprintf(stdout, "removed %s\n", p)
+	}
+	if err == nil {
+		fmt.Fprintln(stdout, "this machine no longer belongs to an instance; the baked config and the validator stay")
+	}
+	return err
 }
 
 func checkUserData(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
@@ -207,14 +335,4 @@ func readInput(name string, stdin io.Reader) ([]byte, error) {
 		return nil, fmt.Errorf("read user-data: %w", err)
 	}
 	return data, nil
-}
-
-// newLogger logs to stderr in the console format.
-func newLogger(w io.Writer, level zapcore.Level) *zap.Logger {
-	enc := zap.NewProductionEncoderConfig()
-	enc.EncodeTime = zapcore.ISO8601TimeEncoder
-	enc.EncodeDuration = zapcore.StringDurationEncoder
-	// Locked: chef-client's output is logged from two goroutines at once.
-	core := zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.Lock(zapcore.AddSync(w)), level)
-	return zap.New(core)
 }

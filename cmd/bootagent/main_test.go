@@ -171,3 +171,55 @@ func TestOnceRegistersWithTheChefServer(t *testing.T) {
 	}
 	assert.Equal(t, []string{"role[web]"}, g.Node(t, "cli01.example.internal").RunList)
 }
+
+func TestStatusAndClean(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	root := t.TempDir()
+	code, out, _ := bootagent(t, "", "status", "--root", root)
+	assert.Equal(t, 2, code, "nothing done yet is in progress")
+	assert.Contains(t, out, "the agent has not run on this machine")
+
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("hostname=st01\n")})
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	cfg := writeConfig(t, "imds:\n  endpoint: "+emu.URL+"\n")
+	code, _, stderr := bootagent(t, "", "once", "--config", cfg, "--root", root)
+	require.Equal(t, 0, code, stderr)
+
+	code, out, _ = bootagent(t, "", "status", "--root", root, "--wait=1m")
+	assert.Equal(t, 0, code)
+	assert.Contains(t, out, "bootstrapped  true")
+	assert.Contains(t, out, "hostname      st01 (from user-data (key=value) line 1 key hostname)")
+	code, out, _ = bootagent(t, "", "status", "--root", root, "--json")
+	assert.Equal(t, 0, code)
+	var st struct {
+		Phase        string
+		Bootstrapped bool
+		InstanceID   string `json:"instance_id"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &st))
+	assert.Equal(t, "idle", st.Phase)
+	assert.Equal(t, "i-0123456789abcdef0", st.InstanceID)
+
+	code, out, stderr = bootagent(t, "", "clean", "--config", cfg, "--root", root)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, out, "removed /var/lib/bootagent/state.json")
+	code, _, _ = bootagent(t, "", "status", "--root", root)
+	assert.Equal(t, 2, code)
+}
+
+func TestStatusWaitsThenSaysInProgressOrFailed(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "var/lib/bootagent")
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	write := func(phase string) {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"version": 1, "phase": "`+phase+`", "bootstrapped": false, "instance_id": "i-0abc"}`), 0o644))
+	}
+	write("registering")
+	code, out, _ := bootagent(t, "", "status", "--root", root, "--wait=300ms")
+	assert.Equal(t, 2, code, "still in progress when the wait ends")
+	assert.Contains(t, out, "registering")
+
+	write("failed")
+	code, _, _ = bootagent(t, "", "status", "--root", root, "--wait")
+	assert.Equal(t, 1, code, "a failure ends the wait")
+}

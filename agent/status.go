@@ -1,0 +1,64 @@
+package agent
+
+import (
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+)
+
+// StatusCode maps the state to `bootagent status`'s exit status: 0 once
+// bootstrapped, 1 when failed and waiting for a fix, 2 while still in
+// progress (or not started).
+func StatusCode(s State) int {
+	switch {
+	case s.Bootstrapped:
+		return 0
+	case s.Phase == PhaseFailed:
+		return 1
+	default:
+		return 2
+	}
+}
+
+// WriteText prints the state for people: where the agent is, what it did,
+// and this boot's timeline, step by step.
+func (s State) WriteText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	row := func(k, format string, args ...any) { fmt.Fprintf(tw, "%s\t"+format+"\n", append([]any{k}, args...)...) }
+	if s.InstanceID == "" && s.Updated.IsZero() {
+		row("state", "nothing yet: the agent has not run on this machine")
+		return tw.Flush()
+	}
+	row("instance", "%s", s.InstanceID)
+	row("phase", "%s", s.Phase)
+	row("status", "%s", s.Status)
+	if s.Error != "" {
+		row("error", "%s", s.Error)
+	}
+	row("bootstrapped", "%t", s.Bootstrapped)
+	if s.Hostname != "" {
+		row("hostname", "%s (from %s)", s.Hostname, s.HostnameSource)
+	}
+	if s.NodeName != "" {
+		registered := "not yet"
+		if s.RegisteredAt != nil {
+			registered = "registered " + s.RegisteredAt.UTC().Format(time.RFC3339)
+		}
+		row("chef node", "%s (%s)", s.NodeName, registered)
+	}
+	if r := s.LastRun; r != nil {
+		row("last run", "%s: %s, exit code %d, %s, took %s", r.ID, r.Result, r.ExitCode, r.Start.UTC().Format(time.RFC3339), r.Duration.Round(time.Millisecond))
+	}
+	if s.NextRun != nil {
+		row("next run", "%s", s.NextRun.UTC().Format(time.RFC3339))
+	}
+	if !s.Boot.Started.IsZero() {
+		row("boot", "started %s", s.Boot.Started.UTC().Format(time.RFC3339Nano))
+		for _, st := range s.Boot.Steps {
+			row("  "+st.Name, "+%-12s took %s", st.Offset.Round(time.Microsecond), st.Duration.Round(time.Microsecond))
+		}
+	}
+	row("updated", "%s by pid %d", s.Updated.UTC().Format(time.RFC3339), s.PID)
+	return tw.Flush()
+}

@@ -9,12 +9,19 @@ SHELL := /bin/bash
 TOOLS   := $(CURDIR)/.tools/bin
 VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo unknown)
 LDFLAGS := -s -w -X main.version=$(VERSION)
+# Package versions must start with a digit: a v1.2.3 tag gives 1.2.3, an
+# untagged tree 0.0.0+git<commit>.
+PKG_VERSION := $(shell v=$$(git describe --tags --match 'v[0-9]*' 2>/dev/null) && echo $${v\#v} || echo 0.0.0+git$$(git rev-parse --short HEAD 2>/dev/null || echo unknown))
+PKG_ARCH    := $(shell go env GOARCH)
 GO_TEST_ENV := PATH="$(CURDIR)/bin:$(TOOLS):$$PATH" GOFLAGS=-mod=readonly GOPROXY=off
 
 # FUZZTIME is how long `make fuzz` runs each fuzz target.
 FUZZTIME ?= 30s
 # BENCHTIME is passed to go test -benchtime by `make bench`.
 BENCHTIME ?= 1s
+# IDLE is how long `make bench` watches the agent idle in the booted image
+# for its memory and CPU figures.
+IDLE ?= 10m
 
 # in_netns runs a command in a fresh network namespace where only loopback is
 # up: nothing in it can reach the real IMDS or any other address. Each test
@@ -24,7 +31,7 @@ in_netns = unshare --net -- sh -c 'ip link set lo up && exec "$$@"' sh
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 .PHONY: deps
 deps: ## install the Debian packages and pinned Go tools the tests and demo use
@@ -37,9 +44,33 @@ build: ## build bin/bootagent, version stamped from git describe, and the test s
 	go build -trimpath -o bin/knife-standin ./test/knife-standin
 
 .PHONY: test
-test: deps build ## install what is needed, then run every test (loopback-only network namespace)
+test: deps build deb rpm e2e-image ## install what is needed, then run every test (loopback-only network namespace)
 	go mod download
-	$(in_netns) env $(GO_TEST_ENV) go test -race -count=1 -exec "unshare --uts --" ./...
+	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) \
+		go test -race -count=1 -timeout 20m -exec "unshare --uts --" ./...
+
+.PHONY: e2e
+e2e: deps build deb e2e-image ## only the boot test: the .deb in a real systemd (systemd-nspawn)
+	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) \
+		go test -count=1 -timeout 15m -v -exec "unshare --uts --" ./test/e2e/
+
+# E2E_IMAGE is the Debian image the boot test copies for each run. It is
+# built once with debootstrap (the only step that needs Debian's mirror, so
+# it runs before the tests enter their namespace) and cached.
+E2E_IMAGE := $(CURDIR)/.cache/e2e/bookworm
+.PHONY: e2e-image
+e2e-image: deps
+	@scripts/e2e-image.sh $(E2E_IMAGE)
+
+.PHONY: deb
+deb: build ## build dist/bootagent_VERSION_ARCH.deb with nfpm
+	@mkdir -p dist && rm -f dist/*.deb
+	PKG_VERSION=$(PKG_VERSION) PKG_ARCH=$(PKG_ARCH) $(TOOLS)/nfpm pkg --packager deb --config packaging/nfpm.yaml --target dist/
+
+.PHONY: rpm
+rpm: build ## build dist/bootagent-VERSION.ARCH.rpm with nfpm
+	@mkdir -p dist && rm -f dist/*.rpm
+	PKG_VERSION=$(PKG_VERSION) PKG_ARCH=$(PKG_ARCH) $(TOOLS)/nfpm pkg --packager rpm --config packaging/nfpm.yaml --target dist/
 
 .PHONY: demo
 demo: deps build ## run a first boot against the AWS IMDS emulator and show the result
@@ -57,11 +88,12 @@ fuzz: deps ## run every fuzz target for FUZZTIME each
 	@scripts/fuzz.sh $(FUZZTIME)
 
 .PHONY: bench
-bench: deps build ## benchmarks: user-data decoding, and a whole `bootagent once` against the emulator
+bench: deps build deb e2e-image ## benchmarks: decoding, registration, whole `once` runs, and a boot in the image (IDLE sets its idle period)
 	go mod download
-	$(in_netns) env $(GO_TEST_ENV) go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -exec "unshare --uts --" ./... | tee bin/bench.txt
+	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) BOOTAGENT_BENCH_IDLE=$(IDLE) \
+		go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 60m -exec "unshare --uts --" ./... | tee bin/bench.txt
 	@scripts/benchtable.sh bin/bench.txt
 
 .PHONY: clean
-clean: ## remove build output (keeps the installed tools)
+clean: ## remove build output (keeps the installed tools and the cached image)
 	rm -rf bin dist

@@ -117,10 +117,17 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 	interval := ch.Interval.D()
 	period := interval + splayFor(res.Identity.InstanceID, ch.Splay.D())
 	retry := backoff.New(backoff.Policy{Initial: min(time.Minute, interval), Max: interval, Jitter: 0.5}, e.clock)
-	firstBoot := true
+	st := e.snapshot()
+	firstBoot := !st.FirstRunDone
 	done := make(chan runEnd, 1)
 	running := false
-	due := e.clock.Now() // The first run starts at once, not an interval later.
+	// The first run starts at once, not an interval later. After a restart
+	// of the agent the schedule it had stands, so restarts do not make runs.
+	due := e.clock.Now()
+	if !firstBoot && st.NextRun != nil && st.NextRun.After(due) {
+		due = *st.NextRun
+		log.Info("keeping the chef-client schedule", zap.Time("next_run", due))
+	}
 
 	if f, ok := e.runner.(follower); ok {
 		if id, found, err := f.Running(ctx); err != nil {
@@ -153,6 +160,8 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 			firstBoot = false
 			log.Info("next chef-client run", zap.Time("next_run", due))
 		}
+		e.setNextRun(due)
+		e.idle(res)
 		return true
 	}
 	var timer <-chan time.Time
@@ -161,9 +170,6 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 		if timer == nil || !timerFor.Equal(due) {
 			timer, timerFor = e.clock.After(due.Sub(e.clock.Now())), due
 			e.setNextRun(due)
-			if !running {
-				e.idle(res)
-			}
 		}
 		why := "scheduled"
 		select {

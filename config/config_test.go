@@ -135,3 +135,9 @@ func yamlKeys(t reflect.Type) []string {
 	}
 	return keys
 }
+
+func TestThePackerExampleConfigLoads(t *testing.T) {
+	cfg, err := Load("../packaging/packer/config.yaml", false)
+	require.NoError(t, err)
+	assert.Equal(t, "{hostname}-{instance_id}", cfg.Chef.NodeName)
+}

@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: unshare and mount (private namespaces), ip (loopback in
 # the test namespace), hostname (the `hostname -f` check), goiardi (the Chef
-# server the tests register with), ruby (`ruby -c` on every client.rb).
-packages=(util-linux mount iproute2 hostname goiardi ruby)
+# server the tests register with), ruby (`ruby -c` on every client.rb),
+# debootstrap and systemd-container (the boot test's image and
+# systemd-nspawn), rpm (to read the .rpm the build makes).
+packages=(util-linux mount iproute2 hostname goiardi ruby debootstrap systemd-container rpm)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -37,6 +39,7 @@ install_tool() {
 	touch "$stamp"
 }
 install_tool github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock v1.13.0 ec2-metadata-mock
+install_tool github.com/goreleaser/nfpm/v2/cmd/nfpm v2.45.2 nfpm
 if [[ " $* " == *" lint "* ]]; then
 	install_tool github.com/golangci/golangci-lint/v2/cmd/golangci-lint v2.15.0 golangci-lint
 fi

@@ -11,8 +11,10 @@
 //   - it exits 3 on SIGTERM and 2 on SIGINT, as chef-client does (RFC 062).
 //
 // Flags of its own, for tests: --exit CODE (the code to end with),
-// --sleep DURATION (how long the "converge" takes), --record FILE (append a
-// JSON line describing the run).
+// --sleep DURATION (how long the "converge" takes), --sleep-file FILE (read
+// that duration from FILE when it exists, so a test can make the next runs
+// slow without touching the command line), --record FILE (append a JSON
+// line describing the run).
 package main
 
 import (
@@ -43,10 +45,19 @@ func run() int {
 	jsonPath := flag.String("j", "", "first-boot JSON")
 	exitCode := flag.Int("exit", 0, "stand-in: exit code to end with")
 	sleep := flag.Duration("sleep", 0, "stand-in: how long the converge takes")
+	sleepFile := flag.String("sleep-file", "", "stand-in: read --sleep from this file when it exists")
 	record := flag.String("record", "", "stand-in: append a JSON line about the run to this file")
 	flag.Parse()
 
 	fmt.Println("Starting Chef Infra Client (bootagent's stand-in; not the real chef-client)")
+	if data, err := os.ReadFile(*sleepFile); *sleepFile != "" && err == nil {
+		d, err := time.ParseDuration(strings.TrimSpace(string(data)))
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "FATAL: %s: %v\n", *sleepFile, err)
+			return 1
+		}
+		*sleep = d
+	}
 	settings, err := readClientRB(*configPath)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FATAL: %v\n", err)

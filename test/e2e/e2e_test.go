@@ -1,0 +1,238 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/bootagent/bootagent/internal/testenv"
+)
+
+const userData = `#cloud-config
+hostname: web01
+fqdn: web01.e2e.internal
+chef:
+  run_list: ["role[web]", "recipe[base]"]
+  environment: _default
+`
+
+// standinRuns reads what the chef-client stand-in recorded of each run.
+func standinRuns(t *testing.T, img *image) []map[string]any {
+	t.Helper()
+	data, err := readIfExists(img.path("/var/log/standin.jsonl"))
+	require.NoError(t, err)
+	var runs []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(data))
+	for sc.Scan() {
+		var r map[string]any
+		require.NoError(t, json.Unmarshal(sc.Bytes(), &r))
+		runs = append(runs, r)
+	}
+	return runs
+}
+
+// knife asks goiardi, inside the container, as its admin.
+func knife(m *machine, args ...string) map[string]any {
+	m.t.Helper()
+	out := m.sh(append([]string{"knife-standin", "-s", "http://127.0.0.1:4545", "-u", "admin", "-k", "/etc/goiardi/admin.pem"}, args...)...)
+	var v map[string]any
+	require.NoError(m.t, json.Unmarshal([]byte(out), &v), "%s", out)
+	return v
+}
+
+// agentState is the part of state.json the test reads.
+type agentState struct {
+	InstanceID   string     `json:"instance_id"`
+	Phase        string     `json:"phase"`
+	Bootstrapped bool       `json:"bootstrapped"`
+	NodeName     string     `json:"node_name"`
+	RegisteredAt *time.Time `json:"registered_at"`
+	LastRun      *struct {
+		ID     string `json:"id"`
+		Result string `json:"result"`
+	} `json:"last_run"`
+}
+
+func state(t *testing.T, img *image) agentState {
+	t.Helper()
+	var s agentState
+	require.NoError(t, json.Unmarshal([]byte(img.read("/var/lib/bootagent/state.json")), &s))
+	return s
+}
+
+// waitIdle waits until the agent has converged and is idle.
+func waitIdle(t *testing.T, m *machine, img *image, runs int) {
+	t.Helper()
+	testenv.Eventually(t, 60*time.Second, func() bool {
+		s := state(t, img)
+		return s.Phase == "idle" && len(standinRuns(t, img)) >= runs
+	}, "the agent converges (%d runs) and goes idle; journal:\n%s", runs, journal(m))
+}
+
+func journal(m *machine) string {
+	out, _ := m.try("journalctl", "-b", "-u", "bootagent", "--no-pager", "-n", "40")
+	return out
+}
+
+func TestBoot(t *testing.T) {
+	img := newImage(t)
+	img.instance("i-0e2e0000000000001", userData)
+
+	t.Run("the units pass systemd-analyze verify in the image they are installed in", func(t *testing.T) {
+		out := img.nspawn("systemd-analyze", "verify", "/lib/systemd/system/bootagent.service", "/lib/systemd/system/bootagent.path", "/lib/systemd/system/bootagent-restart.service")
+		for _, line := range strings.Split(out, "\n") {
+			if strings.Contains(line, "bootagent") {
+				t.Errorf("systemd-analyze verify: %s", line)
+			}
+		}
+	})
+
+	m := img.boot()
+	firstNode := "web01-i-0e2e0000000000001"
+
+	t.Run("1: the unit is active after READY and the host carries the user-data FQDN", func(t *testing.T) {
+		waitIdle(t, m, img, 1)
+		p := m.show("bootagent.service", "ActiveState", "SubState", "StatusText", "Type")
+		assert.Equal(t, "active", p["ActiveState"])
+		assert.Equal(t, "running", p["SubState"])
+		assert.Equal(t, "notify", p["Type"], "active means READY=1 was sent")
+		assert.Contains(t, p["StatusText"], "idle, hostname web01.e2e.internal")
+		assert.Equal(t, "web01.e2e.internal\n", m.sh("hostnamectl", "--static"))
+		assert.Equal(t, "web01.e2e.internal\n", m.sh("hostname", "-f"))
+		assert.Contains(t, m.sh("cat", "/etc/hosts"), "127.0.1.1\tweb01.e2e.internal web01\n")
+		assert.Contains(t, journal(m), "bootstrapped: READY")
+	})
+
+	t.Run("2: goiardi has the node and client, and chef-client ran once in a transient unit", func(t *testing.T) {
+		assert.Contains(t, knife(m, "client", "list"), firstNode)
+		node := knife(m, "node", "show", firstNode)
+		assert.Equal(t, []any{"role[web]", "recipe[base]"}, node["run_list"])
+		assert.Equal(t, "web01.e2e.internal", node["fqdn"], "saved by the stand-in with the node's own key")
+
+		runs := standinRuns(t, img)
+		require.Len(t, runs, 1)
+		assert.Equal(t, "/etc/chef/first-boot.json", runs[0]["first_boot"])
+		agentInvocation := m.show("bootagent.service", "InvocationID")["InvocationID"]
+		assert.NotEmpty(t, runs[0]["invocation_id"], "chef-client was started by systemd")
+		assert.NotEqual(t, agentInvocation, runs[0]["invocation_id"], "in a unit of its own, not the agent's")
+		assert.Contains(t, m.sh("journalctl", "--no-pager", "-u", "bootagent-chef-client-*"), "Starting Chef Infra Client")
+		assert.Empty(t, strings.TrimSpace(m.sh("systemctl", "list-units", "--all", "--no-legend", "bootagent-chef-client-*")), "the finished run's unit is removed")
+		_, err := m.try("test", "-e", "/etc/chef/validation.pem")
+		assert.Error(t, err, "the validator is deleted after registration")
+		assert.Equal(t, "600 root\n", m.sh("stat", "-c", "%a %U", "/etc/chef/client.pem"))
+	})
+
+	t.Run("3: the journal has the agent's structured fields", func(t *testing.T) {
+		out := m.sh("journalctl", "--no-pager", "-o", "json", "-u", "bootagent", "NODE_NAME="+firstNode)
+		var registered map[string]any
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+			var e map[string]any
+			require.NoError(t, json.Unmarshal([]byte(line), &e))
+			if e["MESSAGE"] == "registered with the Chef server" {
+				registered = e
+			}
+		}
+		require.NotNil(t, registered, "journalctl -u bootagent NODE_NAME=%s finds the registration:\n%s", firstNode, out)
+		assert.Equal(t, "i-0e2e0000000000001", registered["INSTANCE_ID"])
+		assert.Equal(t, "true", registered["CLIENT_CREATED"])
+		assert.Equal(t, "bootagent", registered["SYSLOG_IDENTIFIER"])
+	})
+
+	t.Run("4: kill -9 of the agent: systemd restarts it, and it does not register again", func(t *testing.T) {
+		before := state(t, img)
+		pid := m.show("bootagent.service", "MainPID")["MainPID"]
+		m.sh("systemctl", "kill", "--kill-whom=main", "-s", "KILL", "bootagent.service")
+		testenv.Eventually(t, 30*time.Second, func() bool {
+			p := m.show("bootagent.service", "MainPID", "ActiveState", "NRestarts")
+			return p["MainPID"] != pid && p["MainPID"] != "0" && p["ActiveState"] == "active" && p["NRestarts"] == "1"
+		}, "systemd restarts the agent")
+		after := state(t, img)
+		assert.Equal(t, before.RegisteredAt, after.RegisteredAt, "no new registration")
+		assert.Contains(t, journal(m), "already registered; registration skipped")
+		assert.Len(t, knife(m, "client", "list"), 3, "validator, webui and one node client")
+		assert.Len(t, standinRuns(t, img), 1, "a restart does not make a chef-client run")
+	})
+
+	t.Run("5: a change to config.yaml restarts the agent through the path unit", func(t *testing.T) {
+		pid := m.show("bootagent.service", "MainPID")["MainPID"]
+		img.write("/etc/bootagent/config.yaml", img.read("/etc/bootagent/config.yaml")+"# edited\n")
+		testenv.Eventually(t, 30*time.Second, func() bool {
+			p := m.show("bootagent.service", "MainPID", "ActiveState")
+			return p["MainPID"] != pid && p["ActiveState"] == "active"
+		}, "the path unit restarts the agent")
+		assert.Contains(t, m.sh("journalctl", "--no-pager", "-u", "bootagent-restart.service"), "Finished bootagent-restart.service")
+	})
+
+	t.Run("8: a chef-client run in progress survives systemctl restart bootagent", func(t *testing.T) {
+		img.write("/etc/standin-sleep", "8s")
+		defer img.write("/etc/standin-sleep", "0s")
+		m.sh("systemctl", "kill", "--kill-whom=main", "-s", "USR1", "bootagent.service")
+		var unit string
+		testenv.Eventually(t, 30*time.Second, func() bool {
+			unit = strings.Fields(m.sh("systemctl", "list-units", "--no-legend", "--plain", "--state=active", "bootagent-chef-client-*") + " -")[0]
+			return unit != "-"
+		}, "SIGUSR1 starts a run")
+		m.sh("systemctl", "restart", "bootagent.service")
+		assert.Equal(t, "active\n", m.sh("systemctl", "is-active", unit), "the run goes on while the agent restarts")
+		testenv.Eventually(t, 30*time.Second, func() bool {
+			s := state(t, img)
+			return s.LastRun != nil && strings.Contains(unit, s.LastRun.ID) && s.LastRun.Result == "success"
+		}, "the restarted agent follows the run to its end; journal:\n%s", journal(m))
+		assert.Contains(t, journal(m), "following a chef-client run that was going when the agent restarted")
+		assert.Len(t, standinRuns(t, img), 2, "one run, not restarted")
+	})
+	m.poweroff()
+
+	t.Run("6a: a second boot with the same instance ID does not register again", func(t *testing.T) {
+		before := state(t, img)
+		m := img.boot()
+		defer m.poweroff()
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Bootstrapped }, "bootstrapped")
+		assert.Equal(t, before.RegisteredAt, state(t, img).RegisteredAt)
+		assert.Contains(t, journal(m), "already registered; registration skipped")
+		assert.Equal(t, "web01.e2e.internal\n", m.sh("hostname", "-f"))
+	})
+
+	t.Run("6b: a boot with a new instance ID registers a new node", func(t *testing.T) {
+		img.instance("i-0e2e0000000000002", userData)
+		m := img.boot()
+		defer m.poweroff()
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).InstanceID == "i-0e2e0000000000002" && state(t, img).Bootstrapped }, "bootstrapped as the new instance")
+		assert.Equal(t, "web01-i-0e2e0000000000002", state(t, img).NodeName)
+		assert.Contains(t, knife(m, "client", "list"), "web01-i-0e2e0000000000002")
+		assert.Contains(t, journal(m), "a new instance: the state was left by another one")
+	})
+
+	t.Run("7: bootagent clean, then a boot: a fresh registration", func(t *testing.T) {
+		out := img.nspawn("bootagent", "clean")
+		assert.Contains(t, out, "removed /var/lib/bootagent/state.json")
+		assert.Contains(t, out, "removed /etc/chef/client.pem")
+		// The image is baked and launched: a new instance.
+		img.instance("i-0e2e0000000000003", userData)
+		m := img.boot()
+		defer m.poweroff()
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Bootstrapped }, "bootstrapped")
+		assert.NotContains(t, journal(m), "a new instance: the state was left by another one", "clean left nothing to adopt")
+		assert.Contains(t, knife(m, "client", "list"), "web01-i-0e2e0000000000003")
+		waitIdle(t, m, img, 4)
+		runs := standinRuns(t, img)
+		assert.Equal(t, "/etc/chef/first-boot.json", runs[len(runs)-1]["first_boot"], "a fresh first boot")
+	})
+}
+
+// readIfExists reads a file that may not exist yet.
+func readIfExists(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	return string(data), err
+}

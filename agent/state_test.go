@@ -4,7 +4,9 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/internal/testenv"
 )
 
@@ -194,6 +197,56 @@ func TestRunReloadsItsConfiguration(t *testing.T) {
 	e.Reload(cfg)
 	testenv.Eventually(t, 10*time.Second, func() bool { return kernelHostname(t) == "web01.example.internal" }, "the reloaded config applies")
 	assert.Equal(t, 1, logs.FilterMessage("configuration reloaded; starting over with it").Len())
+	cancel()
+	require.NoError(t, <-done)
+}
+
+// countingNotifier counts WATCHDOG=1.
+type countingNotifier struct {
+	recordingNotifier
+	watchdogs atomic.Int32
+}
+
+func (n *countingNotifier) Watchdog() { n.watchdogs.Add(1) }
+
+// hangingNamer applies the name at boot and at the first drift check, then
+// hangs, as a wedged D-Bus call would.
+type hangingNamer struct {
+	Namer
+	calls atomic.Int32
+}
+
+func (h *hangingNamer) Apply(ctx context.Context, n hostname.Name, p hostname.Policy) ([]hostname.Change, error) {
+	if h.calls.Add(1) <= 2 {
+		return h.Namer.Apply(ctx, n, p)
+	}
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+func TestTheWatchdogIsFedOnlyWhileTheMainLoopTurns(t *testing.T) {
+	t.Setenv("WATCHDOG_USEC", "200000")
+	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+	root := newRoot(t)
+	e, logs := newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, root, func(c *config.Config) {
+		c.IMDS.PollInterval = config.Duration(time.Second)
+	})
+	n := &countingNotifier{}
+	e.notifier = n
+	namer := &hangingNamer{Namer: e.namer}
+	e.namer = namer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+
+	testenv.Eventually(t, 10*time.Second, func() bool { return n.watchdogs.Load() >= 3 }, "WATCHDOG=1 every 100ms while the loop turns")
+	testenv.Eventually(t, 10*time.Second, func() bool { return namer.calls.Load() >= 3 }, "the second drift check hangs the main loop")
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		return logs.FilterMessage("main loop stalled; not feeding the systemd watchdog").Len() == 1
+	}, "the stall is noticed")
+	fed := n.watchdogs.Load()
+	time.Sleep(500 * time.Millisecond) // Five watchdog intervals, to see that none is fed.
+	assert.Equal(t, fed, n.watchdogs.Load(), "no WATCHDOG=1 while the loop is stuck: systemd will restart the agent")
 	cancel()
 	require.NoError(t, <-done)
 }

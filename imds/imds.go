@@ -318,7 +318,7 @@ func (c *Client) read(ctx context.Context, path string, op func(context.Context)
 	return b.Retry(ctx, readAttempts, func(ctx context.Context) error {
 		err := op(ctx)
 		var e *Error
-		if errors.As(err, &e) && !e.retryable() {
+		if errors.Is(err, ErrNotFound) || errors.As(err, &e) && !e.retryable() {
 			return backoff.Permanent(err)
 		}
 		return err
@@ -436,25 +436,13 @@ func (c *Client) Wait(ctx context.Context, timeout time.Duration) (Identity, err
 
 // Metadata reads a path under /latest/meta-data/.
 func (c *Client) Metadata(ctx context.Context, path string) (string, error) {
-	var value string
-	full := "/latest/meta-data/" + path
-	err := c.read(ctx, full, func(ctx context.Context) error {
-		return c.do(ctx, full, func(ctx context.Context) error {
-			out, err := c.api.GetMetadata(ctx, &sdk.GetMetadataInput{Path: path})
-			if err != nil {
-				return err
-			}
-			defer out.Content.Close()
-			b, err := io.ReadAll(out.Content)
-			value = string(b)
-			return err
-		})
+	var value []byte
+	err := c.read(ctx, "/latest/meta-data/"+path, func(ctx context.Context) error {
+		var err error
+		value, err = c.getOnce(ctx, path)
+		return err
 	})
-	var e *Error
-	if errors.As(err, &e) && e.Status == http.StatusNotFound {
-		return "", fmt.Errorf("%w: %s", ErrNotFound, e.Path)
-	}
-	return value, err
+	return string(value), err
 }
 
 // LocalHostname reads the instance's private DNS name.

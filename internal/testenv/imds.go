@@ -31,7 +31,10 @@ type IMDSConfig struct {
 	// the emulator runs IMDSv2-only.
 	AllowIMDSv1 bool
 	// Command is an emulator subcommand and its flags, such as
-	// {"spot", "-a", "terminate"}; empty mocks every path.
+	// {"spot", "-a", "terminate", "-d", "2"}. Empty mocks every path, with
+	// the termination, spot and rebalance notices put off by a day: by
+	// default the emulator announces them at once, and a test that wants
+	// one asks for it.
 	Command []string
 }
 
@@ -75,6 +78,10 @@ func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 
 	port := FreePort(t)
 	args := append([]string{}, c.Command...)
+	if len(c.Command) == 0 {
+		const day = "86400"
+		args = append(args, "-d", day, "--asg-termination-delay-sec", day, "--rebalance-delay-sec", day)
+	}
 	args = append(args, "-n", "127.0.0.1", "-p", fmt.Sprint(port), "-c", cfgPath)
 	if !c.AllowIMDSv1 {
 		args = append(args, "-I")

@@ -1,0 +1,146 @@
+package imds
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/bootagent/bootagent/internal/testenv"
+)
+
+func TestNoticesFromTheEmulatorsScenarios(t *testing.T) {
+	tests := []struct {
+		name        string
+		command     []string
+		before      func(t *testing.T, n Notices)
+		after       func(t *testing.T, n Notices)
+		terminating bool
+	}{
+		{
+			name:    "an Auto Scaling termination",
+			command: []string{"asglifecycle", "--asg-termination-delay-sec", "1"},
+			before: func(t *testing.T, n Notices) {
+				assert.Equal(t, "InService", n.LifecycleState)
+				assert.False(t, n.Terminating())
+			},
+			after: func(t *testing.T, n Notices) {
+				assert.Equal(t, "Terminated", n.LifecycleState)
+			},
+			terminating: true,
+		},
+		{
+			name:    "a spot terminate notice",
+			command: []string{"spot", "-a", "terminate", "-d", "1", "--rebalance-delay-sec", "0"},
+			before: func(t *testing.T, n Notices) {
+				assert.Nil(t, n.Spot)
+				assert.NotNil(t, n.Rebalance, "the rebalance recommendation comes first")
+			},
+			after: func(t *testing.T, n Notices) {
+				require.NotNil(t, n.Spot)
+				assert.Equal(t, "terminate", n.Spot.Action)
+				assert.WithinDuration(t, time.Now().Add(2*time.Minute), n.Spot.Time, 10*time.Second, "two minutes' warning")
+			},
+			terminating: true,
+		},
+		{
+			name:    "a spot stop notice",
+			command: []string{"spot", "-a", "stop", "-d", "1"},
+			after: func(t *testing.T, n Notices) {
+				require.NotNil(t, n.Spot)
+				assert.Equal(t, "stop", n.Spot.Action)
+			},
+		},
+		{
+			name:    "a spot hibernate notice",
+			command: []string{"spot", "-a", "hibernate", "-d", "1"},
+			after: func(t *testing.T, n Notices) {
+				require.NotNil(t, n.Spot)
+				assert.Equal(t, "hibernate", n.Spot.Action)
+			},
+		},
+		{
+			name:    "every mock at once, with scheduled maintenance",
+			command: []string{"-d", "1", "--asg-termination-delay-sec", "1"},
+			after: func(t *testing.T, n Notices) {
+				require.NotEmpty(t, n.Maintenance)
+				assert.Equal(t, "system-reboot", n.Maintenance[0].Code)
+				assert.False(t, n.Maintenance[0].NotBefore.IsZero())
+			},
+			terminating: true,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := testenv.StartIMDS(t, testenv.IMDSConfig{Command: tt.command})
+			c := newClient(t, m.URL)
+			n, err := c.Notices(context.Background())
+			require.NoError(t, err)
+			if tt.before != nil {
+				tt.before(t, n)
+			}
+			testenv.Eventually(t, 10*time.Second, func() bool {
+				n, err = c.Notices(context.Background())
+				return err == nil && (n.Spot != nil || n.LifecycleState == "Terminated" || len(n.Maintenance) > 0)
+			}, "the notice appears")
+			tt.after(t, n)
+			assert.Equal(t, tt.terminating, n.Terminating())
+		})
+	}
+}
+
+func TestNoticesAreQuietByDefaultInTheTests(t *testing.T) {
+	m := testenv.StartIMDS(t, testenv.IMDSConfig{})
+	n, err := newClient(t, m.URL).Notices(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, Notices{LifecycleState: "InService"}, n)
+}
+
+func TestParseNotices(t *testing.T) {
+	s, err := ParseSpotAction([]byte(`{"action": "terminate", "time": "2026-11-25T10:38:01Z"}`))
+	require.NoError(t, err)
+	assert.Equal(t, SpotAction{Action: "terminate", Time: time.Date(2026, 11, 25, 10, 38, 1, 0, time.UTC)}, *s)
+	for _, bad := range []string{`{"action": "explode", "time": "2026-11-25T10:38:01Z"}`, `{"action": "stop", "time": "soon"}`, `[]`, `nope`} {
+		_, err := ParseSpotAction([]byte(bad))
+		assert.Error(t, err, bad)
+	}
+
+	state, err := ParseLifecycleState([]byte("Warmed:Pending:Wait\n"))
+	require.NoError(t, err)
+	assert.Equal(t, "Warmed:Pending:Wait", state)
+	assert.True(t, Notices{LifecycleState: state}.Warmed())
+	for _, bad := range []string{"", "In Service", "Terminated\x00", string(make([]byte, 100))} {
+		_, err := ParseLifecycleState([]byte(bad))
+		assert.Error(t, err, "%q", bad)
+	}
+
+	events, err := ParseMaintenance([]byte(`[{"Code": "instance-stop", "State": "active", "NotBefore": "25 Nov 2026 09:31:18 GMT"}]`))
+	require.NoError(t, err)
+	assert.Equal(t, []MaintenanceEvent{{Code: "instance-stop", State: "active", NotBefore: time.Date(2026, 11, 25, 9, 31, 18, 0, time.UTC)}}, events)
+
+	_, err = ParseRebalance([]byte(`{"noticeTime": "yesterday"}`))
+	assert.Error(t, err)
+}
+
+// FuzzParseNotices feeds arbitrary IMDS answers to every notice parser:
+// none may panic, and what they accept is sane.
+func FuzzParseNotices(f *testing.F) {
+	f.Add([]byte(`{"action": "terminate", "time": "2026-11-25T10:38:01Z"}`))
+	f.Add([]byte(`[{"Code": "system-reboot", "State": "active", "NotBefore": "25 Nov 2026 09:31:18 GMT"}]`))
+	f.Add([]byte(`{"noticeTime": "2026-11-25T10:36:01Z"}`))
+	f.Add([]byte("Terminated"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if s, err := ParseSpotAction(b); err == nil && s.Action != "terminate" && s.Action != "stop" && s.Action != "hibernate" {
+			t.Fatalf("accepted spot action %q", s.Action)
+		}
+		if st, err := ParseLifecycleState(b); err == nil && (st == "" || len(st) > maxStateLen) {
+			t.Fatalf("accepted lifecycle state %q", st)
+		}
+		if ev, err := ParseMaintenance(b); err == nil && len(ev) > maxEvents {
+			t.Fatalf("kept %d events", len(ev))
+		}
+		_, _ = ParseRebalance(b)
+	})
+}

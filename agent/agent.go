@@ -32,6 +32,8 @@ type Metadata interface {
 	UserData(ctx context.Context) ([]byte, error)
 	LocalHostname(ctx context.Context) (string, error)
 	Tag(ctx context.Context, key string) (string, error)
+	LifecycleState(ctx context.Context) (string, error)
+	Notices(ctx context.Context) (imds.Notices, error)
 }
 
 // Namer applies host names to the system.
@@ -180,6 +182,10 @@ type Result struct {
 	// AlreadyRegistered is true when the state showed this instance
 	// registered already, so registration was skipped.
 	AlreadyRegistered bool `json:"already_registered"`
+	// Warmed is the warm pool state (Warmed:Stopped...) when the instance
+	// sits in an Auto Scaling warm pool: named, but not registered until it
+	// goes into service.
+	Warmed string `json:"warmed,omitempty"`
 	// FirstRun is the chef-client run `once` made.
 	FirstRun *chef.Outcome `json:"first_run,omitempty"`
 	Steps    []Step        `json:"steps"`
@@ -225,11 +231,11 @@ func (e *Engine) Once(ctx context.Context) (res Result, err error) {
 			e.fail(err, "")
 		}
 	}()
-	if res, err = e.pass(ctx); err != nil || res.chef == nil {
+	if res, err = e.pass(ctx); err != nil || res.chef == nil || res.Warmed != "" {
 		e.idle(res)
 		return res, err
 	}
-	out, err := e.runChef(ctx, e.log.With(zap.String("instance_id", res.Identity.InstanceID)), res, !e.snapshot().FirstRunDone)
+	out, err := e.runChef(ctx, e.log.With(zap.String("instance_id", res.Identity.InstanceID)), res, !e.snapshot().FirstRunDone, res.Config.Chef.RunTimeout.D())
 	res.FirstRun = &out
 	if err != nil {
 		return res, err
@@ -312,6 +318,14 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 
 	if p := res.chef; p != nil {
 		res.NodeName = p.nodeName
+		if lc, err := e.md.LifecycleState(ctx); err != nil {
+			log.Warn("could not read the Auto Scaling lifecycle state; registering", zap.Error(err))
+		} else if strings.HasPrefix(lc, "Warmed:") {
+			res.Warmed = lc
+			log.Info("in a warm pool: named, registration waits until the instance goes into service", zap.String("lifecycle_state", lc))
+			e.update(func(s *State) { s.Boot.Steps = timer.steps })
+			return res, nil
+		}
 		st := e.snapshot()
 		_, keyErr := os.Stat(e.path(cfg.Chef.ClientKey))
 		if st.NodeName == p.nodeName && st.RegisteredAt != nil && keyErr == nil {

@@ -23,7 +23,7 @@ import (
 const debianHosts = "127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n\n::1     localhost ip6-localhost ip6-loopback\n"
 
 // newRoot makes a root with a stock Debian /etc.
-func newRoot(t *testing.T) string {
+func newRoot(t testing.TB) string {
 	t.Helper()
 	root := t.TempDir()
 	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
@@ -33,7 +33,7 @@ func newRoot(t *testing.T) string {
 }
 
 // newEngine points an Engine at an IMDS emulator serving the given config.
-func newEngine(t *testing.T, m testenv.IMDSConfig, root string, mod ...func(*config.Config)) (*Engine, *observer.ObservedLogs) {
+func newEngine(t testing.TB, m testenv.IMDSConfig, root string, mod ...func(*config.Config)) (*Engine, *observer.ObservedLogs) {
 	t.Helper()
 	testenv.RequirePrivateUTS(t)
 	require.NoError(t, syscall.Sethostname([]byte("localhost")))
@@ -58,7 +58,7 @@ func kernelHostname(t *testing.T) string {
 	return h
 }
 
-func readFile(t *testing.T, path string) string {
+func readFile(t testing.TB, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	require.NoError(t, err)

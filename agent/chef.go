@@ -141,6 +141,16 @@ func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Nam
 // path takes a system path under the agent's root.
 func (e *Engine) path(p string) string { return filepath.Join(e.root, p) }
 
+// registrar talks to the Chef server the configuration names.
+func (e *Engine) registrar(log *zap.Logger, cfg config.Config) *chef.Registrar {
+	ch := cfg.Chef
+	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify}
+	if ch.TrustedCerts != "" {
+		server.CAFile = e.path(ch.TrustedCerts)
+	}
+	return &chef.Registrar{Server: server, Log: log, Backoff: registerRetry, MaxAttempts: registerAttempts, Clock: e.clock}
+}
+
 // register makes the instance a node and writes chef-client's files. The
 // validator key is deleted only once everything it was needed for is done.
 func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Config, p *chefPlan) (chef.Registered, error) {
@@ -162,12 +172,7 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return chef.Registered{}, fmt.Errorf("read the validator key: %w", err)
 	}
-	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify}
-	if ch.TrustedCerts != "" {
-		server.CAFile = e.path(ch.TrustedCerts)
-	}
-	r := &chef.Registrar{Server: server, Log: log, Backoff: registerRetry, MaxAttempts: registerAttempts, Clock: e.clock}
-	reg, err := r.Register(ctx, chef.Registration{
+	reg, err := e.registrar(log, cfg).Register(ctx, chef.Registration{
 		NodeName:      p.nodeName,
 		ClientKeyPath: e.path(ch.ClientKey),
 		ValidatorName: ch.ValidationClientName,

@@ -28,7 +28,7 @@ type chefSetup struct {
 	engine  *Engine
 }
 
-func newChefSetup(t *testing.T, userData string, mod ...func(*config.Config)) *chefSetup {
+func newChefSetup(t testing.TB, userData string, mod ...func(*config.Config)) *chefSetup {
 	t.Helper()
 	s := &chefSetup{root: newRoot(t), goiardi: testenv.StartGoiardi(t)}
 	s.record = filepath.Join(t.TempDir(), "runs.jsonl")

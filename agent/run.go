@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -66,7 +67,9 @@ type bootDone struct {
 }
 
 // serve runs one life of the daemon with the current configuration, until
-// ctx ends or a reload.
+// ctx ends or a reload. Its loop is the agent's heartbeat: every poll it
+// checks the host name and IMDS's notices; the bootstrap, chef-client runs,
+// a late registration and deregistration run beside it.
 func (e *Engine) serve(ctx context.Context) error {
 	sub, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -79,14 +82,32 @@ func (e *Engine) serve(ctx context.Context) error {
 		res, err := e.bootstrap(sub)
 		boot <- bootDone{res, err}
 	})
+	registered := make(chan bootDone, 1)
+	stopSchedule := func() {}
+	startSchedule := func(r Result) {
+		if r.chef == nil {
+			return
+		}
+		sctx, stop := context.WithCancel(sub)
+		stopSchedule = stop
+		wg.Go(func() { e.schedule(sctx, r) })
+	}
 
-	var res *Result
-	var drift repeatLog
-	var lastCheck time.Time
+	var (
+		res         *Result
+		log         = e.log
+		drift       repeatLog
+		notices     noticeWatch
+		registering bool
+	)
 	poll := e.cfg.IMDS.PollInterval.D()
-	tick := poll
-	if every, ok := systemd.WatchdogInterval(); ok {
-		tick = min(tick, every)
+	pollTimer := e.clock.After(poll)
+	// With a watchdog, the loop also turns at its pace, so that a long poll
+	// interval does not starve it.
+	var beat <-chan time.Time
+	every, watched := systemd.WatchdogInterval()
+	if watched {
+		beat = e.clock.After(every)
 	}
 	for {
 		e.beat.Store(time.Now().UnixNano())
@@ -108,22 +129,87 @@ func (e *Engine) serve(ctx context.Context) error {
 				return b.err
 			}
 			res = &b.res
-			drift = repeatLog{log: e.log.With(zap.String("instance_id", res.Identity.InstanceID)), msg: "hostname check failed", recovered: "hostname check works again"}
-			status := e.idleStatus(*res)
-			e.transition(PhaseIdle, status)
+			log = e.log.With(zap.String("instance_id", res.Identity.InstanceID))
+			drift = repeatLog{log: log, msg: "hostname check failed", recovered: "hostname check works again"}
+			notices.failures = repeatLog{log: log, msg: "could not read IMDS notices", recovered: "IMDS notices readable again"}
+			status := e.afterBoot(*res)
 			e.notifier.Ready(status)
-			e.log.Info("bootstrapped: READY", zap.String("instance_id", res.Identity.InstanceID), zap.String("status", status))
-			if res.chef != nil {
-				r := *res
-				wg.Go(func() { e.schedule(sub, r) })
+			log.Info("bootstrapped: READY", zap.String("status", status))
+			if st := e.snapshot(); res.Warmed == "" && st.Deregistration == nil {
+				startSchedule(*res)
 			}
-		case <-e.clock.After(tick):
-			if res != nil && e.clock.Now().Sub(lastCheck) >= poll {
-				lastCheck = e.clock.Now()
-				e.checkDrift(sub, *res, &drift)
+		case b := <-registered:
+			registering = false
+			if b.err != nil {
+				e.fail(b.err, "at the next poll")
+				continue
+			}
+			res = &b.res
+			e.idle(*res)
+			startSchedule(*res)
+		case <-beat:
+			beat = e.clock.After(every)
+		case <-pollTimer:
+			pollTimer = e.clock.After(poll)
+			if res == nil {
+				continue
+			}
+			e.checkDrift(sub, *res, &drift)
+			n, ok := e.checkNotices(sub, log, &notices)
+			switch {
+			case !ok:
+			case n.Terminating() && !notices.terminating:
+				notices.terminating = true
+				stopSchedule()
+				r := *res
+				wg.Go(func() { e.terminate(sub, log, r, n) })
+			case res.Warmed != "" && !registering && n.LifecycleState == "InService":
+				registering = true
+				r := *res
+				wg.Go(func() {
+					r, err := e.registerInService(sub, log, r)
+					registered <- bootDone{r, err}
+				})
 			}
 		}
 	}
+}
+
+// afterBoot sets the phase a finished bootstrap leaves the agent in, and
+// returns its status line.
+func (e *Engine) afterBoot(res Result) string {
+	switch st := e.snapshot(); {
+	case res.Warmed != "":
+		status := "warm pool (" + res.Warmed + "): named " + res.Hostname.String() + "; registration waits until the instance goes into service"
+		e.transition(PhaseWarmPool, status)
+		return status
+	case st.Deregistration != nil && len(st.Deregistration.LeftBehind) == 0:
+		status := "deregistered: node and client " + st.NodeName + " deleted; the instance is terminating"
+		e.transition(PhaseDeregistered, status)
+		return status
+	default:
+		e.idle(res)
+		return e.snapshot().Status
+	}
+}
+
+// registerInService registers a warm-pool instance once Auto Scaling puts
+// it into service.
+func (e *Engine) registerInService(ctx context.Context, log *zap.Logger, res Result) (Result, error) {
+	log.Info("the instance left the warm pool and is in service: registering", zap.String("was", res.Warmed))
+	p := res.chef
+	e.transition(PhaseRegistering, fmt.Sprintf("registering node %s with %s", p.nodeName, res.Config.Chef.ServerURL))
+	reg, err := e.register(ctx, log, res.Config, p)
+	if err != nil {
+		return res, err
+	}
+	now := e.clock.Now()
+	e.update(func(s *State) {
+		s.NodeName, s.ClientName, s.RegisteredAt = p.nodeName, p.nodeName, &now
+		s.Bootstrapped = true
+	})
+	res.Registered, res.Warmed = reg, ""
+	return res, nil
 }
 
 // bootstrap runs a pass until it succeeds, fails on bad input, or ctx ends.

@@ -67,8 +67,9 @@ func (e *Engine) TriggerRun() {
 	}
 }
 
-// runChef makes one chef-client run, holding the run lock, and records it.
-func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, firstBoot bool) (chef.Outcome, error) {
+// runChef makes one chef-client run, bounded by timeout, holding the run
+// lock, and records it.
+func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, firstBoot bool, timeout time.Duration) (chef.Outcome, error) {
 	unlock, err := flock(e.path(runLockPath))
 	if errors.Is(err, errLocked) {
 		return chef.Outcome{}, errRunLocked
@@ -80,7 +81,7 @@ func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, first
 	spec := chef.RunSpec{
 		ID:      newRunID(e.clock.Now()),
 		Command: e.command(res.Config.Chef.ClientCommand, firstBoot),
-		Timeout: res.Config.Chef.RunTimeout.D(),
+		Timeout: timeout,
 		Grace:   runGrace,
 	}
 	log = log.With(zap.String("run_id", spec.ID), zap.String("node_name", res.NodeName))
@@ -202,7 +203,7 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 		}
 		running, due = true, now.Add(period)
 		go func(first bool) {
-			out, err := e.runChef(ctx, log, res, first)
+			out, err := e.runChef(ctx, log, res, first, ch.RunTimeout.D())
 			if err != nil && ctx.Err() == nil {
 				log.Warn("chef-client run did not happen", zap.String("trigger", why), zap.Error(err))
 			}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/imds"
 )
 
 // Where the agent keeps what it knows (under its root).
@@ -39,9 +40,13 @@ const (
 	PhaseIdle
 	PhaseFailed
 	PhaseStopping
+	PhaseWarmPool
+	PhaseTerminating
+	PhaseDeregistered
 )
 
-var phaseNames = []string{"starting", "waiting_for_imds", "applying_hostname", "registering", "converging", "idle", "failed", "stopping"}
+var phaseNames = []string{"starting", "waiting_for_imds", "applying_hostname", "registering", "converging", "idle", "failed", "stopping",
+	"warm_pool", "terminating", "deregistered"}
 
 func (p Phase) String() string {
 	if p < 0 || int(p) >= len(phaseNames) {
@@ -91,9 +96,25 @@ type State struct {
 	Boot         Boot          `json:"boot"`
 	LastRun      *chef.Outcome `json:"last_run,omitempty"`
 	NextRun      *time.Time    `json:"next_run,omitempty"`
+	// Notices is what IMDS last announced: Auto Scaling lifecycle, spot
+	// interruption, rebalance, scheduled maintenance.
+	Notices *imds.Notices `json:"notices,omitempty"`
+	// Deregistration is the removal of the node and client at termination.
+	Deregistration *Deregistration `json:"deregistration,omitempty"`
 	// PID is the agent process that wrote the state last.
 	PID     int       `json:"pid,omitempty"`
 	Updated time.Time `json:"updated"`
+}
+
+// Deregistration records the removal of the node and client from the Chef
+// server.
+type Deregistration struct {
+	At     time.Time `json:"at"`
+	Reason string    `json:"reason"`
+	chef.Deregistered
+	// LeftBehind is what is still on the server, for an operator to remove.
+	LeftBehind []string `json:"left_behind,omitempty"`
+	Error      string   `json:"error,omitempty"`
 }
 
 // Boot is this boot's timeline.

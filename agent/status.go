@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -12,7 +13,7 @@ import (
 // progress (or not started).
 func StatusCode(s State) int {
 	switch {
-	case s.Bootstrapped:
+	case s.Bootstrapped, s.Phase == PhaseWarmPool, s.Phase == PhaseDeregistered:
 		return 0
 	case s.Phase == PhaseFailed:
 		return 1
@@ -52,6 +53,26 @@ func (s State) WriteText(w io.Writer) error {
 	}
 	if s.NextRun != nil {
 		row("next run", "%s", s.NextRun.UTC().Format(time.RFC3339))
+	}
+	if n := s.Notices; n != nil {
+		if n.LifecycleState != "" {
+			row("auto scaling", "%s", n.LifecycleState)
+		}
+		if n.Spot != nil {
+			row("spot notice", "%s at %s", n.Spot.Action, n.Spot.Time.Format(time.RFC3339))
+		}
+		if n.Rebalance != nil {
+			row("rebalance", "recommended %s", n.Rebalance.Format(time.RFC3339))
+		}
+		for _, m := range n.Maintenance {
+			row("maintenance", "%s (%s) not before %s", m.Code, m.State, m.NotBefore.Format(time.RFC3339))
+		}
+	}
+	if d := s.Deregistration; d != nil {
+		row("deregistered", "%s: node deleted %t, client deleted %t (%s)", d.At.Format(time.RFC3339), d.NodeDeleted, d.ClientDeleted, d.Reason)
+		if len(d.LeftBehind) > 0 {
+			row("left behind", "%s: %s", strings.Join(d.LeftBehind, ", "), d.Error)
+		}
 	}
 	if !s.Boot.Started.IsZero() {
 		row("boot", "started %s", s.Boot.Started.UTC().Format(time.RFC3339Nano))

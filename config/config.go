@@ -118,6 +118,9 @@ type Chef struct {
 	// DeregisterOnTermination removes the node and client from the Chef
 	// server when IMDS announces that the instance is being terminated.
 	DeregisterOnTermination bool `yaml:"deregister_on_termination" json:"deregister_on_termination"`
+	// FinalRun makes one last chef-client run before deregistering, within
+	// the time the termination notice leaves.
+	FinalRun bool `yaml:"final_run" json:"final_run"`
 
 	// ValidationCert is a validator key given inline in user-data
 	// (cloud-init's chef.validation_cert); it is never read from the file

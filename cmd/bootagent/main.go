@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/bootagent/bootagent/agent"
+	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/systemd"
 )
@@ -33,6 +35,9 @@ const usage = `usage:
                                                  the agent's state; exit 0 bootstrapped,
                                                  1 failed, 2 in progress
   bootagent clean  [--config FILE] [--root DIR]   forget this instance (before baking an image)
+  bootagent deregister [--config FILE] [--root DIR] [--timeout DURATION]
+                                                 remove this instance's node and client from
+                                                 the Chef server (shutdown hooks, lifecycle scripts)
   bootagent userdata check [--config FILE] [--json] [FILE|-]
                                                  print what user-data would apply
   bootagent version
@@ -81,6 +86,8 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		return status(rest, stdout, stderr)
 	case "clean":
 		return clean(rest, stdout, stderr)
+	case "deregister":
+		return deregister(rest, stdout, stderr)
 	case "userdata":
 		if len(rest) == 0 || rest[0] != "check" {
 			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
@@ -292,6 +299,36 @@ func clean(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, "this machine no longer belongs to an instance; the baked config and the validator stay")
 	}
 	return err
+}
+
+func deregister(args []string, stdout, stderr io.Writer) error {
+	fs, common := newFlagSet("deregister", stderr)
+	timeout := fs.Duration("timeout", chef.DefaultDeregisterTimeout, "give up after this long")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: deregister takes no arguments", errUsage)
+	}
+	cfg, err := common.loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	log := systemd.NewLogger(stderr, common.logLevel)
+	defer func() { _ = log.Sync() }()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	d, err := agent.Deregister(ctx, common.root, cfg, log)
+	if err != nil {
+		if len(d.LeftBehind) > 0 {
+			fmt.Fprintf(stdout, "left on the Chef server: %s\n", strings.Join(d.LeftBehind, ", "))
+		}
+		return err
+	}
+	fmt.Fprintln(stdout, "node and client deleted from the Chef server")
+	return nil
 }
 
 func checkUserData(args []string, stdin io.Reader, stdout, stderr io.Writer) error {

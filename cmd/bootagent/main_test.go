@@ -223,3 +223,30 @@ func TestStatusWaitsThenSaysInProgressOrFailed(t *testing.T) {
 	code, _, _ = bootagent(t, "", "status", "--root", root, "--wait")
 	assert.Equal(t, 1, code, "a failure ends the wait")
 }
+
+func TestDeregisterCommand(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("fqdn=dr01.example.internal\n")})
+	g := testenv.StartGoiardi(t)
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
+	validator, err := os.ReadFile(g.ValidatorKey)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600))
+	cfg := writeConfig(t, fmt.Sprintf("imds:\n  endpoint: %s\nchef:\n  server_url: %s\n  client_command: [%q]\n", emu.URL, g.URL, testenv.Tool(t, "chefclient-standin")))
+
+	code, out, stderr := bootagent(t, "", "deregister", "--config", cfg, "--root", root)
+	assert.Equal(t, 1, code, "nothing registered yet")
+	assert.Contains(t, stderr, "not registered")
+	assert.Empty(t, out)
+
+	code, _, stderr = bootagent(t, "", "once", "--config", cfg, "--root", root)
+	require.Equal(t, 0, code, stderr)
+	code, out, stderr = bootagent(t, "", "deregister", "--config", cfg, "--root", root, "--timeout", "30s")
+	require.Equal(t, 0, code, stderr)
+	assert.Equal(t, "node and client deleted from the Chef server\n", out)
+	assert.Empty(t, g.Clients(t)["dr01.example.internal"])
+	code, out, _ = bootagent(t, "", "status", "--root", root)
+	assert.Equal(t, 0, code)
+	assert.Contains(t, out, "node deleted true, client deleted true (bootagent deregister)")
+}

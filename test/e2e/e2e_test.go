@@ -226,6 +226,29 @@ func TestBoot(t *testing.T) {
 		runs := standinRuns(t, img)
 		assert.Equal(t, "/etc/chef/first-boot.json", runs[len(runs)-1]["first_boot"], "a fresh first boot")
 	})
+
+	t.Run("9: an Auto Scaling termination notice removes the node and client", func(t *testing.T) {
+		img.instance("i-0e2e0000000000004", userData)
+		// The emulator's own Auto Scaling scenario: InService, then
+		// Terminated a few seconds after it starts.
+		img.write("/etc/systemd/system/aemm.service.d/terminate.conf", `[Service]
+ExecStart=
+ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-sec 6 -n 127.0.0.1 -p 1338 -I -c /etc/aemm/config.json
+`)
+		m := img.boot()
+		defer m.poweroff()
+		const node = "web01-i-0e2e0000000000004"
+		testenv.Eventually(t, 30*time.Second, func() bool { return state(t, img).NodeName == node && state(t, img).Bootstrapped }, "registered first")
+		testenv.Eventually(t, 60*time.Second, func() bool {
+			_, present := knife(m, "client", "list")[node]
+			return !present
+		}, "the client is removed; journal:\n%s", journal(m))
+		_, err := m.try("knife-standin", "-s", "http://127.0.0.1:4545", "-u", "admin", "-k", "/etc/goiardi/admin.pem", "node", "show", node)
+		assert.Error(t, err, "the node is removed")
+		assert.Equal(t, "deregistered", state(t, img).Phase)
+		assert.Contains(t, m.show("bootagent.service", "StatusText")["StatusText"], "deregistered: node and client "+node+" deleted")
+		assert.Contains(t, journal(m), "the instance is terminating: deregistering from the Chef server")
+	})
 }
 
 // readIfExists reads a file that may not exist yet.

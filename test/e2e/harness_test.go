@@ -59,7 +59,9 @@ Before=bootagent.service
 Environment=HOME=/var/lib/aemm
 StateDirectory=aemm
 WorkingDirectory=/var/lib/aemm
-ExecStart=/usr/local/bin/ec2-metadata-mock -n 127.0.0.1 -p 1338 -I -c /etc/aemm/config.json
+# Every mock, with the termination, spot and rebalance notices put off by a
+# day (the emulator announces them at once by default).
+ExecStart=/usr/local/bin/ec2-metadata-mock -n 127.0.0.1 -p 1338 -I -c /etc/aemm/config.json -d 86400 --asg-termination-delay-sec 86400 --rebalance-delay-sec 86400
 # Started only once it answers, as IMDS is before an instance boots.
 ExecStartPost=/bin/bash -c 'until echo > /dev/tcp/127.0.0.1/1338; do sleep 0.02; done 2>/dev/null'
 [Install]

@@ -125,6 +125,13 @@ func (s *terminationSetup) exists(t *testing.T) (node, client bool) {
 
 func (s *terminationSetup) logged(msg string) bool { return s.logs.FilterMessage(msg).Len() > 0 }
 
+// waitPolls lets n polls pass, so that whatever a notice would set off has
+// had its chance.
+func (s *terminationSetup) waitPolls(t *testing.T, n int) {
+	seen := s.engine.clock.Now()
+	testenv.Eventually(t, 10*time.Second, func() bool { return s.engine.clock.Now().Sub(seen) > time.Duration(n)*terminationPoll }, "%d polls pass", n)
+}
+
 func TestATerminationNoticeDeregistersTheNodeAndClient(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -171,13 +178,26 @@ func TestNoticesThatKeepTheInstanceDeleteNothing(t *testing.T) {
 				n := s.engine.snapshot().Notices
 				return n != nil && n.Spot != nil && n.Spot.Action == action
 			}, "the %s notice is seen and kept in the state", action)
-			// Several polls later, still nothing is deleted.
-			seen := s.engine.clock.Now()
-			testenv.Eventually(t, 10*time.Second, func() bool { return s.engine.clock.Now().Sub(seen) > 3*terminationPoll }, "three polls pass")
+			s.waitPolls(t, 3)
 			node, client := s.exists(t)
 			assert.True(t, node && client, "a stopped instance keeps its node")
 			assert.False(t, s.logged("the instance is terminating: deregistering from the Chef server"))
 			assert.True(t, s.logged("spot interruption notice"))
+		})
+	}
+	for _, code := range []string{"system-reboot", "instance-stop", "instance-retirement"} {
+		t.Run("a scheduled "+code+" event", func(t *testing.T) {
+			s := startTermination(t, []string{"events", "--code", code, "-d", "1"})
+			s.registered(t)
+			testenv.Eventually(t, 20*time.Second, func() bool {
+				n := s.engine.snapshot().Notices
+				return n != nil && len(n.Maintenance) == 1 && n.Maintenance[0].Code == code
+			}, "the event is seen and kept in the state")
+			s.waitPolls(t, 3)
+			node, client := s.exists(t)
+			assert.True(t, node && client, "a maintenance event is not a termination")
+			assert.True(t, s.logged("scheduled maintenance event"))
+			assert.False(t, s.logged("the instance is terminating: deregistering from the Chef server"))
 		})
 	}
 	t.Run("a shutdown or reboot of the agent", func(t *testing.T) {

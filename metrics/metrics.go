@@ -1,0 +1,190 @@
+// Package metrics exposes the agent's Prometheus metrics: its boot
+// timeline, chef-client runs, IMDS traffic, drift repairs, termination
+// notices and deregistrations. It writes them to a node_exporter textfile
+// and serves them over HTTP, both off unless configured.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+)
+
+// Metrics holds the agent's collectors.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	// Timeline is the seconds from the agent's start to each bootstrap
+	// milestone: imds, hostname, registered, first_converge.
+	Timeline *prometheus.GaugeVec
+	// Runs counts chef-client runs by result.
+	Runs *prometheus.CounterVec
+	// LastRunTimestamp, LastRunDuration and LastRunExitCode describe the
+	// last chef-client run; NextRunTimestamp is when the next is due.
+	LastRunTimestamp prometheus.Gauge
+	LastRunDuration  prometheus.Gauge
+	LastRunExitCode  prometheus.Gauge
+	NextRunTimestamp prometheus.Gauge
+	// IMDSRequests counts requests to IMDS by operation; IMDSErrors counts
+	// their failures by kind.
+	IMDSRequests *prometheus.CounterVec
+	IMDSErrors   *prometheus.CounterVec
+	// DriftCorrections counts host name repairs by what had drifted.
+	DriftCorrections *prometheus.CounterVec
+	// Notices counts termination, interruption and maintenance notices by
+	// kind, once each.
+	Notices *prometheus.CounterVec
+	// Deregistrations counts removals from the Chef server by outcome.
+	Deregistrations *prometheus.CounterVec
+	// Phase is 1 for the phase the agent is in, 0 for the others.
+	Phase *prometheus.GaugeVec
+	// Info carries the version and instance ID as labels.
+	Info *prometheus.GaugeVec
+
+	changed chan struct{}
+}
+
+// New makes the collectors, registered with a registry of their own (plus
+// the Go runtime's and the process's).
+func New() *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		Timeline: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bootagent_bootstrap_seconds",
+			Help: "Seconds from the agent's start to each bootstrap milestone of this boot.",
+		}, []string{"step"}),
+		Runs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_chef_runs_total",
+			Help: "chef-client runs, by result (Chef RFC 062 names).",
+		}, []string{"result"}),
+		LastRunTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_last_run_timestamp_seconds",
+			Help: "When the last chef-client run started, in Unix seconds.",
+		}),
+		LastRunDuration: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_last_run_duration_seconds",
+			Help: "How long the last chef-client run took.",
+		}),
+		LastRunExitCode: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_last_run_exit_code",
+			Help: "The exit code of the last chef-client run (-1 when a signal ended it).",
+		}),
+		NextRunTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_next_run_timestamp_seconds",
+			Help: "When the next chef-client run is due, in Unix seconds.",
+		}),
+		IMDSRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_imds_requests_total",
+			Help: "Requests to the instance metadata service, by path.",
+		}, []string{"path"}),
+		IMDSErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_imds_errors_total",
+			Help: "Failed requests to the instance metadata service, by kind.",
+		}, []string{"kind"}),
+		DriftCorrections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_hostname_drift_corrections_total",
+			Help: "Host name repairs, by what had drifted.",
+		}, []string{"what"}),
+		Notices: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_notices_total",
+			Help: "IMDS notices seen, once each: termination, spot interruption, rebalance, maintenance.",
+		}, []string{"kind"}),
+		Deregistrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_deregistrations_total",
+			Help: "Removals of the node and client from the Chef server, by outcome.",
+		}, []string{"outcome"}),
+		Phase: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bootagent_phase",
+			Help: "1 for the phase the agent is in.",
+		}, []string{"phase"}),
+		Info: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "bootagent_info",
+			Help: "The agent's version and the instance it runs on.",
+		}, []string{"version", "instance_id"}),
+		changed: make(chan struct{}, 1),
+	}
+	m.reg.MustRegister(m.Timeline, m.Runs, m.LastRunTimestamp, m.LastRunDuration, m.LastRunExitCode, m.NextRunTimestamp,
+		m.IMDSRequests, m.IMDSErrors, m.DriftCorrections, m.Notices, m.Deregistrations, m.Phase, m.Info,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Gatherer gives access to the metrics, for tests and the textfile.
+func (m *Metrics) Gatherer() prometheus.Gatherer { return m.reg }
+
+// Changed tells the textfile writer that a metric changed. Calls while a
+// write is pending coalesce into it.
+func (m *Metrics) Changed() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
+}
+
+// WriteTextfile writes the metrics to path now, atomically: node_exporter
+// never reads a half-written file.
+func (m *Metrics) WriteTextfile(path string) error {
+	if err := prometheus.WriteToTextfile(path, m.reg); err != nil {
+		return fmt.Errorf("write metrics textfile %s: %w", path, err)
+	}
+	return nil
+}
+
+// KeepTextfile rewrites the textfile after every change until ctx ends.
+func (m *Metrics) KeepTextfile(ctx context.Context, path string, log *zap.Logger) {
+	failing := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.changed:
+		}
+		err := m.WriteTextfile(path)
+		switch {
+		case err != nil && err.Error() != failing:
+			failing = err.Error()
+			log.Warn("metrics textfile not written", zap.Error(err))
+		case err == nil && failing != "":
+			failing = ""
+			log.Info("metrics textfile written again", zap.String("path", path))
+		}
+	}
+}
+
+// Serve serves /metrics and /healthz on addr until ctx ends. healthy says
+// whether the agent's main loop is turning.
+func (m *Metrics) Serve(ctx context.Context, addr string, healthy func() bool, log *zap.Logger) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if !healthy() {
+			http.Error(w, "the agent's main loop is stalled", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutdown)
+	}()
+	log.Info("serving metrics", zap.String("listen", l.Addr().String()))
+	if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	return nil
+}

@@ -42,6 +42,32 @@ type api struct {
 }
 
 func newAPI(o ServerOptions, name string, key []byte) (*api, error) {
+	client, err := newHTTPClient(o)
+	if err != nil {
+		return nil, err
+	}
+	base := o.URL
+	if !strings.HasSuffix(base, "/") {
+		// go-chef resolves paths against the URL; without the slash the
+		// organisation would be dropped.
+		base += "/"
+	}
+	c, err := gochef.NewClient(&gochef.Config{
+		Name:                  name,
+		Key:                   string(key),
+		BaseURL:               base,
+		AuthenticationVersion: o.AuthProtocol,
+		Client:                client,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("client %q for the Chef server: %w", name, err)
+	}
+	return &api{c: c}, nil
+}
+
+// newHTTPClient is the HTTP client for the Chef server: the trusted CAs,
+// verification as configured, a bound on each request.
+func newHTTPClient(o ServerOptions) (*http.Client, error) {
 	tlsConfig := &tls.Config{InsecureSkipVerify: !o.SSLVerify} //nolint:gosec // Only when chef.ssl_verify is false, which the agent logs.
 	if o.CAFile != "" {
 		pool, err := x509.SystemCertPool()
@@ -63,23 +89,7 @@ func newAPI(o ServerOptions, name string, key []byte) (*api, error) {
 	if timeout == 0 {
 		timeout = requestTimeout
 	}
-	base := o.URL
-	if !strings.HasSuffix(base, "/") {
-		// go-chef resolves paths against the URL; without the slash the
-		// organisation would be dropped.
-		base += "/"
-	}
-	c, err := gochef.NewClient(&gochef.Config{
-		Name:                  name,
-		Key:                   string(key),
-		BaseURL:               base,
-		AuthenticationVersion: o.AuthProtocol,
-		Client:                &http.Client{Transport: transport, Timeout: timeout},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("client %q for the Chef server: %w", name, err)
-	}
-	return &api{c: c}, nil
+	return &http.Client{Transport: transport, Timeout: timeout}, nil
 }
 
 // APIError is a failed Chef server request.
@@ -128,27 +138,36 @@ func StatusOf(err error) int {
 // do sends one signed request; body, when not nil, is sent as JSON, and a
 // JSON answer is decoded into out when not nil.
 func (a *api) do(ctx context.Context, method, path string, body, out any) error {
+	_, err := a.doHeader(ctx, method, path, body, out)
+	return err
+}
+
+// doHeader is do that also returns the answer's headers, when there was an
+// answer.
+func (a *api) doHeader(ctx context.Context, method, path string, body, out any) (http.Header, error) {
 	var req *http.Request
 	var err error
 	if body != nil {
 		r, jerr := gochef.JSONReader(body)
 		if jerr != nil {
-			return fmt.Errorf("%s %s: %w", method, path, jerr)
+			return nil, fmt.Errorf("%s %s: %w", method, path, jerr)
 		}
 		req, err = a.c.NewRequest(method, path, r)
 	} else {
 		req, err = a.c.NewRequest(method, path, nil)
 	}
 	if err != nil {
-		return fmt.Errorf("%s %s: sign request: %w", method, path, err)
+		return nil, fmt.Errorf("%s %s: sign request: %w", method, path, err)
 	}
 	res, err := a.c.Do(req.WithContext(ctx), out)
+	var header http.Header
 	if res != nil {
 		// go-chef has read the body; closing returns the connection.
 		res.Body.Close()
+		header = res.Header
 	}
 	if err == nil {
-		return nil
+		return header, nil
 	}
 	e := &APIError{Method: method, Path: "/" + path, Err: err}
 	var cerr *gochef.ErrorResponse
@@ -157,7 +176,7 @@ func (a *api) do(ctx context.Context, method, path string, body, out any) error 
 		e.Message = cerr.StatusMsg()
 		e.retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), time.Now())
 	}
-	return e
+	return header, e
 }
 
 // parseRetryAfter reads a Retry-After header: seconds, or an HTTP date.

@@ -85,6 +85,17 @@ type RunSpec struct {
 	// its whole process group (or unit) with it.
 	Timeout time.Duration
 	Grace   time.Duration
+	// Log is where the run's lines go; nil is the runner's own logger with
+	// the run's id.
+	Log *zap.Logger
+}
+
+// logger is the run's logger.
+func (s RunSpec) logger(fallback *zap.Logger) *zap.Logger {
+	if s.Log != nil {
+		return s.Log
+	}
+	return fallback.With(zap.String("run_id", s.ID))
 }
 
 // Outcome is how a run ended.
@@ -126,7 +137,7 @@ func (p ProcessRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	if clock == nil {
 		clock = backoff.RealClock{}
 	}
-	log := p.Log.With(zap.String("run_id", spec.ID))
+	log := spec.logger(p.Log)
 	out := Outcome{ID: spec.ID, Start: clock.Now()}
 	tail := &lineLog{log: log, stream: "stdout"}
 	errTail := &lineLog{log: log, stream: "stderr", tail: tail}

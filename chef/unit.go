@@ -79,7 +79,7 @@ func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	case <-ctx.Done():
 		return Outcome{ID: spec.ID, Unit: name}, ctx.Err()
 	}
-	u.log.Info("chef-client started", zap.String("run_id", spec.ID), zap.String("unit", name), zap.Strings("command", spec.Command))
+	spec.logger(u.log).Info("chef-client started", zap.String("unit", name), zap.Strings("command", spec.Command))
 	return u.Follow(ctx, spec.ID)
 }
 

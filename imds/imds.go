@@ -62,6 +62,9 @@ type Options struct {
 	// Clock paces retries; nil is the wall clock.
 	Clock backoff.Clock
 	Log   *zap.Logger
+	// Observe, when set, is told of every request: its path, and its
+	// error (nil on success), for metrics.
+	Observe func(path string, err error)
 }
 
 // Client reads instance metadata.
@@ -95,7 +98,7 @@ func New(o Options) *Client {
 		// change of reason); the SDK makes each attempt once.
 		Retryer:                  aws.NopRetryer{},
 		DisableDefaultMaxBackoff: true,
-		APIOptions:               []func(*middleware.Stack) error{tokenTTL(o.TokenTTL), recordTokenFailure},
+		APIOptions:               []func(*middleware.Stack) error{tokenTTL(o.TokenTTL), recordTokenFailure, observeToken(o.Observe)},
 	})
 	return &Client{api: api, opts: o, log: o.Log, clock: o.Clock}
 }
@@ -165,6 +168,25 @@ func tokenTTL(ttl time.Duration) func(*middleware.Stack) error {
 				}
 				return next.HandleBuild(ctx, in)
 			}), middleware.After)
+	}
+}
+
+// tokenPath is where IMDSv2 session tokens come from.
+const tokenPath = "/latest/api/token"
+
+// observeToken tells observe of each token request, which the SDK makes
+// on its own.
+func observeToken(observe func(string, error)) func(*middleware.Stack) error {
+	return func(stack *middleware.Stack) error {
+		if stack.ID() != "getToken" || observe == nil {
+			return nil
+		}
+		return stack.Initialize.Add(middleware.InitializeMiddlewareFunc("bootagentObserveToken",
+			func(ctx context.Context, in middleware.InitializeInput, next middleware.InitializeHandler) (middleware.InitializeOutput, middleware.Metadata, error) {
+				out, md, err := next.HandleInitialize(ctx, in)
+				observe(tokenPath, err)
+				return out, md, err
+			}), middleware.Before)
 	}
 }
 
@@ -250,6 +272,29 @@ func (e *Error) Reason() string {
 	}
 }
 
+// Kind names the failure for metrics: token_timeout, token_refused,
+// throttled, http_5xx, http_4xx, timeout, too_large or connection.
+func (e *Error) Kind() string {
+	switch {
+	case e.Token && e.Timeout:
+		return "token_timeout"
+	case e.Token:
+		return "token_refused"
+	case errors.Is(e.Err, ErrTooLarge):
+		return "too_large"
+	case e.Status == http.StatusTooManyRequests:
+		return "throttled"
+	case e.Status >= 500:
+		return "http_5xx"
+	case e.Status != 0:
+		return "http_4xx"
+	case e.Timeout:
+		return "timeout"
+	default:
+		return "connection"
+	}
+}
+
 // retryable reports whether asking again can help: no answer, a timeout,
 // throttling, a server error, or a token that expired (401, after which the
 // SDK fetches a new one). A 403 or 404 will not change by asking again.
@@ -299,9 +344,12 @@ func classify(path string, err error, tf *tokenFailure) *Error {
 }
 
 // do runs one SDK call, classifying its failure.
-func (c *Client) do(ctx context.Context, path string, call func(context.Context) error) error {
+func (c *Client) do(ctx context.Context, path string, call func(context.Context) error) (err error) {
+	if c.opts.Observe != nil {
+		defer func() { c.opts.Observe(path, err) }()
+	}
 	tf := &tokenFailure{}
-	err := call(context.WithValue(ctx, tokenFailureKey{}, tf))
+	err = call(context.WithValue(ctx, tokenFailureKey{}, tf))
 	if err == nil {
 		return nil
 	}
@@ -388,12 +436,24 @@ func validInstanceID(s string) bool {
 	return true
 }
 
+// maxReasons bounds the reasons a wait keeps; a flapping IMDS would
+// otherwise grow the list without end.
+const maxReasons = 8
+
+// WaitStats says how a wait for IMDS went.
+type WaitStats struct {
+	Attempts int           `json:"attempts"`
+	Waited   time.Duration `json:"waited"`
+	// Reasons are the distinct reasons IMDS did not answer, in order.
+	Reasons []string `json:"reasons,omitempty"`
+}
+
 // Wait polls IMDS until it serves the identity document, then returns it. It
 // waits forever when timeout is 0. The first failure is logged, and then
 // only each change of reason, so a long wait at boot is three lines, not
 // three thousand. A refusal that waiting cannot fix (a 403 on the token, a
 // 404) ends the wait at once.
-func (c *Client) Wait(ctx context.Context, timeout time.Duration) (Identity, error) {
+func (c *Client) Wait(ctx context.Context, timeout time.Duration) (Identity, WaitStats, error) {
 	waitCtx := ctx
 	if timeout > 0 {
 		var cancel context.CancelFunc
@@ -403,30 +463,36 @@ func (c *Client) Wait(ctx context.Context, timeout time.Duration) (Identity, err
 	start := c.clock.Now()
 	b := backoff.New(c.opts.Backoff, c.clock)
 	var (
-		lastReason string
+		stats      WaitStats
 		lastErr    error
+		lastReason string
 	)
-	for attempts := 1; ; attempts++ {
+	for {
+		stats.Attempts++
 		id, err := c.identityOnce(waitCtx)
+		stats.Waited = c.clock.Now().Sub(start)
 		if err == nil {
 			if lastErr != nil {
-				c.log.Info("IMDS answers", zap.Int("attempts", attempts), zap.Duration("waited", c.clock.Now().Sub(start)))
+				c.log.Info("IMDS answers", zap.Int("attempts", stats.Attempts), zap.Duration("waited", stats.Waited))
 			}
-			return id, nil
+			return id, stats, nil
 		}
 		var e *Error
 		switch {
 		case ctx.Err() != nil:
-			return Identity{}, ctx.Err()
+			return Identity{}, stats, ctx.Err()
 		case waitCtx.Err() != nil:
-			return Identity{}, fmt.Errorf("IMDS did not answer within %s (imds.wait_timeout): %w", timeout, cmp.Or(lastErr, err))
+			return Identity{}, stats, fmt.Errorf("IMDS did not answer within %s (imds.wait_timeout): %w", timeout, cmp.Or(lastErr, err))
 		case !errors.As(err, &e) || !e.retryable():
-			return Identity{}, err
+			return Identity{}, stats, err
 		}
 		lastErr = err
 		if r := e.Reason(); r != lastReason {
 			c.log.Warn("waiting for IMDS", zap.String("reason", r), zap.Error(err))
 			lastReason = r
+			if len(stats.Reasons) < maxReasons {
+				stats.Reasons = append(stats.Reasons, r)
+			}
 		}
 		// A wait cut short by either context is reported at the top of
 		// the loop, after one more attempt.
@@ -496,4 +562,70 @@ func (c *Client) String() string {
 		return c.opts.Endpoint
 	}
 	return "the SDK's endpoint (AWS_EC2_METADATA_SERVICE_ENDPOINT or the link-local default)"
+}
+
+// ProbeToken asks for a session token and one metadata path with it, and
+// returns how long that took, or the classified failure (a token request
+// that times out is the hop-limit problem).
+func (c *Client) ProbeToken(ctx context.Context) (time.Duration, error) {
+	start := c.clock.Now()
+	_, err := c.getOnce(ctx, "instance-id")
+	return c.clock.Now().Sub(start), err
+}
+
+// ProbeIMDSv1 makes one request without a session token, as an IMDSv1
+// client would, and reports whether IMDS answered it: IMDSv2-only
+// instances refuse it with 401.
+func (c *Client) ProbeIMDSv1(ctx context.Context) (bool, error) {
+	// The SDK wraps a 401 in an error that hides its status; the probe
+	// reads the status off the answer itself.
+	status := 0
+	recordStatus := func(stack *middleware.Stack) error {
+		if stack.ID() == "getToken" {
+			return nil
+		}
+		return stack.Deserialize.Add(middleware.DeserializeMiddlewareFunc("bootagentRecordStatus",
+			func(ctx context.Context, in middleware.DeserializeInput, next middleware.DeserializeHandler) (middleware.DeserializeOutput, middleware.Metadata, error) {
+				out, md, err := next.HandleDeserialize(ctx, in)
+				if res, ok := out.RawResponse.(*smithyhttp.Response); ok {
+					status = res.StatusCode
+				}
+				return out, md, err
+			}), middleware.After)
+	}
+	api := sdk.New(sdk.Options{
+		Endpoint:   c.opts.Endpoint,
+		HTTPClient: newHTTPClient(),
+		Retryer:    aws.NopRetryer{},
+		// The SDK asks for a token first (and goes on without one if it
+		// is refused); the probe drops it from the request before it is
+		// sent.
+		EnableFallback:           aws.TrueTernary,
+		DisableDefaultMaxBackoff: true,
+		APIOptions:               []func(*middleware.Stack) error{dropToken, recordStatus},
+	})
+	_, err := api.GetMetadata(ctx, &sdk.GetMetadataInput{Path: "instance-id"})
+	switch {
+	case err == nil:
+		return true, nil
+	case status == http.StatusUnauthorized:
+		return false, nil
+	default:
+		return false, classify("/latest/meta-data/instance-id", err, &tokenFailure{})
+	}
+}
+
+// dropToken removes the session token from a metadata request, making it
+// an IMDSv1 request.
+func dropToken(stack *middleware.Stack) error {
+	if stack.ID() == "getToken" {
+		return nil
+	}
+	return stack.Finalize.Add(middleware.FinalizeMiddlewareFunc("bootagentDropToken",
+		func(ctx context.Context, in middleware.FinalizeInput, next middleware.FinalizeHandler) (middleware.FinalizeOutput, middleware.Metadata, error) {
+			if req, ok := in.Request.(*smithyhttp.Request); ok {
+				req.Header.Del("X-Aws-Ec2-Metadata-Token")
+			}
+			return next.HandleFinalize(ctx, in)
+		}), middleware.After)
 }

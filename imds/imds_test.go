@@ -45,7 +45,7 @@ func TestReadsFromTheEmulator(t *testing.T) {
 	c := newClient(t, m.URL)
 	ctx := context.Background()
 
-	id, err := c.Wait(ctx, 0)
+	id, _, err := c.Wait(ctx, 0)
 	require.NoError(t, err)
 	assert.Equal(t, "i-0abc1234def567890", id.InstanceID)
 	assert.Equal(t, "eu-central-1", id.Region)
@@ -118,7 +118,7 @@ func TestOneTokenServesEveryRequest(t *testing.T) {
 	c := newClient(t, p.start(t, m.URL), func(o *Options) { o.TokenTTL = 6 * time.Hour })
 	ctx := context.Background()
 
-	_, err := c.Wait(ctx, 0)
+	_, _, err := c.Wait(ctx, 0)
 	require.NoError(t, err)
 	for range 10 {
 		_, err = c.UserData(ctx)
@@ -199,9 +199,11 @@ func TestWaitRidesOutErrorBurstsAndLogsOncePerReason(t *testing.T) {
 	clock := testenv.NewInstantClock()
 	c := newClient(t, f.start(t), func(o *Options) { o.Log = log; o.Clock = clock })
 
-	id, err := c.Wait(context.Background(), 0)
+	id, stats, err := c.Wait(context.Background(), 0)
 	require.NoError(t, err)
 	assert.Equal(t, "i-0123456789abcdef0", id.InstanceID)
+	assert.Equal(t, 9, stats.Attempts)
+	assert.Equal(t, []string{"HTTP 503", "HTTP 500", "HTTP 429"}, stats.Reasons)
 
 	var reasons []string
 	for _, e := range logs.FilterMessage("waiting for IMDS").All() {
@@ -247,7 +249,7 @@ func TestWaitOutlastsRefusedConnections(t *testing.T) {
 	log, logs := observed(t)
 	c := newClient(t, endpoint, func(o *Options) { o.Clock = clock; o.Log = log })
 
-	id, err := c.Wait(context.Background(), 0)
+	id, _, err := c.Wait(context.Background(), 0)
 	require.NoError(t, err)
 	assert.Equal(t, "i-0123456789abcdef0", id.InstanceID)
 	assert.True(t, started.Load())
@@ -271,9 +273,10 @@ func TestWaitGivesUpOnAStalledRequestAndAsksAgain(t *testing.T) {
 		fmt.Fprint(w, identityDoc)
 	}}
 	c := newClient(t, f.start(t))
-	_, err := c.Wait(context.Background(), 0)
+	_, _, err := c.Wait(context.Background(), 0)
 	require.NoError(t, err)
-	assert.True(t, gaveUp.Load(), "the client abandoned the stalled request instead of waiting 10 s")
+	// The server learns that the client hung up a moment after it did.
+	testenv.Eventually(t, 5*time.Second, gaveUp.Load, "the client abandoned the stalled request instead of waiting 10 s")
 	assert.Equal(t, int32(2), calls.Load())
 }
 
@@ -318,7 +321,7 @@ func TestTokenRefusals(t *testing.T) {
 				o.Clock = backoff.RealClock{}
 				o.Backoff = backoff.Policy{Initial: 50 * time.Millisecond, Max: 200 * time.Millisecond}
 			})
-			_, err := c.Wait(context.Background(), tt.timeout)
+			_, _, err := c.Wait(context.Background(), tt.timeout)
 			if tt.wantErr != "" {
 				require.Error(t, err)
 				assert.Contains(t, err.Error(), tt.wantErr)
@@ -347,7 +350,7 @@ func TestAMalformedInstanceIDIsRefused(t *testing.T) {
 	f := &fakeIMDS{identity: func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprint(w, `{"instanceId":"i-../../etc","region":"x"}`)
 	}}
-	_, err := newClient(t, f.start(t)).Wait(context.Background(), 0)
+	_, _, err := newClient(t, f.start(t)).Wait(context.Background(), 0)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), `instance ID "i-../../etc" is not of the form`)
 }
@@ -362,6 +365,6 @@ func TestWaitEndsWithTheContext(t *testing.T) {
 		}
 	}
 	c := newClient(t, f.start(t), func(o *Options) { o.Clock = clock })
-	_, err := c.Wait(ctx, 0)
+	_, _, err := c.Wait(ctx, 0)
 	require.True(t, errors.Is(err, context.Canceled), "got %v", err)
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,12 +24,13 @@ import (
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/metrics"
 	"github.com/bootagent/bootagent/systemd"
 )
 
 // Metadata is what the agent reads from the instance metadata service.
 type Metadata interface {
-	Wait(ctx context.Context, timeout time.Duration) (imds.Identity, error)
+	Wait(ctx context.Context, timeout time.Duration) (imds.Identity, imds.WaitStats, error)
 	UserData(ctx context.Context) ([]byte, error)
 	LocalHostname(ctx context.Context) (string, error)
 	Tag(ctx context.Context, key string) (string, error)
@@ -62,6 +64,10 @@ type Options struct {
 	// Notifier tells systemd the agent's state; nil speaks sd_notify (a
 	// no-op when not started by systemd).
 	Notifier Notifier
+	// Metrics collects the agent's metrics; nil makes a set.
+	Metrics *metrics.Metrics
+	// Version is the agent's, for the bootagent_info metric.
+	Version string
 }
 
 // Notifier tells the service manager how the agent is doing.
@@ -83,9 +89,14 @@ type Engine struct {
 	namer    Namer
 	runner   chef.Runner
 	notifier Notifier
-	runNow   chan struct{}
-	reload   chan config.Config
-	close    []func()
+	m        *metrics.Metrics
+	version  string
+	// started is when the agent started, the origin of the boot timeline
+	// metrics.
+	started time.Time
+	runNow  chan struct{}
+	reload  chan config.Config
+	close   []func()
 	// beat is the wall time (UnixNano) of the main loop's last turn; the
 	// systemd watchdog is fed only while it is recent.
 	beat atomic.Int64
@@ -98,7 +109,11 @@ type Engine struct {
 func New(ctx context.Context, o Options) *Engine {
 	e := &Engine{
 		cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, runner: o.Runner, notifier: o.Notifier,
+		m: o.Metrics, version: o.Version,
 		runNow: make(chan struct{}, 1), reload: make(chan config.Config, 1), state: State{Version: stateVersion},
+	}
+	if e.m == nil {
+		e.m = metrics.New()
 	}
 	if e.log == nil {
 		e.log = zap.NewNop()
@@ -106,6 +121,7 @@ func New(ctx context.Context, o Options) *Engine {
 	if e.clock == nil {
 		e.clock = backoff.RealClock{}
 	}
+	e.started = e.clock.Now()
 	if e.notifier == nil {
 		e.notifier = systemd.NewNotifier(e.log)
 	}
@@ -132,7 +148,19 @@ func (e *Engine) newMetadata(cfg config.Config) Metadata {
 		TokenTTL:    cfg.IMDS.TokenTTL.D(),
 		Clock:       e.clock,
 		Log:         e.log.Named("imds"),
+		Observe:     e.observeIMDS,
 	})
+}
+
+// observeIMDS counts IMDS requests and their failures. A 404 on an
+// optional path (no user-data, no notice) is an answer, not a failure.
+func (e *Engine) observeIMDS(path string, err error) {
+	e.m.IMDSRequests.WithLabelValues(path).Inc()
+	var ie *imds.Error
+	if errors.As(err, &ie) && ie.Status != http.StatusNotFound {
+		e.m.IMDSErrors.WithLabelValues(ie.Kind()).Inc()
+	}
+	e.m.Changed()
 }
 
 // chooseRunner runs chef-client as a transient unit when systemd manages
@@ -163,6 +191,9 @@ type Step struct {
 	Name     string        `json:"name"`
 	Offset   time.Duration `json:"offset"`
 	Duration time.Duration `json:"duration"`
+	// Detail says where the time went when it was spent waiting: IMDS not
+	// answering, Chef server retries.
+	Detail string `json:"detail,omitempty"`
 }
 
 // Result is what one bootstrap pass found and did.
@@ -208,9 +239,9 @@ func newStepTimer(c backoff.Clock) *stepTimer {
 }
 
 // done records the step that ran since the previous one ended.
-func (t *stepTimer) done(name string) Step {
+func (t *stepTimer) done(name, detail string) Step {
 	now := t.clock.Now()
-	s := Step{Name: name, Offset: t.last.Sub(t.start), Duration: now.Sub(t.last)}
+	s := Step{Name: name, Offset: t.last.Sub(t.start), Duration: now.Sub(t.last), Detail: detail}
 	t.steps = append(t.steps, s)
 	t.last = now
 	return s
@@ -230,12 +261,17 @@ func (e *Engine) Once(ctx context.Context) (res Result, err error) {
 		if err != nil && ctx.Err() == nil {
 			e.fail(err, "")
 		}
+		if p := e.cfg.Metrics.Textfile; p != "" {
+			if werr := e.m.WriteTextfile(e.path(p)); werr != nil {
+				e.log.Warn("metrics textfile not written", zap.Error(werr))
+			}
+		}
 	}()
 	if res, err = e.pass(ctx); err != nil || res.chef == nil || res.Warmed != "" {
 		e.idle(res)
 		return res, err
 	}
-	out, err := e.runChef(ctx, e.log.With(zap.String("instance_id", res.Identity.InstanceID)), res, !e.snapshot().FirstRunDone, res.Config.Chef.RunTimeout.D())
+	out, err := e.runChef(ctx, res, !e.snapshot().FirstRunDone, res.Config.Chef.RunTimeout.D())
 	res.FirstRun = &out
 	if err != nil {
 		return res, err
@@ -256,14 +292,21 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 	e.startBoot(timer.start)
 	e.transition(PhaseWaitingIMDS, "waiting for IMDS")
 
-	id, err := e.md.Wait(ctx, e.cfg.IMDS.WaitTimeout.D())
+	id, waited, err := e.md.Wait(ctx, e.cfg.IMDS.WaitTimeout.D())
 	if err != nil {
 		return res, err
 	}
 	res.Identity = id
 	log := e.log.With(zap.String("instance_id", id.InstanceID))
+	detail := ""
+	if waited.Attempts > 1 {
+		detail = fmt.Sprintf("IMDS answered at attempt %d after: %s", waited.Attempts, strings.Join(waited.Reasons, ", "))
+	}
 	log.Info("instance identified", zap.String("region", id.Region), zap.String("availability_zone", id.AvailabilityZone),
-		zap.Duration("waited", timer.done("imds").Duration))
+		zap.Duration("waited", timer.done("imds", detail).Duration))
+	e.milestone("imds")
+	e.m.Info.Reset()
+	e.m.Info.WithLabelValues(e.version, id.InstanceID).Set(1)
 	if err := e.adoptInstance(log, id.InstanceID, e.cfg); err != nil {
 		return res, err
 	}
@@ -282,7 +325,7 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 		log.Info("user-data left alone", zap.String("why", why))
 	}
 	log.Debug("effective configuration", zap.Any("config", cfg))
-	timer.done("user-data")
+	timer.done("user-data", "")
 
 	var name hostname.Name
 	if cfg.Hostname.Preserve {
@@ -310,7 +353,8 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 		log.Info("hostname applied", zap.Stringer("hostname", name), zap.String("from", res.HostnameSource),
 			zap.Int("changes", len(changes)), zap.Duration("since_start", e.clock.Now().Sub(timer.start)))
 	}
-	timer.done("hostname")
+	timer.done("hostname", "")
+	e.milestone("hostname")
 	e.update(func(s *State) {
 		s.Hostname, s.HostnameSource = name.String(), res.HostnameSource
 		s.Boot.Steps = timer.steps
@@ -339,7 +383,12 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 			now := e.clock.Now()
 			e.update(func(s *State) { s.NodeName, s.ClientName, s.RegisteredAt = p.nodeName, p.nodeName, &now })
 		}
-		timer.done("register")
+		detail := ""
+		if res.Registered.Retries > 0 {
+			detail = fmt.Sprintf("%d Chef server requests retried", res.Registered.Retries)
+		}
+		timer.done("register", detail)
+		e.milestone("registered")
 	}
 	e.update(func(s *State) {
 		s.Bootstrapped, s.Error = true, ""
@@ -409,6 +458,13 @@ func (e *Engine) desiredName(ctx context.Context, cfg config.Config) (hostname.N
 		return hostname.Name{}, "", fmt.Errorf("IMDS local-hostname: %w", err)
 	}
 	return n, "IMDS local-hostname", nil
+}
+
+// milestone records, as a metric, how long after the agent's start this
+// boot reached a step.
+func (e *Engine) milestone(step string) {
+	e.m.Timeline.WithLabelValues(step).Set(e.clock.Now().Sub(e.started).Seconds())
+	e.m.Changed()
 }
 
 // configuredName validates the name the configuration gives (from

@@ -12,6 +12,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
@@ -26,6 +27,7 @@ type chefSetup struct {
 	goiardi *testenv.Goiardi
 	record  string
 	engine  *Engine
+	logs    *observer.ObservedLogs
 }
 
 func newChefSetup(t testing.TB, userData string, mod ...func(*config.Config)) *chefSetup {
@@ -37,7 +39,7 @@ func newChefSetup(t testing.TB, userData string, mod ...func(*config.Config)) *c
 	require.NoError(t, os.MkdirAll(filepath.Join(s.root, "etc/chef"), 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(s.root, "etc/chef/validation.pem"), validator, 0o600))
 	standin := testenv.Tool(t, "chefclient-standin")
-	s.engine, _ = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, append([]func(*config.Config){func(c *config.Config) {
+	s.engine, s.logs = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, append([]func(*config.Config){func(c *config.Config) {
 		c.Chef.ServerURL = s.goiardi.URL
 		c.Chef.ClientCommand = []string{standin, "--record", s.record}
 	}}, mod...)...)

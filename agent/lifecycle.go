@@ -80,6 +80,7 @@ func (e *Engine) update(f func(*State)) {
 	if err := saveState(e.root, e.state); err != nil {
 		e.log.Warn("could not save the agent state", zap.Error(err))
 	}
+	e.m.Changed()
 }
 
 // transition moves the agent to a new phase: it logs old -> new, sets the
@@ -88,12 +89,19 @@ func (e *Engine) transition(p Phase, status string) { e.setPhase(p, status, "") 
 
 func (e *Engine) setPhase(p Phase, status, errText string) {
 	var old Phase
+	var id string
 	e.update(func(s *State) {
-		old = s.Phase
+		old, id = s.Phase, s.InstanceID
 		s.Phase, s.Status, s.Error = p, status, errText
 	})
 	if old != p {
-		e.log.Info("state "+old.String()+" -> "+p.String(), zap.String("status", status))
+		log := e.log
+		if id != "" {
+			log = log.With(zap.String("instance_id", id))
+		}
+		log.Info("state "+old.String()+" -> "+p.String(), zap.String("status", status))
+		e.m.Phase.Reset()
+		e.m.Phase.WithLabelValues(p.String()).Set(1)
 	}
 	e.notifier.Status(status)
 }

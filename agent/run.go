@@ -42,6 +42,17 @@ func (e *Engine) Run(ctx context.Context) error {
 	if every, ok := systemd.WatchdogInterval(); ok {
 		go e.watchdog(ctx, every)
 	}
+	if p := e.cfg.Metrics.Textfile; p != "" {
+		e.m.Changed()
+		go e.m.KeepTextfile(ctx, e.path(p), e.log)
+	}
+	if addr := e.cfg.Metrics.Listen; addr != "" {
+		go func() {
+			if err := e.m.Serve(ctx, addr, e.healthy, e.log); err != nil {
+				e.log.Error("metrics listener failed; the agent goes on without it", zap.Error(err))
+			}
+		}()
+	}
 	for {
 		err := e.serve(ctx)
 		if !errors.Is(err, errReload) {
@@ -246,6 +257,8 @@ func (e *Engine) checkDrift(ctx context.Context, res Result, drift *repeatLog) {
 	changes, err := e.namer.Apply(ctx, res.Hostname, policy(res.Config))
 	for _, c := range changes {
 		drift.log.Warn("hostname drift corrected", zap.String("what", c.What), zap.String("old", c.Old), zap.String("new", c.New))
+		e.m.DriftCorrections.WithLabelValues(c.What).Inc()
+		e.m.Changed()
 	}
 	switch {
 	case err == nil:
@@ -253,6 +266,12 @@ func (e *Engine) checkDrift(ctx context.Context, res Result, drift *repeatLog) {
 	case ctx.Err() == nil:
 		drift.fail(err)
 	}
+}
+
+// healthy reports whether the main loop turned lately, for /healthz: it
+// turns at least every poll interval.
+func (e *Engine) healthy() bool {
+	return time.Since(time.Unix(0, e.beat.Load())) < 3*e.cfg.IMDS.PollInterval.D()+time.Second
 }
 
 // watchdog feeds systemd's watchdog while the main loop turns. If the loop

@@ -69,7 +69,7 @@ func (e *Engine) TriggerRun() {
 
 // runChef makes one chef-client run, bounded by timeout, holding the run
 // lock, and records it.
-func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, firstBoot bool, timeout time.Duration) (chef.Outcome, error) {
+func (e *Engine) runChef(ctx context.Context, res Result, firstBoot bool, timeout time.Duration) (chef.Outcome, error) {
 	unlock, err := flock(e.path(runLockPath))
 	if errors.Is(err, errLocked) {
 		return chef.Outcome{}, errRunLocked
@@ -84,7 +84,8 @@ func (e *Engine) runChef(ctx context.Context, log *zap.Logger, res Result, first
 		Timeout: timeout,
 		Grace:   runGrace,
 	}
-	log = log.With(zap.String("run_id", spec.ID), zap.String("node_name", res.NodeName))
+	log := e.log.With(zap.String("instance_id", res.Identity.InstanceID), zap.String("node_name", res.NodeName), zap.String("run_id", spec.ID))
+	spec.Log = log
 	log.Info("chef-client run starting", zap.Bool("first_boot", firstBoot))
 	e.transition(PhaseConverging, "converging: chef-client run "+spec.ID)
 	out, err := e.runner.Run(ctx, spec)
@@ -203,7 +204,7 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 		}
 		running, due = true, now.Add(period)
 		go func(first bool) {
-			out, err := e.runChef(ctx, log, res, first, ch.RunTimeout.D())
+			out, err := e.runChef(ctx, res, first, ch.RunTimeout.D())
 			if err != nil && ctx.Err() == nil {
 				log.Warn("chef-client run did not happen", zap.String("trigger", why), zap.Error(err))
 			}
@@ -221,6 +222,13 @@ type runEnd struct {
 // recordRun keeps the last run in the state. A first-boot run that did
 // its job means later runs go without the first-boot JSON.
 func (e *Engine) recordRun(out chef.Outcome, firstBoot bool) {
+	e.m.Runs.WithLabelValues(string(out.Result)).Inc()
+	e.m.LastRunTimestamp.Set(float64(out.Start.UnixNano()) / 1e9)
+	e.m.LastRunDuration.Set(out.Duration.Seconds())
+	e.m.LastRunExitCode.Set(float64(out.ExitCode))
+	if firstBoot {
+		e.milestone("first_converge")
+	}
 	e.update(func(s *State) {
 		s.LastRun = &out
 		if firstBoot && !out.Result.Failed() {
@@ -240,6 +248,7 @@ func (e *Engine) NextRun() time.Time {
 
 // setNextRun keeps the time of the next run in the state.
 func (e *Engine) setNextRun(t time.Time) {
+	e.m.NextRunTimestamp.Set(float64(t.UnixNano()) / 1e9)
 	e.update(func(s *State) { s.NextRun = &t })
 }
 

@@ -217,6 +217,6 @@ func TestRunChefRefusesToRunTwiceAtOnce(t *testing.T) {
 	unlock, err := flock(e.path(runLockPath))
 	require.NoError(t, err)
 	defer unlock()
-	_, err = e.runChef(context.Background(), e.log, Result{Config: config.Default()}, false, time.Hour)
+	_, err = e.runChef(context.Background(), Result{Config: config.Default()}, false, time.Hour)
 	require.ErrorIs(t, err, errRunLocked)
 }

@@ -77,7 +77,11 @@ func (s State) WriteText(w io.Writer) error {
 	if !s.Boot.Started.IsZero() {
 		row("boot", "started %s", s.Boot.Started.UTC().Format(time.RFC3339Nano))
 		for _, st := range s.Boot.Steps {
-			row("  "+st.Name, "+%-12s took %s", st.Offset.Round(time.Microsecond), st.Duration.Round(time.Microsecond))
+			line := fmt.Sprintf("+%-12s took %s", st.Offset.Round(time.Microsecond), st.Duration.Round(time.Microsecond))
+			if st.Detail != "" {
+				line += " (" + st.Detail + ")"
+			}
+			row("  "+st.Name, "%s", line)
 		}
 	}
 	row("updated", "%s by pid %d", s.Updated.UTC().Format(time.RFC3339), s.PID)

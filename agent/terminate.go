@@ -14,6 +14,7 @@ import (
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/metrics"
 	"github.com/bootagent/bootagent/systemd"
 )
 
@@ -44,7 +45,7 @@ func (e *Engine) checkNotices(ctx context.Context, log *zap.Logger, w *noticeWat
 	if w.read && noticesEqual(n, w.last) {
 		return n, true
 	}
-	logNoticeChanges(log, w.last, n)
+	e.noticeChanges(log, w.last, n)
 	w.last, w.read = n, true
 	e.update(func(s *State) { s.Notices = &n })
 	return n, true
@@ -57,20 +58,27 @@ func noticesEqual(a, b imds.Notices) bool {
 		slices.Equal(a.Maintenance, b.Maintenance)
 }
 
-// logNoticeChanges logs what is new in n since old, once.
-func logNoticeChanges(log *zap.Logger, old, n imds.Notices) {
+// noticeChanges logs and counts what is new in n since old, once.
+func (e *Engine) noticeChanges(log *zap.Logger, old, n imds.Notices) {
+	count := func(kind string) { e.m.Notices.WithLabelValues(kind).Inc() }
 	if n.LifecycleState != old.LifecycleState {
 		log.Info("Auto Scaling lifecycle state", zap.String("old", old.LifecycleState), zap.String("new", n.LifecycleState))
+		if n.LifecycleState == "Terminated" {
+			count("autoscaling_terminated")
+		}
 	}
 	if n.Spot != nil && (old.Spot == nil || *n.Spot != *old.Spot) {
 		log.Warn("spot interruption notice", zap.String("action", n.Spot.Action), zap.Time("at", n.Spot.Time))
+		count("spot_" + n.Spot.Action)
 	}
 	if n.Rebalance != nil && old.Rebalance == nil {
 		log.Info("spot rebalance recommended: this instance is at elevated risk of interruption", zap.Time("at", *n.Rebalance))
+		count("rebalance")
 	}
 	for _, m := range n.Maintenance {
 		if !slices.Contains(old.Maintenance, m) {
 			log.Info("scheduled maintenance event", zap.String("code", m.Code), zap.String("event_state", m.State), zap.Time("not_before", m.NotBefore))
+			count("maintenance")
 		}
 	}
 }
@@ -121,7 +129,7 @@ func (e *Engine) terminate(ctx context.Context, log *zap.Logger, res Result, n i
 	if ch.FinalRun {
 		if left := deadline.Sub(e.clock.Now()) - finalRunReserve; left < finalRunReserve {
 			log.Warn("no time for a final chef-client run before deregistering", zap.Duration("left", left+finalRunReserve))
-		} else if _, err := e.runChef(ctx, log, res, false, min(left, ch.RunTimeout.D())); err != nil {
+		} else if _, err := e.runChef(ctx, res, false, min(left, ch.RunTimeout.D())); err != nil {
 			log.Warn("the final chef-client run did not happen", zap.Error(err))
 		}
 	}
@@ -140,6 +148,11 @@ func (e *Engine) deregister(ctx context.Context, log *zap.Logger, cfg config.Con
 	r.MaxAttempts = 0 // Until the deadline.
 	d, err := r.Deregister(ctx, name, e.path(cfg.Chef.ClientKey))
 	rec := Deregistration{At: e.clock.Now().UTC(), Reason: reason, Deregistered: d, LeftBehind: d.LeftBehind(name)}
+	outcome := "deleted"
+	if err != nil {
+		outcome = "incomplete"
+	}
+	e.m.Deregistrations.WithLabelValues(outcome).Inc()
 	if err != nil {
 		rec.Error = err.Error()
 		log.Error("deregistration incomplete: remove what is left by hand",
@@ -161,7 +174,7 @@ func (e *Engine) deregister(ctx context.Context, log *zap.Logger, cfg config.Con
 // when no agent is running; beside a running agent it only deletes.
 func Deregister(ctx context.Context, root string, cfg config.Config, log *zap.Logger) (Deregistration, error) {
 	// Only the state and the Chef server are needed: no IMDS, no names.
-	e := &Engine{cfg: cfg, root: root, log: log, clock: backoff.RealClock{}, notifier: systemd.NewNotifier(log)}
+	e := &Engine{cfg: cfg, root: root, log: log, clock: backoff.RealClock{}, notifier: systemd.NewNotifier(log), m: metrics.New()}
 	unlock, lockErr := e.lockAgent()
 	switch {
 	case lockErr == nil:

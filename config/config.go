@@ -133,8 +133,14 @@ func (c Chef) Enabled() bool { return c.ServerURL != "" }
 
 // Metrics configures the Prometheus exposition.
 type Metrics struct {
+	// Textfile is a node_exporter textfile-collector file (*.prom).
 	Textfile string `yaml:"textfile" json:"textfile"`
-	Listen   string `yaml:"listen" json:"listen"`
+	// Listen is host:port for /metrics and /healthz.
+	Listen string `yaml:"listen" json:"listen"`
+	// AllowRemote lets Listen be other than loopback. The metrics name the
+	// instance and its node, so by default only the machine itself (and a
+	// local node_exporter or agent) may read them.
+	AllowRemote bool `yaml:"allow_remote" json:"allow_remote"`
 }
 
 // Default returns the configuration used where neither the file nor
@@ -372,11 +378,7 @@ func (c Config) Validate() error {
 		errs = append(errs, c.invalid("hostname.from_tag", "%q is not a tag key IMDS can serve (letters, digits, and + - = . , _ : @, up to 128)", c.Hostname.FromTag))
 	}
 	errs = append(errs, c.validateChef()...)
-	if c.Metrics.Listen != "" {
-		if _, _, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
-			errs = append(errs, c.invalid("metrics.listen", "%q is not host:port", c.Metrics.Listen))
-		}
-	}
+	errs = append(errs, c.validateMetrics()...)
 	return errors.Join(errs...)
 }
 
@@ -422,6 +424,26 @@ func (c Config) validateChef() []error {
 	}
 	if ch.TrustedCerts != "" && !strings.HasPrefix(ch.TrustedCerts, "/") {
 		errs = append(errs, c.invalid("chef.trusted_certs", "%q must be an absolute path", ch.TrustedCerts))
+	}
+	return errs
+}
+
+func (c Config) validateMetrics() []error {
+	var errs []error
+	m := c.Metrics
+	if m.Textfile != "" && (!strings.HasPrefix(m.Textfile, "/") || !strings.HasSuffix(m.Textfile, ".prom")) {
+		errs = append(errs, c.invalid("metrics.textfile", "%q must be an absolute path ending in .prom (node_exporter reads only those)", m.Textfile))
+	}
+	if m.Listen == "" {
+		return errs
+	}
+	host, _, err := net.SplitHostPort(m.Listen)
+	if err != nil {
+		return append(errs, c.invalid("metrics.listen", "%q is not host:port", m.Listen))
+	}
+	ip := net.ParseIP(host)
+	if !m.AllowRemote && host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		errs = append(errs, c.invalid("metrics.listen", "%q is not a loopback address; use 127.0.0.1:PORT, or set metrics.allow_remote: true to serve other machines", m.Listen))
 	}
 	return errs
 }

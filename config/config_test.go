@@ -73,6 +73,9 @@ func TestParseRefusesBadFiles(t *testing.T) {
 		{"attributes with a non-string key", "chef:\n  initial_attributes:\n    1: x\n", "attribute key 1 at the top is not a string"},
 		{"attributes that JSON cannot carry", "chef:\n  initial_attributes:\n    x: .nan\n", "which JSON cannot carry"},
 		{"a metrics listener that is not host:port", "metrics:\n  listen: localhost\n", `metrics.listen: "localhost" is not host:port`},
+		{"a metrics listener on every interface", "metrics:\n  listen: 0.0.0.0:9469\n", `metrics.listen: "0.0.0.0:9469" is not a loopback address`},
+		{"a metrics listener on another address", "metrics:\n  listen: 10.0.0.5:9469\n", "set metrics.allow_remote: true"},
+		{"a textfile node_exporter would not read", "metrics:\n  textfile: /var/lib/node_exporter/bootagent.txt\n", "must be an absolute path ending in .prom"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -82,6 +85,15 @@ func TestParseRefusesBadFiles(t *testing.T) {
 			assert.Contains(t, err.Error(), tt.want)
 		})
 	}
+}
+
+func TestARemoteMetricsListenerIsAllowedWhenAskedFor(t *testing.T) {
+	for _, listen := range []string{"127.0.0.1:9469", "[::1]:9469", "localhost:9469"} {
+		_, err := Parse([]byte("metrics:\n  listen: \""+listen+"\"\n"), "f")
+		assert.NoError(t, err, listen)
+	}
+	_, err := Parse([]byte("metrics:\n  listen: 0.0.0.0:9469\n  allow_remote: true\n"), "f")
+	assert.NoError(t, err)
 }
 
 func TestParseEmptyFileGivesTheDefaults(t *testing.T) {

@@ -35,6 +35,9 @@ const usage = `usage:
                                                  the agent's state; exit 0 bootstrapped,
                                                  1 failed, 2 in progress
   bootagent clean  [--config FILE] [--root DIR]   forget this instance (before baking an image)
+  bootagent diagnose [--config FILE] [--root DIR] [--json]
+                                                 check what the agent depends on, with fixes;
+                                                 exit 1 when something is wrong
   bootagent deregister [--config FILE] [--root DIR] [--timeout DURATION]
                                                  remove this instance's node and client from
                                                  the Chef server (shutdown hooks, lifecycle scripts)
@@ -88,6 +91,8 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		return clean(rest, stdout, stderr)
 	case "deregister":
 		return deregister(rest, stdout, stderr)
+	case "diagnose":
+		return diagnose(rest, stdout, stderr)
 	case "userdata":
 		if len(rest) == 0 || rest[0] != "check" {
 			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
@@ -155,7 +160,7 @@ func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	e := agent.New(ctx, agent.Options{Config: cfg, Root: common.root, Log: log})
+	e := agent.New(ctx, agent.Options{Config: cfg, Root: common.root, Log: log, Version: version})
 	defer e.Close()
 
 	if cmd == "run" {
@@ -299,6 +304,31 @@ func clean(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, "this machine no longer belongs to an instance; the baked config and the validator stay")
 	}
 	return err
+}
+
+func diagnose(args []string, stdout, stderr io.Writer) error {
+	fs, common := newFlagSet("diagnose", stderr)
+	asJSON := fs.Bool("json", false, "print the findings as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: diagnose takes no arguments", errUsage)
+	}
+	cfg, err := common.loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	d := agent.Diagnose(ctx, common.root, cfg, systemd.NewLogger(stderr, common.logLevel))
+	if err := output(stdout, *asJSON, d); err != nil {
+		return err
+	}
+	if d.Failed() {
+		return exitStatus(1)
+	}
+	return nil
 }
 
 func deregister(args []string, stdout, stderr io.Writer) error {

@@ -250,3 +250,13 @@ func TestDeregisterCommand(t *testing.T) {
 	assert.Equal(t, 0, code)
 	assert.Contains(t, out, "node deleted true, client deleted true (bootagent deregister)")
 }
+
+func TestDiagnoseExitsOneWhenSomethingIsWrong(t *testing.T) {
+	testenv.RequirePrivateNetwork(t)
+	// Nothing listens on the discard port: IMDS is unreachable.
+	cfg := writeConfig(t, "imds:\n  endpoint: http://127.0.0.1:9\n")
+	code, out, _ := bootagent(t, "", "diagnose", "--config", cfg, "--root", t.TempDir())
+	assert.Equal(t, 1, code)
+	assert.Regexp(t, `(?m)^FAIL\s+IMDS reachable\s+http://127.0.0.1:9 does not answer`, out)
+	assert.Contains(t, out, "fix: check the instance's metadata options")
+}

@@ -144,6 +144,34 @@ func TestBoot(t *testing.T) {
 		assert.Equal(t, "i-0e2e0000000000001", registered["INSTANCE_ID"])
 		assert.Equal(t, "true", registered["CLIENT_CREATED"])
 		assert.Equal(t, "bootagent", registered["SYSLOG_IDENTIFIER"])
+
+		// Every line about the instance names it: journalctl
+		// INSTANCE_ID=... finds them all.
+		all := m.sh("journalctl", "--no-pager", "-o", "json", "-b", "SYSLOG_IDENTIFIER=bootagent")
+		identified := false
+		for _, line := range strings.Split(strings.TrimSpace(all), "\n") {
+			var e map[string]any
+			require.NoError(t, json.Unmarshal([]byte(line), &e))
+			if e["MESSAGE"] == "instance identified" {
+				identified = true
+			}
+			if identified {
+				assert.Equal(t, "i-0e2e0000000000001", e["INSTANCE_ID"], "%q", e["MESSAGE"])
+			}
+		}
+		assert.True(t, identified)
+	})
+
+	t.Run("diagnose finds a working instance working, and status shows the boot timeline", func(t *testing.T) {
+		out, err := m.try("bootagent", "diagnose")
+		require.NoError(t, err, "bootagent diagnose exits 0:\n%s", out)
+		for _, want := range []string{"IMDSv1", "disabled: IMDSv2 only", "web01.e2e.internal", "bootagent.service and bootagent.path enabled", "the server accepts /etc/chef/client.pem"} {
+			assert.Contains(t, out, want)
+		}
+		status := m.sh("bootagent", "status")
+		for _, want := range []string{"bootstrapped  true", "  imds", "  hostname", "  register", "last run"} {
+			assert.Contains(t, status, want)
+		}
 	})
 
 	t.Run("4: kill -9 of the agent: systemd restarts it, and it does not register again", func(t *testing.T) {

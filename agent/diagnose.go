@@ -1,0 +1,255 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/metrics"
+	"github.com/bootagent/bootagent/systemd"
+)
+
+// Finding results.
+const (
+	DiagOK   = "ok"
+	DiagWarn = "warn"
+	DiagFail = "FAIL"
+	DiagSkip = "skip"
+)
+
+// Finding is one line of `bootagent diagnose`: what was checked, how it went,
+// and what to do about it.
+type Finding struct {
+	Name   string `json:"name"`
+	Result string `json:"result"`
+	Detail string `json:"detail"`
+	Fix    string `json:"fix,omitempty"`
+}
+
+// Diagnosis is every finding, in order.
+type Diagnosis []Finding
+
+// Failed reports whether any check failed.
+func (d Diagnosis) Failed() bool {
+	for _, c := range d {
+		if c.Result == DiagFail {
+			return true
+		}
+	}
+	return false
+}
+
+// WriteText prints one line per check, and the fix under each failure or
+// warning.
+func (d Diagnosis) WriteText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, c := range d {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", c.Result, c.Name, c.Detail)
+		if c.Fix != "" && c.Result != DiagOK {
+			fmt.Fprintf(tw, "\t\tfix: %s\n", c.Fix)
+		}
+	}
+	return tw.Flush()
+}
+
+// probeTimeout bounds each check, so that a hanging peer makes a failed
+// line, not a hung command.
+const probeTimeout = 10 * time.Second
+
+// Diagnose checks what the agent depends on, one line each: IMDS, its
+// token, IMDSv1, the user-data, name resolution, the Chef server, its clock
+// and the node's key, chef-client, and the units.
+func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logger) Diagnosis {
+	e := &Engine{cfg: cfg, root: root, log: log, clock: backoff.RealClock{}, notifier: systemd.NewNotifier(log), m: metrics.New()}
+	md := imds.New(imds.Options{Endpoint: cfg.IMDS.Endpoint, AllowIMDSv1: cfg.IMDS.AllowIMDSv1, TokenTTL: cfg.IMDS.TokenTTL.D(), Log: zap.NewNop()})
+	st, _ := loadState(root)
+	var d Diagnosis
+	add := func(c Finding) { d = append(d, c) }
+
+	withTimeout := func(f func(context.Context)) {
+		cctx, cancel := context.WithTimeout(ctx, probeTimeout)
+		defer cancel()
+		f(cctx)
+	}
+	withTimeout(func(ctx context.Context) {
+		for _, c := range checkIMDS(ctx, md) {
+			add(c)
+		}
+	})
+	withTimeout(func(ctx context.Context) { add(checkToken(ctx, md)) })
+	var cfgWithUserData config.Config
+	withTimeout(func(ctx context.Context) {
+		var c Finding
+		c, cfgWithUserData = checkUserData(ctx, md, cfg)
+		add(c)
+	})
+	add(checkResolution(root, st))
+	if !cfgWithUserData.Chef.Enabled() {
+		add(Finding{Name: "Chef server", Result: DiagSkip, Detail: "no chef.server_url: the Chef steps are off"})
+		return d
+	}
+	withTimeout(func(ctx context.Context) {
+		for _, c := range checkChefServer(ctx, e, cfgWithUserData, st) {
+			add(c)
+		}
+	})
+	add(checkChefClient(cfgWithUserData))
+	add(checkUnits(root))
+	return d
+}
+
+// checkIMDS makes one request without a token: whether IMDS answers it
+// tells both whether IMDS is reachable and whether IMDSv1 is on.
+func checkIMDS(ctx context.Context, md *imds.Client) []Finding {
+	reach := Finding{Name: "IMDS reachable"}
+	enabled, err := md.ProbeIMDSv1(ctx)
+	if err != nil {
+		reach.Result, reach.Detail = DiagFail, fmt.Sprintf("%s does not answer: %v", md, err)
+		reach.Fix = "check the instance's metadata options (MetadataOptions.HttpEndpoint enabled), or imds.endpoint"
+		return []Finding{reach}
+	}
+	reach.Result, reach.Detail = DiagOK, md.String()+" answers"
+	v1 := Finding{Name: "IMDSv1"}
+	if enabled {
+		v1.Result, v1.Detail = DiagWarn, "enabled: any process on the instance can read metadata without a session token"
+		v1.Fix = "require IMDSv2: aws ec2 modify-instance-metadata-options --instance-id ID --http-tokens required"
+	} else {
+		v1.Result, v1.Detail = DiagOK, "disabled: IMDSv2 only"
+	}
+	return []Finding{reach, v1}
+}
+
+func checkToken(ctx context.Context, md *imds.Client) Finding {
+	c := Finding{Name: "IMDSv2 token"}
+	took, err := md.ProbeToken(ctx)
+	var e *imds.Error
+	switch {
+	case err == nil:
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("token and metadata in %s", took.Round(time.Millisecond))
+	case errors.As(err, &e) && e.Token && e.Timeout:
+		c.Result, c.Detail = DiagFail, "the token request (PUT /latest/api/token) times out: the hop-limit problem"
+		c.Fix = "aws ec2 modify-instance-metadata-options --instance-id ID --http-put-response-hop-limit 2"
+	default:
+		c.Result, c.Detail = DiagFail, err.Error()
+		c.Fix = "see the metadata options of the instance (http-endpoint, http-tokens)"
+	}
+	return c
+}
+
+func checkUserData(ctx context.Context, md *imds.Client, cfg config.Config) (Finding, config.Config) {
+	c := Finding{Name: "user-data"}
+	raw, err := md.UserData(ctx)
+	if err != nil {
+		c.Result, c.Detail = DiagFail, err.Error()
+		return c, cfg
+	}
+	applied, info, err := config.ApplyUserData(cfg, raw)
+	if err != nil {
+		c.Result, c.Detail = DiagFail, err.Error()
+		c.Fix = "check it with: bootagent userdata check FILE"
+		return c, cfg
+	}
+	c.Result = DiagOK
+	c.Detail = info.Format
+	if len(info.Keys) > 0 {
+		c.Detail += ", sets " + strings.Join(info.Keys, ", ")
+	}
+	return c, applied
+}
+
+func checkResolution(root string, st State) Finding {
+	c := Finding{Name: "hostname -f"}
+	if filepath.Clean(root) != "/" {
+		c.Result, c.Detail = DiagSkip, "--root: this machine's resolver does not read the root's /etc/hosts"
+		return c
+	}
+	out, err := exec.Command("hostname", "-f").CombinedOutput()
+	got := strings.TrimSpace(string(out))
+	switch {
+	case err != nil:
+		c.Result, c.Detail = DiagFail, fmt.Sprintf("hostname -f: %v: %s", err, got)
+		c.Fix = "keep hostname.manage_etc_hosts on, so that the name resolves through /etc/hosts"
+	case st.Hostname != "" && got != st.Hostname:
+		c.Result, c.Detail = DiagFail, fmt.Sprintf("answers %q, not the name applied (%s)", got, st.Hostname)
+		c.Fix = "check the bootagent block in /etc/hosts, and anything else that sets the name"
+	default:
+		c.Result, c.Detail = DiagOK, got
+	}
+	return c
+}
+
+func checkChefServer(ctx context.Context, e *Engine, cfg config.Config, st State) []Finding {
+	server := Finding{Name: "Chef server"}
+	clock := Finding{Name: "clock skew"}
+	key := Finding{Name: "client key"}
+	r := e.registrar(zap.NewNop(), cfg)
+	p, err := r.ProbeServer(ctx, st.NodeName, e.path(cfg.Chef.ClientKey))
+	if err != nil {
+		server.Result, server.Detail = DiagFail, fmt.Sprintf("%s: %v", cfg.Chef.ServerURL, err)
+		server.Fix = "check chef.server_url, the network path to it, and chef.trusted_certs for its certificate"
+		return []Finding{server}
+	}
+	server.Result, server.Detail = DiagOK, fmt.Sprintf("%s answers in %s", cfg.Chef.ServerURL, p.Latency.Round(time.Millisecond))
+	skew := p.Skew.Abs()
+	switch {
+	case skew > chef.MaxClockSkew:
+		clock.Result, clock.Detail = DiagFail, fmt.Sprintf("this clock is %s off the Chef server's; it refuses requests signed more than %s off", p.Skew, chef.MaxClockSkew)
+		clock.Fix = "run time sync (chronyd or systemd-timesyncd, with the Amazon Time Sync Service)"
+	case skew > time.Minute:
+		clock.Result, clock.Detail = DiagWarn, fmt.Sprintf("%s off the Chef server's clock", p.Skew)
+		clock.Fix = "run time sync (chronyd or systemd-timesyncd)"
+	default:
+		clock.Result, clock.Detail = DiagOK, fmt.Sprintf("%s off the Chef server's clock", p.Skew)
+	}
+	switch p.KeyStatus {
+	case 0:
+		key.Result, key.Detail = DiagSkip, "not registered yet: no key at "+cfg.Chef.ClientKey
+	case http.StatusOK:
+		key.Result, key.Detail = DiagOK, fmt.Sprintf("the server accepts %s for client %s", cfg.Chef.ClientKey, st.NodeName)
+	default:
+		key.Result, key.Detail = DiagFail, fmt.Sprintf("the server refuses %s for client %q (HTTP %d): revoked, deleted, or another key", cfg.Chef.ClientKey, st.NodeName, p.KeyStatus)
+		key.Fix = "register again: systemctl stop bootagent; bootagent clean; put the validator back; systemctl start bootagent"
+	}
+	return []Finding{server, clock, key}
+}
+
+func checkChefClient(cfg config.Config) Finding {
+	c := Finding{Name: "chef-client"}
+	path, err := exec.LookPath(cfg.Chef.ClientCommand[0])
+	if err != nil {
+		c.Result, c.Detail = DiagFail, err.Error()
+		c.Fix = "install Chef Infra Client, or point chef.client_command at it"
+		return c
+	}
+	c.Result, c.Detail = DiagOK, path
+	return c
+}
+
+func checkUnits(root string) Finding {
+	c := Finding{Name: "units"}
+	if filepath.Clean(root) != "/" {
+		c.Result, c.Detail = DiagSkip, "--root: the units of the root are not this machine's"
+		return c
+	}
+	out, err := exec.Command("systemctl", "is-enabled", "bootagent.service", "bootagent.path").CombinedOutput()
+	if err != nil {
+		c.Result, c.Detail = DiagFail, "not enabled: "+strings.Join(strings.Fields(string(out)), ", ")
+		c.Fix = "systemctl enable bootagent.service bootagent.path"
+		return c
+	}
+	c.Result, c.Detail = DiagOK, "bootagent.service and bootagent.path enabled"
+	return c
+}

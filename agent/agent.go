@@ -24,6 +24,7 @@ import (
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/internal/fault"
 	"github.com/bootagent/bootagent/metrics"
 	"github.com/bootagent/bootagent/systemd"
 )
@@ -382,6 +383,7 @@ func (e *Engine) pass(ctx context.Context) (res Result, err error) {
 			}
 			now := e.clock.Now()
 			e.update(func(s *State) { s.NodeName, s.ClientName, s.RegisteredAt = p.nodeName, p.nodeName, &now })
+			fault.Point("state-saved")
 		}
 		detail := ""
 		if res.Registered.Retries > 0 {

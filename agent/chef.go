@@ -18,6 +18,7 @@ import (
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/internal/fault"
 )
 
 // Where chef-client's files live (under the agent's root).
@@ -199,12 +200,14 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 			return reg, err
 		}
 	}
+	fault.Point("files-written")
 	log.Info("registered with the Chef server", zap.String("server", ch.ServerURL),
 		zap.Bool("client_created", reg.ClientCreated), zap.Bool("node_created", reg.NodeCreated), zap.Bool("key_reused", reg.KeyReused))
 	if ch.DeleteValidationKey {
 		switch err := os.Remove(validatorPath); {
 		case err == nil:
 			log.Info("validator key deleted: this instance no longer needs it", zap.String("path", ch.ValidationKey))
+			fault.Point("validator-deleted")
 		case !errors.Is(err, fs.ErrNotExist):
 			return reg, fmt.Errorf("delete the validator key: %w", err)
 		}

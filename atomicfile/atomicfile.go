@@ -30,9 +30,17 @@ func WriteFile(path string, data []byte, perm fs.FileMode) (err error) {
 	}
 
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	pattern := "." + filepath.Base(path) + ".tmp-*"
+	// A power cut in the middle of an earlier write left its temporary
+	// file; the write it belonged to is over, one way or the other.
+	if stale, _ := filepath.Glob(filepath.Join(dir, pattern)); len(stale) > 0 {
+		for _, s := range stale {
+			_ = os.Remove(s)
+		}
+	}
+	f, err := os.CreateTemp(dir, pattern)
 	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, bare(err))
 	}
 	tmp := f.Name()
 	defer func() {
@@ -45,7 +53,7 @@ func WriteFile(path string, data []byte, perm fs.FileMode) (err error) {
 	// The mode is set before any byte is written, so key material is never
 	// readable by others, not even for an instant.
 	if err := f.Chmod(mode); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, bare(err))
 	}
 	if uid >= 0 {
 		if err := f.Chown(uid, gid); err != nil {
@@ -53,18 +61,32 @@ func WriteFile(path string, data []byte, perm fs.FileMode) (err error) {
 		}
 	}
 	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, bare(err))
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, bare(err))
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, bare(err))
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %s: %w", path, bare(err))
 	}
 	return syncDir(dir)
+}
+
+// bare strips the temporary file's name from an error about it: the
+// caller names the file being replaced, which is the one that matters.
+func bare(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	var le *os.LinkError
+	if errors.As(err, &le) {
+		return le.Err
+	}
+	return err
 }
 
 // syncDir makes a rename in dir durable.

@@ -45,3 +45,20 @@ func TestWriteFileLeavesNothingBehindOnFailure(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, entries, 1, "only the directory that was in the way remains")
 }
+
+func TestWriteFileClearsWhatAnInterruptedWriteLeft(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "client.pem")
+	// A power cut while writing leaves the temporary file behind.
+	require.NoError(t, os.WriteFile(filepath.Join(dir, ".client.pem.tmp-123"), []byte("half a ke"), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, ".other.tmp-1"), []byte("not ours"), 0o600))
+
+	require.NoError(t, WriteFile(path, []byte("key"), 0o600))
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	assert.ElementsMatch(t, []string{"client.pem", ".other.tmp-1"}, names, "its own leftover removed, another file's kept")
+}

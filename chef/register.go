@@ -14,6 +14,7 @@ import (
 
 	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/internal/fault"
 )
 
 // ErrNameTaken is returned when another key already owns the node's client
@@ -149,6 +150,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	if err != nil {
 		return out, fmt.Errorf("register client %q: %w", reg.NodeName, err)
 	}
+	fault.Point("client-created")
 	return r.finishNode(ctx, node, reg, out)
 }
 
@@ -162,6 +164,7 @@ func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration,
 	if err != nil {
 		return out, fmt.Errorf("save node %q: %w", reg.NodeName, err)
 	}
+	fault.Point("node-created")
 	return out, nil
 }
 
@@ -207,6 +210,7 @@ func ensureKey(path string, newKey func() ([]byte, error)) ([]byte, bool, error)
 	if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
 		return nil, false, fmt.Errorf("write client key: %w", err)
 	}
+	fault.Point("key-written")
 	return data, false, nil
 }
 

@@ -106,6 +106,9 @@ type APIError struct {
 
 func (e *APIError) Error() string {
 	switch {
+	case e.untrusted():
+		return fmt.Sprintf("%s %s: the Chef server's certificate is not trusted (%v); give the CA that signed it in chef.trusted_certs, or fix the server's certificate",
+			e.Method, e.Path, e.Err)
 	case e.Status == 0:
 		return fmt.Sprintf("%s %s: %v", e.Method, e.Path, e.Err)
 	case e.Message != "":
@@ -121,9 +124,23 @@ func (e *APIError) Unwrap() error { return e.Err }
 func (e *APIError) RetryAfter() time.Duration { return e.retryAfter }
 
 // Retryable reports whether asking again can help: no answer, throttling,
-// or a server error. A 4xx is an answer that will not change.
+// or a server error. A 4xx is an answer that will not change, and neither
+// is a certificate this machine does not trust.
 func (e *APIError) Retryable() bool {
+	if e.untrusted() {
+		return false
+	}
 	return e.Status == 0 || e.Status == http.StatusTooManyRequests || e.Status >= 500
+}
+
+// untrusted reports whether the request failed on the server's
+// certificate.
+func (e *APIError) untrusted() bool {
+	var verify *tls.CertificateVerificationError
+	var unknown x509.UnknownAuthorityError
+	var host x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	return errors.As(e.Err, &verify) || errors.As(e.Err, &unknown) || errors.As(e.Err, &host) || errors.As(e.Err, &invalid)
 }
 
 // StatusOf returns the HTTP status of a failed request, or 0.

@@ -256,3 +256,32 @@ func TestParseRetryAfter(t *testing.T) {
 	assert.Zero(t, parseRetryAfter("soon", now))
 	assert.Zero(t, parseRetryAfter("-5", now))
 }
+
+func TestRegisterOverTLS(t *testing.T) {
+	g, ca := testenv.StartGoiardiTLS(t)
+	t.Run("with the server's CA in trusted_certs", func(t *testing.T) {
+		r := newRegistrar(t, g.URL, testenv.NewInstantClock())
+		r.Server.CAFile = ca
+		reg := registration(t, g, "tls01")
+		_, err := r.Register(context.Background(), reg)
+		require.NoError(t, err)
+		assertRegistered(t, g, reg)
+	})
+	t.Run("without it: a clear error, and no retries", func(t *testing.T) {
+		clock := testenv.NewInstantClock()
+		r := newRegistrar(t, g.URL, clock)
+		_, err := r.Register(context.Background(), registration(t, g, "tls02"))
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "the Chef server's certificate is not trusted")
+		assert.Contains(t, err.Error(), "chef.trusted_certs")
+		assert.Empty(t, clock.Waits(), "a certificate does not change by asking again")
+	})
+	t.Run("with another CA: the same", func(t *testing.T) {
+		_, otherCA := testenv.StartGoiardiTLS(t)
+		r := newRegistrar(t, g.URL, testenv.NewInstantClock())
+		r.Server.CAFile = otherCA
+		_, err := r.Register(context.Background(), registration(t, g, "tls03"))
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "certificate signed by unknown authority")
+	})
+}

@@ -29,12 +29,27 @@ type Goiardi struct {
 // It requires a private network namespace.
 func StartGoiardi(t testing.TB) *Goiardi {
 	t.Helper()
+	return startGoiardi(t, nil)
+}
+
+// StartGoiardiTLS runs goiardi over TLS, with a certificate for 127.0.0.1
+// signed by a CA made for the test; CA is that CA's certificate (PEM).
+func StartGoiardiTLS(t testing.TB) (g *Goiardi, caFile string) {
+	t.Helper()
+	dir := t.TempDir()
+	caFile, certFile, keyFile := writeTestPKI(t, dir)
+	g = startGoiardi(t, []string{"--use-ssl", "--ssl-cert=" + certFile, "--ssl-key=" + keyFile})
+	return g, caFile
+}
+
+func startGoiardi(t testing.TB, extra []string) *Goiardi {
 	RequirePrivateNetwork(t)
 	bin := Tool(t, "goiardi")
 	dir := t.TempDir()
 	port := FreePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	cmd := exec.Command(bin, "-A", "-I", "127.0.0.1", "-P", fmt.Sprint(port), "-H", "127.0.0.1", "--conf-root="+dir, "-g", "error")
+	args := append([]string{"-A", "-I", "127.0.0.1", "-P", fmt.Sprint(port), "-H", "127.0.0.1", "--conf-root=" + dir, "-g", "error"}, extra...)
+	cmd := exec.Command(bin, args...)
 	log, err := os.Create(filepath.Join(dir, "goiardi.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -52,12 +67,18 @@ func StartGoiardi(t testing.TB) *Goiardi {
 	})
 	WaitListening(t, addr, 15*time.Second, exited)
 
-	g := &Goiardi{URL: "http://" + addr, Addr: addr, ValidatorName: "chef-validator", ValidatorKey: filepath.Join(dir, "chef-validator.pem")}
+	scheme := "http"
+	if len(extra) > 0 {
+		scheme = "https"
+	}
+	g := &Goiardi{URL: scheme + "://" + addr, Addr: addr, ValidatorName: "chef-validator", ValidatorKey: filepath.Join(dir, "chef-validator.pem")}
 	adminKey, err := os.ReadFile(filepath.Join(dir, "admin.pem"))
 	if err != nil {
 		t.Fatalf("goiardi wrote no admin key: %v", err)
 	}
-	g.Admin, err = gochef.NewClient(&gochef.Config{Name: "admin", Key: string(adminKey), BaseURL: g.URL + "/", AuthenticationVersion: gochef.AuthVersion13})
+	// The admin client is the test's view of the server; it need not check
+	// the test's own certificate.
+	g.Admin, err = gochef.NewClient(&gochef.Config{Name: "admin", Key: string(adminKey), BaseURL: g.URL + "/", AuthenticationVersion: gochef.AuthVersion13, SkipSSL: true})
 	if err != nil {
 		t.Fatal(err)
 	}

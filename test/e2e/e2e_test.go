@@ -160,6 +160,15 @@ func TestBoot(t *testing.T) {
 			}
 		}
 		assert.True(t, identified)
+
+		// No key material in the whole journal of the boot.
+		everything := m.sh("journalctl", "--no-pager", "-o", "json", "-b")
+		assert.NotContains(t, everything, "PRIVATE KEY")
+		for _, key := range []string{"/etc/goiardi/chef-validator.pem", "/etc/chef/client.pem"} {
+			lines := strings.Split(strings.TrimSpace(img.read(key)), "\n")
+			require.Greater(t, len(lines), 3)
+			assert.NotContains(t, everything, lines[2], "the journal carries a piece of %s", key)
+		}
 	})
 
 	t.Run("diagnose finds a working instance working, and status shows the boot timeline", func(t *testing.T) {

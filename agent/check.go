@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/imds"
 )
 
 // Check is what `bootagent userdata check` reports: what a user-data would
@@ -33,8 +34,15 @@ type CheckedHostname struct {
 	ManageEtcHosts bool   `json:"manage_etc_hosts"`
 }
 
+// checkIdentity stands in for the instance's identity when user-data is
+// checked away from an instance: node name templates get something to
+// expand.
+var checkIdentity = imds.Identity{InstanceID: "i-0123456789abcdef0", Region: "eu-west-1"}
+
 // CheckUserData decodes data over the baked configuration base and reports
-// the settings it would apply, or the error that would stop the agent.
+// the settings it would apply, or the error that would stop the agent:
+// the host name and every Chef setting are validated, and client.rb and
+// first-boot.json rendered, as at boot.
 func CheckUserData(base config.Config, data []byte) (Check, error) {
 	cfg, info, err := config.ApplyUserData(base, data)
 	if err != nil {
@@ -48,6 +56,9 @@ func CheckUserData(base config.Config, data []byte) (Check, error) {
 		Hostname: CheckedHostname{PreferFQDN: h.PreferFQDN, ManageEtcHosts: h.ManageEtcHosts},
 	}
 	n, err := configuredName(cfg)
+	if err == nil {
+		_, err = (&Engine{root: "/"}).planChef(cfg, checkIdentity, n)
+	}
 	switch {
 	case err != nil:
 		return Check{}, err

@@ -120,11 +120,24 @@ type RetryAfter interface {
 	RetryAfter() time.Duration
 }
 
+// after turns a delay the server asked for into the one to wait: never
+// sooner than asked (up to MaxRetryAfter), and later by a random part of up
+// to Jitter of it, because a server that throttles a fleet tells every
+// instance the same Retry-After, and a fleet that obeyed it to the
+// millisecond would come back in the same instant.
+func (b *Backoff) after(d time.Duration) time.Duration {
+	d = min(d, MaxRetryAfter)
+	if b.policy.Jitter > 0 {
+		d += time.Duration(rand.Float64() * b.policy.Jitter * float64(d))
+	}
+	return d
+}
+
 // Retry calls op until it succeeds, returns a Permanent error, fails
 // maxAttempts times (0 means no limit), or ctx ends. Before each new attempt it
 // calls onRetry, when not nil, with the failure and the delay it will wait.
 // A delay the error asks for through RetryAfter is honoured when longer than
-// the backoff's own. It returns the last error of op, unwrapped from Permanent.
+// the backoff's own, spread by the policy's jitter (see after). It returns the last error of op, unwrapped from Permanent.
 func (b *Backoff) Retry(ctx context.Context, maxAttempts int, op func(context.Context) error, onRetry func(err error, delay time.Duration)) error {
 	for attempt := 1; ; attempt++ {
 		err := op(ctx)
@@ -142,7 +155,7 @@ func (b *Backoff) Retry(ctx context.Context, maxAttempts int, op func(context.Co
 		delay := b.Next()
 		var ra RetryAfter
 		if errors.As(err, &ra) && ra.RetryAfter() > delay {
-			delay = min(ra.RetryAfter(), MaxRetryAfter)
+			delay = b.after(ra.RetryAfter())
 		}
 		if onRetry != nil {
 			onRetry(err, delay)

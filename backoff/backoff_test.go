@@ -124,6 +124,29 @@ func TestRetry(t *testing.T) {
 	}
 }
 
+// A fleet told "Retry-After: 2" must not come back in one instant: each
+// waits at least what was asked, and the jitter spreads them after it.
+func TestRetryAfterIsHonouredAndSpread(t *testing.T) {
+	seen := map[time.Duration]bool{}
+	for range 200 {
+		clock := &instantClock{}
+		b := New(Policy{Initial: 10 * time.Millisecond, Max: time.Second, Jitter: 0.5}, clock)
+		calls := 0
+		require.NoError(t, b.Retry(context.Background(), 0, func(context.Context) error {
+			if calls++; calls == 1 {
+				return retryAfterErr{2 * time.Second}
+			}
+			return nil
+		}, nil))
+		require.Len(t, clock.waits, 1)
+		d := clock.waits[0]
+		require.GreaterOrEqual(t, d, 2*time.Second, "never sooner than the server asked")
+		require.LessOrEqual(t, d, 3*time.Second, "later by at most the jitter's fraction")
+		seen[d] = true
+	}
+	assert.Greater(t, len(seen), 50, "the waits should be spread, got %d distinct values", len(seen))
+}
+
 func TestRetryStopsWhenTheContextEnds(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	b := New(Policy{Initial: time.Hour, Max: time.Hour}, RealClock{})

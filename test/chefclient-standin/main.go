@@ -8,6 +8,10 @@
 //   - it signs requests with client.pem against the real Chef server,
 //     fetches its node, applies the first-boot run list (or policy) and
 //     attributes, adds automatic attributes, and saves the node;
+//   - it retries an answer of 500 or above http_retry_count times (5 unless
+//     client.rb says otherwise) after 1+2^n+rand(2^n) seconds, ignoring
+//     Retry-After, and fails the run on a 429, as chef-client's Chef::HTTP
+//     does;
 //   - it exits 3 on SIGTERM and 2 on SIGINT, as chef-client does (RFC 062).
 //
 // Flags of its own, for tests: --exit CODE (the code to end with),
@@ -26,9 +30,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -156,6 +163,12 @@ func converge(s map[string]string, jsonPath string) (gochef.Node, error) {
 		pool.AppendCertsFromPEM(pemData)
 		tlsConfig.RootCAs = pool
 	}
+	retryCount := 5
+	if v := s["http_retry_count"]; v != "" {
+		if retryCount, err = strconv.Atoi(v); err != nil {
+			return gochef.Node{}, fmt.Errorf("http_retry_count %q: %w", v, err)
+		}
+	}
 	base := s["chef_server_url"]
 	if !strings.HasSuffix(base, "/") {
 		base += "/"
@@ -163,7 +176,10 @@ func converge(s map[string]string, jsonPath string) (gochef.Node, error) {
 	c, err := gochef.NewClient(&gochef.Config{
 		Name: s["node_name"], Key: string(key), BaseURL: base,
 		AuthenticationVersion: s["authentication_protocol_version"],
-		Client:                &http.Client{Transport: &http.Transport{TLSClientConfig: tlsConfig}, Timeout: 30 * time.Second},
+		Client: &http.Client{
+			Transport: retrying{next: &http.Transport{TLSClientConfig: tlsConfig}, count: retryCount},
+			Timeout:   5 * time.Minute,
+		},
 	})
 	if err != nil {
 		return gochef.Node{}, err
@@ -191,6 +207,37 @@ func converge(s map[string]string, jsonPath string) (gochef.Node, error) {
 		return gochef.Node{}, fmt.Errorf("save node: %w", err)
 	}
 	return node, nil
+}
+
+// retrying retries server errors the way chef-client does.
+type retrying struct {
+	next  http.RoundTripper
+	count int
+}
+
+func (r retrying) RoundTrip(req *http.Request) (*http.Response, error) {
+	for attempt := 1; ; attempt++ {
+		res, err := r.next.RoundTrip(req)
+		if err != nil || res.StatusCode < 500 || attempt > r.count || req.GetBody == nil && req.Body != nil {
+			return res, err
+		}
+		_, _ = io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		wait := time.Duration(1+1<<attempt+rand.IntN(1<<attempt)) * time.Second
+		fmt.Printf("WARN: Server returned error %d for %s, retrying %d/%d in %s\n", res.StatusCode, req.URL, attempt, r.count, wait)
+		select {
+		case <-req.Context().Done():
+			return nil, req.Context().Err()
+		case <-time.After(wait):
+		}
+		again := req.Clone(req.Context())
+		if req.GetBody != nil {
+			if again.Body, err = req.GetBody(); err != nil {
+				return nil, err
+			}
+		}
+		req = again
+	}
 }
 
 func applyFirstBoot(node *gochef.Node, path string) error {

@@ -31,7 +31,7 @@ in_netns = unshare --net -- sh -c 'ip link set lo up && exec "$$@"' sh
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 .PHONY: deps
 deps: ## install the Debian packages and pinned Go tools the tests and demo use
@@ -93,6 +93,18 @@ bench: deps build deb e2e-image ## benchmarks: decoding, registration, whole `on
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) BOOTAGENT_BENCH_IDLE=$(IDLE) \
 		go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 60m -exec "unshare --uts --" ./... | tee bin/bench.txt
 	@scripts/benchtable.sh bin/bench.txt
+
+# FLEET is how many agents `make bench-fleet` launches at once, FLEET_RATE the
+# requests a second its throttled Chef server takes.
+FLEET      ?= 500
+FLEET_RATE ?= 50
+
+.PHONY: bench-fleet
+bench-fleet: deps build ## a scale-out storm: FLEET agents (500) at once against goiardi throttled to FLEET_RATE requests/s
+	go mod download
+	$(in_netns) env $(GO_TEST_ENV) \
+		go test -count=1 -v -timeout 60m -exec "unshare --uts --" -run '^TestScaleOutStorm$$' ./test/fleet \
+		-fleet.n=$(FLEET) -fleet.rate=$(FLEET_RATE) | tee bin/fleet.txt
 
 .PHONY: clean
 clean: ## remove build output (keeps the installed tools and the cached image)

@@ -69,6 +69,11 @@ type Options struct {
 	Metrics *metrics.Metrics
 	// Version is the agent's, for the bootagent_info metric.
 	Version string
+	// Backoff, when set, replaces every retry policy of the agent (Chef
+	// server requests at registration, bootstrap passes, failed
+	// chef-client runs). The fleet benchmark sets a fixed delay without
+	// jitter to show what the policies are worth.
+	Backoff *backoff.Policy
 }
 
 // Notifier tells the service manager how the agent is doing.
@@ -92,6 +97,7 @@ type Engine struct {
 	notifier Notifier
 	m        *metrics.Metrics
 	version  string
+	backoff  *backoff.Policy
 	// started is when the agent started, the origin of the boot timeline
 	// metrics.
 	started time.Time
@@ -110,7 +116,7 @@ type Engine struct {
 func New(ctx context.Context, o Options) *Engine {
 	e := &Engine{
 		cfg: o.Config, root: o.Root, log: o.Log, clock: o.Clock, md: o.Metadata, namer: o.Namer, runner: o.Runner, notifier: o.Notifier,
-		m: o.Metrics, version: o.Version,
+		m: o.Metrics, version: o.Version, backoff: o.Backoff,
 		runNow: make(chan struct{}, 1), reload: make(chan config.Config, 1), state: State{Version: stateVersion},
 	}
 	if e.m == nil {
@@ -178,6 +184,14 @@ func (e *Engine) chooseRunner(ctx context.Context) chef.Runner {
 		log.Warn("cannot reach systemd; chef-client runs as a child process", zap.Error(err))
 	}
 	return chef.ProcessRunner{Log: log, Clock: e.clock}
+}
+
+// retryPolicy is p, unless Options.Backoff replaced every policy.
+func (e *Engine) retryPolicy(p backoff.Policy) backoff.Policy {
+	if e.backoff != nil {
+		return *e.backoff
+	}
+	return p
 }
 
 // Close releases what the Engine holds (D-Bus connections).

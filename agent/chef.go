@@ -32,13 +32,17 @@ const (
 
 // registerRetry paces retries of Chef server requests during registration:
 // a fleet scaling out together spreads its retries, and a server that is
-// down for a few minutes is waited for.
-var registerRetry = backoff.Policy{Initial: time.Second, Max: time.Minute, Jitter: 0.5}
+// down for a few minutes is waited for. The cap is short because in a
+// storm it is the wait of the unluckiest instance past the moment the
+// server could have taken it (`make bench-fleet`: a one-minute cap made the
+// last of 500 instances register twice as late as it could have); a
+// throttling server's Retry-After still holds it off for longer.
+var registerRetry = backoff.Policy{Initial: time.Second, Max: 20 * time.Second, Jitter: 0.5}
 
 // registerAttempts bounds the attempts of one registration request before
 // the pass fails (about five minutes with registerRetry); the daemon then
 // retries the whole pass.
-const registerAttempts = 9
+const registerAttempts = 24
 
 // clientRBKeys maps client.rb settings to the config keys they come from.
 var clientRBKeys = map[string]string{
@@ -149,7 +153,7 @@ func (e *Engine) registrar(log *zap.Logger, cfg config.Config) *chef.Registrar {
 	if ch.TrustedCerts != "" {
 		server.CAFile = e.path(ch.TrustedCerts)
 	}
-	return &chef.Registrar{Server: server, Log: log, Backoff: registerRetry, MaxAttempts: registerAttempts, Clock: e.clock}
+	return &chef.Registrar{Server: server, Log: log, Backoff: e.retryPolicy(registerRetry), MaxAttempts: registerAttempts, Clock: e.clock}
 }
 
 // register makes the instance a node and writes chef-client's files. The

@@ -226,7 +226,7 @@ func (e *Engine) registerInService(ctx context.Context, log *zap.Logger, res Res
 // bootstrap runs a pass until it succeeds, fails on bad input, or ctx ends.
 func (e *Engine) bootstrap(ctx context.Context) (Result, error) {
 	var res Result
-	b := backoff.New(bootstrapRetry, e.clock)
+	b := backoff.New(e.retryPolicy(bootstrapRetry), e.clock)
 	failures := repeatLog{log: e.log, msg: "bootstrap failed; retrying", recovered: "bootstrap succeeded after failures"}
 	err := b.Retry(ctx, 0, func(ctx context.Context) error {
 		var err error

@@ -118,7 +118,7 @@ func (e *Engine) schedule(ctx context.Context, res Result) {
 	log := e.log.With(zap.String("instance_id", res.Identity.InstanceID), zap.String("node_name", res.NodeName))
 	interval := ch.Interval.D()
 	period := interval + splayFor(res.Identity.InstanceID, ch.Splay.D())
-	retry := backoff.New(backoff.Policy{Initial: min(time.Minute, interval), Max: interval, Jitter: 0.5}, e.clock)
+	retry := backoff.New(e.retryPolicy(backoff.Policy{Initial: min(time.Minute, interval), Max: interval, Jitter: 0.5}), e.clock)
 	st := e.snapshot()
 	firstBoot := !st.FirstRunDone
 	done := make(chan runEnd, 1)

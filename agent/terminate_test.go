@@ -114,7 +114,8 @@ func (s *terminationSetup) stop(t *testing.T) {
 
 func (s *terminationSetup) registered(t *testing.T) {
 	t.Helper()
-	testenv.Eventually(t, 20*time.Second, func() bool { return s.goiardi.Clients(t)["web01"] != "" }, "the instance registers")
+	// The client comes before the node: wait for both.
+	testenv.Eventually(t, 20*time.Second, func() bool { n, c := s.exists(t); return n && c }, "the instance registers")
 }
 
 // exists reports whether the node and the client are on the server.
@@ -221,6 +222,8 @@ func TestDeregistrationRetriesAChefServerThatIsDownDuringTheNotice(t *testing.T)
 	testenv.Eventually(t, 20*time.Second, func() bool { return refused.Load() >= 2 }, "the deletion is refused and retried")
 	s.chef.set("DELETE /nodes/web01", nil)
 	testenv.Eventually(t, 20*time.Second, func() bool { n, c := s.exists(t); return !n && !c }, "deleted once the server is back")
+	// The state records the deregistration once the deletions are done.
+	testenv.Eventually(t, 10*time.Second, func() bool { return s.engine.snapshot().Deregistration != nil }, "the deregistration is recorded")
 	assert.Positive(t, s.engine.snapshot().Deregistration.Retries)
 }
 

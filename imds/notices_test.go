@@ -21,7 +21,9 @@ func TestNoticesFromTheEmulatorsScenarios(t *testing.T) {
 	}{
 		{
 			name:    "an Auto Scaling termination",
-			command: []string{"asglifecycle", "--asg-termination-delay-sec", "1"},
+			// The delays run from the emulator's start; three seconds leave
+			// room for the first read on a loaded machine.
+			command: []string{"asglifecycle", "--asg-termination-delay-sec", "3"},
 			before: func(t *testing.T, n Notices) {
 				assert.Equal(t, "InService", n.LifecycleState)
 				assert.False(t, n.Terminating())
@@ -33,7 +35,7 @@ func TestNoticesFromTheEmulatorsScenarios(t *testing.T) {
 		},
 		{
 			name:    "a spot terminate notice",
-			command: []string{"spot", "-a", "terminate", "-d", "1", "--rebalance-delay-sec", "0"},
+			command: []string{"spot", "-a", "terminate", "-d", "3", "--rebalance-delay-sec", "0"},
 			before: func(t *testing.T, n Notices) {
 				assert.Nil(t, n.Spot)
 				assert.NotNil(t, n.Rebalance, "the rebalance recommendation comes first")

@@ -20,7 +20,7 @@ func TestNoticesFromTheEmulatorsScenarios(t *testing.T) {
 		terminating bool
 	}{
 		{
-			name:    "an Auto Scaling termination",
+			name: "an Auto Scaling termination",
 			// The delays run from the emulator's start; three seconds leave
 			// room for the first read on a loaded machine.
 			command: []string{"asglifecycle", "--asg-termination-delay-sec", "3"},

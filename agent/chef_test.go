@@ -34,10 +34,7 @@ func newChefSetup(t testing.TB, userData string, mod ...func(*config.Config)) *c
 	t.Helper()
 	s := &chefSetup{root: newRoot(t), goiardi: testenv.StartGoiardi(t)}
 	s.record = filepath.Join(t.TempDir(), "runs.jsonl")
-	validator, err := os.ReadFile(s.goiardi.ValidatorKey)
-	require.NoError(t, err)
-	require.NoError(t, os.MkdirAll(filepath.Join(s.root, "etc/chef"), 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(s.root, "etc/chef/validation.pem"), validator, 0o600))
+	s.goiardi.PlaceValidator(t, s.root)
 	standin := testenv.Tool(t, "chefclient-standin")
 	s.engine, s.logs = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, append([]func(*config.Config){func(c *config.Config) {
 		c.Chef.ServerURL = s.goiardi.URL

@@ -69,10 +69,7 @@ func TestALifeOverTLSLeaksNoSecretAndKeepsKeysPrivate(t *testing.T) {
 	emu := testenv.StartIMDS(t, testenv.IMDSConfig{Command: []string{"asglifecycle", "--asg-termination-delay-sec", "4"}, UserData: []byte("hostname=sec01\nchef_run_list=role[web]\n")})
 	catcher := newTokenCatcher(t, emu.URL)
 	root := newRoot(t)
-	validator, err := os.ReadFile(g.ValidatorKey)
-	require.NoError(t, err)
-	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
-	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600))
+	g.PlaceValidator(t, root)
 	caData, err := os.ReadFile(ca)
 	require.NoError(t, err)
 	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/bootagent"), 0o755))
@@ -113,7 +110,7 @@ func TestALifeOverTLSLeaksNoSecretAndKeepsKeysPrivate(t *testing.T) {
 	require.NotEmpty(t, tokens)
 	secrets := map[string]string{
 		"a private key marker": "PRIVATE KEY",
-		"the validator":        secret(t, string(validator)),
+		"the validator":        secret(t, readFile(t, g.ValidatorKey)),
 		"the node's key":       secret(t, clientKey),
 	}
 	for i, tok := range tokens {

@@ -54,9 +54,7 @@ func TestANewInstanceFromTheImageRegistersAsItself(t *testing.T) {
 
 	// The image is baked without `bootagent clean` and launched again: same
 	// files, another instance ID. The validator is baked back in.
-	validator, err := os.ReadFile(s.goiardi.ValidatorKey)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(s.root, "etc/chef/validation.pem"), validator, 0o600))
+	s.goiardi.PlaceValidator(t, s.root)
 	s.engine, _ = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0bbbbbbbbbbbbbbbb", UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
 		c.Chef.ServerURL = s.goiardi.URL
 		c.Chef.NodeName = "{hostname}-{instance_id}"

@@ -35,18 +35,10 @@ func BenchmarkOnceProcess(b *testing.B) {
 	b.Run("full", func(b *testing.B) {
 		g := testenv.StartGoiardi(b)
 		standin := testenv.Tool(b, "chefclient-standin")
-		validator, err := os.ReadFile(g.ValidatorKey)
-		if err != nil {
-			b.Fatal(err)
-		}
 		config := func(i int) string {
 			return fmt.Sprintf("imds:\n  endpoint: %s\nchef:\n  server_url: %s\n  node_name: bench-%d\n  client_command: [%q]\n", emu.URL, g.URL, i, standin)
 		}
-		benchOnce(b, bin, config, func(root string) {
-			if err := os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600); err != nil {
-				b.Fatal(err)
-			}
-		})
+		benchOnce(b, bin, config, func(root string) { g.PlaceValidator(b, root) })
 	})
 }
 

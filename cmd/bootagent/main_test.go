@@ -152,10 +152,7 @@ func TestOnceRegistersWithTheChefServer(t *testing.T) {
 	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("#cloud-config\nfqdn: cli01.example.internal\nchef:\n  run_list: [\"role[web]\"]\n")})
 	g := testenv.StartGoiardi(t)
 	root := t.TempDir()
-	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
-	validator, err := os.ReadFile(g.ValidatorKey)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600))
+	g.PlaceValidator(t, root)
 	for _, tt := range []struct {
 		exit     string
 		wantCode int
@@ -229,10 +226,7 @@ func TestDeregisterCommand(t *testing.T) {
 	emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte("fqdn=dr01.example.internal\n")})
 	g := testenv.StartGoiardi(t)
 	root := t.TempDir()
-	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
-	validator, err := os.ReadFile(g.ValidatorKey)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600))
+	g.PlaceValidator(t, root)
 	cfg := writeConfig(t, fmt.Sprintf("imds:\n  endpoint: %s\nchef:\n  server_url: %s\n  client_command: [%q]\n", emu.URL, g.URL, testenv.Tool(t, "chefclient-standin")))
 
 	code, out, stderr := bootagent(t, "", "deregister", "--config", cfg, "--root", root)

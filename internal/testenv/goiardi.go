@@ -85,6 +85,23 @@ func startGoiardi(t testing.TB, extra []string) *Goiardi {
 	return g
 }
 
+// PlaceValidator puts the organisation's validator key where the agent
+// looks for it under root (etc/chef/validation.pem, 0600), as an image
+// baked for this server carries it.
+func (g *Goiardi) PlaceValidator(t testing.TB, root string) {
+	t.Helper()
+	key, err := os.ReadFile(g.ValidatorKey)
+	if err == nil {
+		err = os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755)
+	}
+	if err == nil {
+		err = os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), key, 0o600)
+	}
+	if err != nil {
+		t.Fatalf("place the validator under %s: %v", root, err)
+	}
+}
+
 // Clients lists the client names on the server, validator and admin
 // included.
 func (g *Goiardi) Clients(t testing.TB) map[string]string {

@@ -45,9 +45,7 @@ func newInstance(t *testing.T, g *testenv.Goiardi, imdsURL, node string) instanc
 	root := t.TempDir()
 	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/hosts"), []byte("127.0.0.1\tlocalhost\n"), 0o644))
-	validator, err := os.ReadFile(g.ValidatorKey)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/validation.pem"), validator, 0o600))
+	g.PlaceValidator(t, root)
 	config := filepath.Join(t.TempDir(), "config.yaml")
 	require.NoError(t, os.WriteFile(config, fmt.Appendf(nil, "imds:\n  endpoint: %s\nchef:\n  server_url: %s\n  node_name: %s\n  client_command: [%q]\n",
 		imdsURL, g.URL, node, testenv.Tool(t, "chefclient-standin")), 0o600))

@@ -91,6 +91,25 @@ func serialiseTokens(t *testing.T, target string) string {
 	return front.URL
 }
 
+// progress tells the harness that an agent's state moved on: the agent
+// saves its state before each status it gives systemd.
+type progress struct {
+	agent   int
+	changed chan<- int
+	end     <-chan struct{}
+}
+
+func (p progress) Status(string) {
+	select {
+	case p.changed <- p.agent:
+	case <-p.end:
+	}
+}
+
+func (progress) Ready(string) {}
+func (progress) Stopping()    {}
+func (progress) Watchdog()    {}
+
 // storm is one scale-out.
 type storm struct {
 	name    string
@@ -116,18 +135,17 @@ func runStorm(t *testing.T, imdsURL string, s storm) result {
 	th := newThrottle(g.URL, g.ValidatorName, *fleetRate, *fleetCode, *fleetLose)
 	proxy := httptest.NewServer(th)
 	defer proxy.Close()
-	validator, err := os.ReadFile(g.ValidatorKey)
-	require.NoError(t, err)
 	standin := testenv.Tool(t, "chefclient-standin")
 
 	n := *fleetSize
+	ctx, cancel := context.WithCancel(context.Background())
+	changed := make(chan int, n)
 	roots := make([]string, n)
 	engines := make([]*agent.Engine, n)
 	dir := t.TempDir()
 	for i := range n {
 		roots[i] = filepath.Join(dir, fmt.Sprintf("agent-%04d", i))
-		require.NoError(t, os.MkdirAll(filepath.Join(roots[i], "etc/chef"), 0o755))
-		require.NoError(t, os.WriteFile(filepath.Join(roots[i], "etc/chef/validation.pem"), validator, 0o600))
+		g.PlaceValidator(t, roots[i])
 		cfg := config.Default()
 		cfg.IMDS.Endpoint = imdsURL
 		// Each instance has an IMDS of its own; here one emulator
@@ -138,27 +156,30 @@ func runStorm(t *testing.T, imdsURL string, s storm) result {
 		cfg.Chef.ClientCommand = []string{standin}
 		cfg.Chef.Splay = config.Duration(s.splay)
 		md := instance{Metadata: imds.New(imds.Options{Endpoint: imdsURL, TokenTTL: cfg.IMDS.TokenTTL.D()}), id: fmt.Sprintf("i-%017x", 0xf1ee7000+i)}
-		engines[i] = agent.New(context.Background(), agent.Options{Config: cfg, Root: roots[i], Log: zap.NewNop(), Metadata: md, Backoff: s.backoff})
+		engines[i] = agent.New(context.Background(), agent.Options{
+			Config: cfg, Root: roots[i], Log: zap.NewNop(), Metadata: md, Backoff: s.backoff,
+			Notifier: progress{agent: i, changed: changed, end: ctx.Done()},
+		})
 		defer engines[i].Close()
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	start := time.Now()
 	for _, e := range engines {
 		wg.Go(func() { _ = e.Run(ctx) })
 	}
 	done := make([]time.Time, n)
-	deadline := time.Now().Add(*fleetTime)
-	for left := n; left > 0 && time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		for i, root := range roots {
-			if !done[i].IsZero() {
-				continue
-			}
-			if st, err := agent.ReadState(root); err == nil && st.FirstRunDone && st.LastRun != nil {
+	deadline := time.After(*fleetTime)
+wait:
+	for left := n; left > 0; {
+		select {
+		case i := <-changed:
+			if st, err := agent.ReadState(roots[i]); done[i].IsZero() && err == nil && st.FirstRunDone && st.LastRun != nil {
 				done[i] = st.LastRun.Start.Add(st.LastRun.Duration)
 				left--
 			}
+		case <-deadline:
+			break wait
 		}
 	}
 	r := result{storm: s, agents: n}

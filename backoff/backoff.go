@@ -69,9 +69,6 @@ func (b *Backoff) Next() time.Duration {
 	return d
 }
 
-// Failures reports how many failures were counted since the last Reset.
-func (b *Backoff) Failures() int { return b.failures }
-
 // Reset forgets the failures, after a success.
 func (b *Backoff) Reset() { b.failures = 0 }
 
@@ -101,12 +98,6 @@ func Permanent(err error) error {
 		return nil
 	}
 	return permanentError{err}
-}
-
-// IsPermanent reports whether err was marked with Permanent.
-func IsPermanent(err error) bool {
-	var p permanentError
-	return errors.As(err, &p)
 }
 
 // MaxRetryAfter bounds the delay a server can ask for: long enough for any
@@ -139,6 +130,20 @@ func (b *Backoff) after(d time.Duration) time.Duration {
 // A delay the error asks for through RetryAfter is honoured when longer than
 // the backoff's own, spread by the policy's jitter (see after). It returns the last error of op, unwrapped from Permanent.
 func (b *Backoff) Retry(ctx context.Context, maxAttempts int, op func(context.Context) error, onRetry func(err error, delay time.Duration)) error {
+	return b.retry(ctx, func(attempt int, _ time.Duration) bool { return maxAttempts > 0 && attempt >= maxAttempts }, op, onRetry)
+}
+
+// RetryUntil is Retry bounded by a deadline instead of a count: the first
+// attempt is made however late it is, and another only when it can start
+// before the deadline. A deadline that has passed (a notice read late, a
+// clock ahead) still gets its one attempt.
+func (b *Backoff) RetryUntil(ctx context.Context, deadline time.Time, op func(context.Context) error, onRetry func(err error, delay time.Duration)) error {
+	return b.retry(ctx, func(_ int, delay time.Duration) bool { return !b.clock.Now().Add(delay).Before(deadline) }, op, onRetry)
+}
+
+// retry is the loop of Retry and RetryUntil; done says, after a failed
+// attempt and before the wait, whether to give up.
+func (b *Backoff) retry(ctx context.Context, done func(attempt int, delay time.Duration) bool, op func(context.Context) error, onRetry func(err error, delay time.Duration)) error {
 	for attempt := 1; ; attempt++ {
 		err := op(ctx)
 		if err == nil {
@@ -149,13 +154,16 @@ func (b *Backoff) Retry(ctx context.Context, maxAttempts int, op func(context.Co
 		if errors.As(err, &p) {
 			return p.err
 		}
-		if ctx.Err() != nil || (maxAttempts > 0 && attempt >= maxAttempts) {
+		if ctx.Err() != nil {
 			return err
 		}
 		delay := b.Next()
 		var ra RetryAfter
 		if errors.As(err, &ra) && ra.RetryAfter() > delay {
 			delay = b.after(ra.RetryAfter())
+		}
+		if done(attempt, delay) {
+			return err
 		}
 		if onRetry != nil {
 			onRetry(err, delay)

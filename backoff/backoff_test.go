@@ -33,7 +33,6 @@ func TestNextGrowsDoublingUpToTheCap(t *testing.T) {
 		want[i] *= time.Millisecond
 	}
 	assert.Equal(t, want, got)
-	assert.Equal(t, 7, b.Failures())
 	b.Reset()
 	assert.Equal(t, 100*time.Millisecond, b.Next(), "after Reset the delays start over")
 }
@@ -116,7 +115,8 @@ func TestRetry(t *testing.T) {
 				require.NoError(t, err)
 			} else {
 				require.ErrorIs(t, err, tt.wantErr)
-				assert.False(t, IsPermanent(err), "Retry returns the cause, not the Permanent wrapper")
+				var p permanentError
+				assert.False(t, errors.As(err, &p), "Retry returns the cause, not the Permanent wrapper")
 			}
 			assert.Equal(t, tt.wantCalls, calls, "calls")
 			assert.Equal(t, tt.wantWaits, clock.waits, "waits")
@@ -158,4 +158,42 @@ func TestRetryStopsWhenTheContextEnds(t *testing.T) {
 	}, nil)
 	require.EqualError(t, err, "down")
 	assert.Equal(t, 1, calls)
+}
+
+// movingClock never waits, but moves its time on by every wait.
+type movingClock struct{ now time.Time }
+
+func (c *movingClock) Now() time.Time { return c.now }
+
+func (c *movingClock) After(d time.Duration) <-chan time.Time {
+	c.now = c.now.Add(d)
+	ch := make(chan time.Time, 1)
+	ch <- c.now
+	return ch
+}
+
+func TestRetryUntilADeadline(t *testing.T) {
+	down := errors.New("down")
+	tests := []struct {
+		name     string
+		deadline time.Duration
+		want     int
+	}{
+		{"retries while the next attempt starts before the deadline", 7 * time.Second, 3}, // at 0s, 1s, 3s; the next would be at 7s
+		{"a deadline that has passed still gets one attempt", -time.Minute, 1},
+		{"a deadline too close for a retry gets one attempt", 500 * time.Millisecond, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := &movingClock{now: time.Unix(1000, 0)}
+			b := New(Policy{Initial: time.Second, Max: time.Minute}, c)
+			calls := 0
+			err := b.RetryUntil(context.Background(), c.now.Add(tt.deadline), func(context.Context) error {
+				calls++
+				return down
+			}, nil)
+			require.ErrorIs(t, err, down)
+			assert.Equal(t, tt.want, calls)
+		})
+	}
 }

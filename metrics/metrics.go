@@ -117,9 +117,6 @@ func New() *Metrics {
 	return m
 }
 
-// Gatherer gives access to the metrics, for tests and the textfile.
-func (m *Metrics) Gatherer() prometheus.Gatherer { return m.reg }
-
 // Changed tells the textfile writer that a metric changed. Calls while a
 // write is pending coalesce into it.
 func (m *Metrics) Changed() {

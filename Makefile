@@ -83,6 +83,11 @@ lint: ## gofmt, go vet and golangci-lint
 	go vet ./...
 	$(TOOLS)/golangci-lint run ./...
 
+.PHONY: docs
+docs: ## render docs/phases.svg from docs/phases.dot (a test checks they agree)
+	@scripts/deps.sh docs
+	dot -Tsvg docs/phases.dot -o docs/phases.svg
+
 .PHONY: fuzz
 fuzz: deps ## run every fuzz target for FUZZTIME each
 	@scripts/fuzz.sh $(FUZZTIME)

@@ -35,6 +35,13 @@ func newRoot(t testing.TB) string {
 // newEngine points an Engine at an IMDS emulator serving the given config.
 func newEngine(t testing.TB, m testenv.IMDSConfig, root string, mod ...func(*config.Config)) (*Engine, *observer.ObservedLogs) {
 	t.Helper()
+	return newEngineWith(t, m, root, nil, mod...)
+}
+
+// newEngineWith is newEngine with the Engine's options changed by opts
+// (when not nil) after the configuration is made.
+func newEngineWith(t testing.TB, m testenv.IMDSConfig, root string, opts func(*Options), mod ...func(*config.Config)) (*Engine, *observer.ObservedLogs) {
+	t.Helper()
 	testenv.RequirePrivateUTS(t)
 	require.NoError(t, syscall.Sethostname([]byte("localhost")))
 	emu := testenv.StartIMDS(t, m)
@@ -46,7 +53,11 @@ func newEngine(t testing.TB, m testenv.IMDSConfig, root string, mod ...func(*con
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	log := zap.New(zapcore.NewTee(core, zaptest.NewLogger(t).Core()))
-	e := New(context.Background(), Options{Config: cfg, Root: root, Log: log})
+	o := Options{Config: cfg, Root: root, Log: log}
+	if opts != nil {
+		opts(&o)
+	}
+	e := New(context.Background(), o)
 	t.Cleanup(e.Close)
 	return e, logs
 }

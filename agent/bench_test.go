@@ -55,8 +55,8 @@ func BenchmarkNoticeToDeregistered(b *testing.B) {
 // startMaskedTermination runs a registered daemon whose IMDS is the
 // emulator's Auto Scaling scenario, already Terminated, with the lifecycle
 // path answered InService until flip is called.
-func startMaskedTermination(b *testing.B) (*terminationSetup, func()) {
-	s := &terminationSetup{chefSetup: newChefSetup(b, "hostname=web01\n")}
+func startMaskedTermination(b *testing.B) (*maskedTermination, func()) {
+	s := &maskedTermination{chefSetup: newChefSetup(b, "hostname=web01\n")}
 	emu := testenv.StartIMDS(b, testenv.IMDSConfig{Command: []string{"asglifecycle", "--asg-termination-delay-sec", "0"}, UserData: []byte("hostname=web01\n")})
 	s.imds = newOverridingProxy(b, emu.URL)
 	var masked atomic.Bool
@@ -73,11 +73,19 @@ func startMaskedTermination(b *testing.B) (*terminationSetup, func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel, s.done = cancel, make(chan error, 1)
 	go func() { s.done <- s.engine.Run(ctx) }()
-	testenv.Eventually(b, 20*time.Second, func() bool { return s.engine.snapshot().Phase == PhaseIdle }, "registered and idle")
+	testenv.Eventually(b, 20*time.Second, func() bool { st, err := ReadState(s.root); return err == nil && st.Phase == PhaseIdle }, "registered and idle")
 	return s, func() { masked.Store(false) }
 }
 
-func benchConfig(s *terminationSetup) config.Config {
+// maskedTermination is a daemon whose termination a benchmark unmasks.
+type maskedTermination struct {
+	*chefSetup
+	imds   *overridingProxy
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func benchConfig(s *maskedTermination) config.Config {
 	cfg := config.Default()
 	cfg.IMDS.Endpoint = s.imds.URL
 	cfg.IMDS.PollInterval = config.Duration(benchPoll)
@@ -114,11 +122,12 @@ func BenchmarkIdleIMDSRequests(b *testing.B) {
 		cfg := config.Default()
 		cfg.IMDS.Endpoint = proxy
 		cfg.IMDS.PollInterval = config.Duration(poll)
-		e := New(context.Background(), Options{Config: cfg, Root: newRoot(b)})
+		root := newRoot(b)
+		e := New(context.Background(), Options{Config: cfg, Root: root})
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() { done <- e.Run(ctx) }()
-		testenv.Eventually(b, 10*time.Second, func() bool { return e.snapshot().Phase == PhaseIdle }, "idle")
+		testenv.Eventually(b, 10*time.Second, func() bool { st, err := ReadState(root); return err == nil && st.Phase == PhaseIdle }, "idle")
 		mu.Lock()
 		counting = true
 		mu.Unlock()

@@ -34,10 +34,13 @@ type CheckedHostname struct {
 	ManageEtcHosts bool   `json:"manage_etc_hosts"`
 }
 
-// checkIdentity stands in for the instance's identity when user-data is
-// checked away from an instance: node name templates get something to
-// expand.
-var checkIdentity = imds.Identity{InstanceID: "i-0123456789abcdef0", Region: "eu-west-1"}
+// checkGathered stands in for what a boot reads from IMDS and the host
+// when user-data is checked away from an instance: node name templates get
+// something to expand.
+var checkGathered = gathered{
+	identity: imds.Identity{InstanceID: "i-0123456789abcdef0", Region: "eu-west-1"},
+	current:  "ip-10-0-7-10.eu-west-1.compute.internal",
+}
 
 // CheckUserData decodes data over the baked configuration base and reports
 // the settings it would apply, or the error that would stop the agent:
@@ -55,13 +58,11 @@ func CheckUserData(base config.Config, data []byte) (Check, error) {
 		Sources:  cfg.Sources(),
 		Hostname: CheckedHostname{PreferFQDN: h.PreferFQDN, ManageEtcHosts: h.ManageEtcHosts},
 	}
-	n, err := configuredName(cfg)
-	if err == nil {
-		_, err = (&Engine{root: "/"}).planChef(cfg, checkIdentity, n)
-	}
-	switch {
-	case err != nil:
+	p, err := decide(cfg, info, checkGathered, "/")
+	if err != nil {
 		return Check{}, err
+	}
+	switch n := p.name; {
 	case h.Preserve:
 		c.Hostname.Decided = "left alone (preserve_hostname)"
 	case !n.IsZero():

@@ -18,8 +18,6 @@ import (
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/imds"
-	"github.com/bootagent/bootagent/metrics"
-	"github.com/bootagent/bootagent/systemd"
 )
 
 // Finding results.
@@ -73,7 +71,6 @@ const probeTimeout = 10 * time.Second
 // token, IMDSv1, the user-data, name resolution, the Chef server, its clock
 // and the node's key, chef-client, and the units.
 func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logger) Diagnosis {
-	e := &Engine{cfg: cfg, root: root, log: log, clock: backoff.RealClock{}, notifier: systemd.NewNotifier(log), m: metrics.New()}
 	md := imds.New(imds.Options{Endpoint: cfg.IMDS.Endpoint, AllowIMDSv1: cfg.IMDS.AllowIMDSv1, TokenTTL: cfg.IMDS.TokenTTL.D(), Log: zap.NewNop()})
 	st, _ := loadState(root)
 	var d Diagnosis
@@ -102,7 +99,7 @@ func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logg
 		return d
 	}
 	withTimeout(func(ctx context.Context) {
-		for _, c := range checkChefServer(ctx, e, cfgWithUserData, st) {
+		for _, c := range checkChefServer(ctx, root, cfgWithUserData, st) {
 			add(c)
 		}
 	})
@@ -191,12 +188,12 @@ func checkResolution(root string, st State) Finding {
 	return c
 }
 
-func checkChefServer(ctx context.Context, e *Engine, cfg config.Config, st State) []Finding {
+func checkChefServer(ctx context.Context, root string, cfg config.Config, st State) []Finding {
 	server := Finding{Name: "Chef server"}
 	clock := Finding{Name: "clock skew"}
 	key := Finding{Name: "client key"}
-	r := e.registrar(zap.NewNop(), cfg)
-	p, err := r.ProbeServer(ctx, st.NodeName, e.path(cfg.Chef.ClientKey))
+	r := registrar(cfg, root, zap.NewNop(), backoff.RealClock{}, registerRetry)
+	p, err := r.ProbeServer(ctx, st.NodeName, filepath.Join(root, cfg.Chef.ClientKey))
 	if err != nil {
 		server.Result, server.Detail = DiagFail, fmt.Sprintf("%s: %v", cfg.Chef.ServerURL, err)
 		server.Fix = "check chef.server_url, the network path to it, and chef.trusted_certs for its certificate"

@@ -113,18 +113,16 @@ func TestHostileUserDataIsRefusedOrInert(t *testing.T) {
 				continue
 			}
 			accepted++
-			cfg, _, err := config.ApplyUserData(base, data)
+			cfg, info, err := config.ApplyUserData(base, data)
 			require.NoError(t, err)
-			name, err := configuredName(cfg)
+			p, err := decide(cfg, info, checkGathered, "/")
 			require.NoError(t, err)
-			for _, n := range []string{name.Short, name.FQDN} {
+			for _, n := range []string{p.name.Short, p.name.FQDN} {
 				require.NoError(t, hostname.Validate(strings.TrimSuffix(n, ".")+"x"), "only valid host names pass: %q", n)
 			}
-			plan, err := (&Engine{root: "/"}).planChef(cfg, checkIdentity, name)
-			require.NoError(t, err)
-			rb := rubySettings(t, plan.clientRB)
+			rb := rubySettings(t, p.chef.clientRB)
 			var fb map[string]any
-			require.NoError(t, json.Unmarshal(plan.firstBoot, &fb), "first-boot.json is JSON")
+			require.NoError(t, json.Unmarshal(p.chef.firstBoot, &fb), "first-boot.json is JSON")
 			if f.readBack != nil {
 				// JSON user-data carries text, so invalid UTF-8 arrives
 				// as U+FFFD; the agent must keep what it was given.

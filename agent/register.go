@@ -16,7 +16,6 @@ import (
 	"github.com/bootagent/bootagent/backoff"
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
-	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
 	"github.com/bootagent/bootagent/internal/fault"
 )
@@ -25,9 +24,6 @@ import (
 const (
 	clientRBPath  = "/etc/chef/client.rb"
 	firstBootPath = "/etc/chef/first-boot.json"
-	// runLockPath is held while a chef-client run is followed, so that a
-	// `bootagent once` and the daemon never run chef-client together.
-	runLockPath = "/var/lib/bootagent/chef-client.lock"
 )
 
 // registerRetry paces retries of Chef server requests during registration:
@@ -40,8 +36,8 @@ const (
 var registerRetry = backoff.Policy{Initial: time.Second, Max: 20 * time.Second, Jitter: 0.5}
 
 // registerAttempts bounds the attempts of one registration request before
-// the pass fails (about five minutes with registerRetry); the daemon then
-// retries the whole pass.
+// the registration fails (about five minutes with registerRetry); the
+// daemon then retries it.
 const registerAttempts = 24
 
 // clientRBKeys maps client.rb settings to the config keys they come from.
@@ -68,8 +64,10 @@ type chefPlan struct {
 
 // planChef validates the Chef settings and renders chef-client's files, so
 // that a value that cannot be represented is refused before anything at all
-// is written.
-func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Name) (*chefPlan, error) {
+// is written. host is the host's name (the one applied, or the one it has
+// when the name is left alone), which node name templates may use; root is
+// where the paths written into client.rb are taken.
+func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan, error) {
 	ch := cfg.Chef
 	if !ch.Enabled() {
 		return nil, nil
@@ -77,17 +75,9 @@ func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Nam
 	bad := func(key string, err error) error {
 		return &config.InvalidError{Source: cfg.Source(key), Reason: err.Error()}
 	}
-	vars := chef.NameVars{FQDN: name.String(), Hostname: name.Short, InstanceID: id.InstanceID, Region: id.Region}
-	if name.IsZero() {
-		// The name is left alone; the node is named after what the host
-		// is called now.
-		current, err := os.Hostname()
-		if err != nil {
-			return nil, fmt.Errorf("read the host name: %w", err)
-		}
-		vars.FQDN = current
-		vars.Hostname, _, _ = strings.Cut(current, ".")
-	}
+	vars := chef.NameVars{FQDN: host, InstanceID: id.InstanceID, Region: id.Region}
+	vars.Hostname, _, _ = strings.Cut(host, ".")
+	under := func(p string) string { return filepath.Join(root, p) }
 	p := &chefPlan{}
 	var err error
 	if p.nodeName, err = chef.ExpandNodeName(ch.NodeName, vars); err != nil {
@@ -117,7 +107,7 @@ func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Nam
 	rb := chef.ClientConfig{
 		ServerURL:    ch.ServerURL,
 		NodeName:     p.nodeName,
-		ClientKey:    e.path(ch.ClientKey),
+		ClientKey:    under(ch.ClientKey),
 		SSLVerify:    ch.SSLVerify,
 		AuthProtocol: ch.AuthProtocol,
 		Environment:  ch.Environment,
@@ -125,7 +115,7 @@ func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Nam
 		PolicyGroup:  ch.PolicyGroup,
 	}
 	if ch.TrustedCerts != "" {
-		rb.CAFile = e.path(ch.TrustedCerts)
+		rb.CAFile = under(ch.TrustedCerts)
 	}
 	if p.clientRB, err = chef.RenderClientRB(rb); err != nil {
 		key := "chef.server_url"
@@ -143,22 +133,21 @@ func (e *Engine) planChef(cfg config.Config, id imds.Identity, name hostname.Nam
 	return p, nil
 }
 
-// path takes a system path under the agent's root.
-func (e *Engine) path(p string) string { return filepath.Join(e.root, p) }
-
-// registrar talks to the Chef server the configuration names.
-func (e *Engine) registrar(log *zap.Logger, cfg config.Config) *chef.Registrar {
+// registrar talks to the Chef server cfg names, for the agent under root.
+func registrar(cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy) *chef.Registrar {
 	ch := cfg.Chef
 	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify}
 	if ch.TrustedCerts != "" {
-		server.CAFile = e.path(ch.TrustedCerts)
+		server.CAFile = filepath.Join(root, ch.TrustedCerts)
 	}
-	return &chef.Registrar{Server: server, Log: log, Backoff: e.retryPolicy(registerRetry), MaxAttempts: registerAttempts, Clock: e.clock}
+	return &chef.Registrar{Server: server, Log: log, Backoff: policy, MaxAttempts: registerAttempts, Clock: clock}
 }
 
-// register makes the instance a node and writes chef-client's files. The
-// validator key is deleted only once everything it was needed for is done.
-func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Config, p *chefPlan) (chef.Registered, error) {
+// register is the registration worker: it makes the instance a node and
+// writes chef-client's files. The validator key is deleted only once
+// everything it was needed for is done. When stop is closed, it ends
+// before its next request to the Chef server.
+func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Config, p *chefPlan, stop <-chan struct{}) (chef.Registered, error) {
 	ch := cfg.Chef
 	log = log.With(zap.String("node_name", p.nodeName))
 	if !ch.SSLVerify {
@@ -177,7 +166,9 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return chef.Registered{}, fmt.Errorf("read the validator key: %w", err)
 	}
-	reg, err := e.registrar(log, cfg).Register(ctx, chef.Registration{
+	r := registrar(cfg, e.root, log, e.clock, e.retryPolicy(registerRetry))
+	r.Stop = stop
+	reg, err := r.Register(ctx, chef.Registration{
 		NodeName:      p.nodeName,
 		ClientKeyPath: e.path(ch.ClientKey),
 		ValidatorName: ch.ValidationClientName,

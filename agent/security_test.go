@@ -88,8 +88,8 @@ func TestALifeOverTLSLeaksNoSecretAndKeepsKeysPrivate(t *testing.T) {
 	go func() { done <- e.Run(ctx) }()
 
 	testenv.Eventually(t, 20*time.Second, func() bool {
-		st := e.snapshot()
-		return st.LastRun != nil && st.LastRun.Result == "success"
+		st, err := ReadState(root)
+		return err == nil && st.LastRun != nil && st.LastRun.Result == "success"
 	}, "registered and converged over TLS, the stand-in trusting the CA through client.rb")
 	clientKey := readFile(t, filepath.Join(root, "etc/chef/client.pem"))
 	fi, err := os.Stat(filepath.Join(root, "etc/chef/client.pem"))
@@ -100,7 +100,7 @@ func TestALifeOverTLSLeaksNoSecretAndKeepsKeysPrivate(t *testing.T) {
 	assert.True(t, os.IsNotExist(err), "the validator is gone once registered")
 	assert.Contains(t, readFile(t, filepath.Join(root, "etc/chef/client.rb")), "ssl_verify_mode                  :verify_peer\n")
 
-	testenv.Eventually(t, 20*time.Second, func() bool { return e.snapshot().Phase == PhaseDeregistered }, "deregistered at termination")
+	testenv.Eventually(t, 20*time.Second, func() bool { st, err := ReadState(root); return err == nil && st.Phase == PhaseDeregistered }, "deregistered at termination")
 	cancel()
 	require.NoError(t, <-done)
 

@@ -1,17 +1,21 @@
 package agent
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/internal/fault"
 )
 
 // Where the agent keeps what it knows (under its root).
@@ -19,15 +23,17 @@ const (
 	stateDir  = "/var/lib/bootagent"
 	statePath = stateDir + "/state.json"
 	// agentLockPath is held by `run` and `once` for their life, so that
-	// two never work on the same instance at once and `clean` cannot pull
-	// the state from under a running agent.
+	// two never work on the same instance at once (nor run chef-client
+	// beside each other) and `clean` cannot pull the state from under a
+	// running agent.
 	agentLockPath = stateDir + "/agent.lock"
 )
 
 // stateVersion is bumped when State changes incompatibly.
 const stateVersion = 1
 
-// Phase is where the agent is in its work.
+// Phase is where the agent is in its work. It is never set: it is derived
+// from the facts the agent holds (see machine.phase).
 type Phase int
 
 // The phases, in the order a first boot goes through them.
@@ -72,21 +78,28 @@ func (p *Phase) UnmarshalText(b []byte) error {
 // State is what the agent knows of this instance, kept in
 // /var/lib/bootagent/state.json. Each fact is saved only once the step it
 // records is done, so after a crash the state never claims more than was
-// done.
+// done. The facts that decide what the agent does (registered, a
+// termination noticed, a deregistration and what it left) are read back
+// at every start; Phase, Status, Error and Bootstrapped are derived from
+// the facts, for `bootagent status` and scripts, and never read back.
 type State struct {
 	Version    int    `json:"version"`
 	InstanceID string `json:"instance_id,omitempty"`
 	Phase      Phase  `json:"phase"`
 	// Status is the line systemd shows.
 	Status string `json:"status,omitempty"`
-	// Error is why the agent failed, in PhaseFailed.
+	// Error is why the agent failed, or why its last attempt did.
 	Error string `json:"error,omitempty"`
 	// Bootstrapped is true once this boot's host name is applied and the
-	// instance is registered (or registration is off): what READY=1 means.
+	// instance is registered (or registration is off, or waits for the
+	// warm pool): what READY=1 means.
 	Bootstrapped   bool   `json:"bootstrapped"`
 	Hostname       string `json:"hostname,omitempty"`
 	HostnameSource string `json:"hostname_source,omitempty"`
-	NodeName       string `json:"node_name,omitempty"`
+	// NodeName is set when a registration begins, RegisteredAt once it is
+	// done: a termination in between removes what the registration may
+	// have made.
+	NodeName string `json:"node_name,omitempty"`
 	// ClientName is the Chef client, which is the node's name.
 	ClientName   string     `json:"client_name,omitempty"`
 	RegisteredAt *time.Time `json:"registered_at,omitempty"`
@@ -99,11 +112,28 @@ type State struct {
 	// Notices is what IMDS last announced: Auto Scaling lifecycle, spot
 	// interruption, rebalance, scheduled maintenance.
 	Notices *imds.Notices `json:"notices,omitempty"`
-	// Deregistration is the removal of the node and client at termination.
+	// Termination is set once a notice says the instance is going away.
+	// It is final: the instance never comes back.
+	Termination *Termination `json:"termination,omitempty"`
+	// Deregistration is the removal of the node and client, at termination
+	// or by hand.
 	Deregistration *Deregistration `json:"deregistration,omitempty"`
 	// PID is the agent process that wrote the state last.
 	PID     int       `json:"pid,omitempty"`
 	Updated time.Time `json:"updated"`
+}
+
+// Termination is what the agent knows of the instance's end.
+type Termination struct {
+	NoticedAt time.Time `json:"noticed_at"`
+	// Reason is the notice, for people.
+	Reason string `json:"reason"`
+	// Deadline is when the instance goes away: the spot notice's time, or
+	// two minutes after an Auto Scaling termination was noticed.
+	Deadline time.Time `json:"deadline"`
+	// FinalRunDone is true once the final chef-client run
+	// (chef.final_run) was made, or there was no time for it.
+	FinalRunDone bool `json:"final_run_done,omitempty"`
 }
 
 // Deregistration records the removal of the node and client from the Chef
@@ -112,10 +142,19 @@ type Deregistration struct {
 	At     time.Time `json:"at"`
 	Reason string    `json:"reason"`
 	chef.Deregistered
+	// InProgress is true while the deletions are being made; a restart
+	// finds it and finishes them.
+	InProgress bool `json:"in_progress,omitempty"`
 	// LeftBehind is what is still on the server, for an operator to remove.
 	LeftBehind []string `json:"left_behind,omitempty"`
 	Error      string   `json:"error,omitempty"`
+	// Refused is true when the server refused a deletion (403, or a key it
+	// no longer accepts): asking again will not help, a person must act.
+	Refused bool `json:"refused,omitempty"`
 }
+
+// Complete reports whether the node and client are both gone.
+func (d *Deregistration) Complete() bool { return d != nil && d.NodeDeleted && d.ClientDeleted }
 
 // Boot is this boot's timeline.
 type Boot struct {
@@ -145,20 +184,112 @@ func loadState(root string) (State, error) {
 	return s, nil
 }
 
-// saveState writes the state under root, atomically.
-func saveState(root string, s State) error {
-	path := filepath.Join(root, statePath)
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+// ReadState returns the agent's state under root, for `bootagent status`.
+func ReadState(root string) (State, error) { return loadState(root) }
+
+// store saves the state under root, atomically, and only when it changed:
+// the owner of the state offers it after every event, and most change
+// nothing.
+type store struct {
+	root string
+	last []byte
+}
+
+// save writes s unless it says what the last save said; Updated and PID
+// are set on what is written.
+func (w *store) save(s State, now time.Time) error {
+	s.Version, s.PID, s.Updated = stateVersion, 0, time.Time{}
+	facts, err := json.Marshal(s)
+	if err != nil {
+		return err
 	}
+	if bytes.Equal(facts, w.last) {
+		return nil
+	}
+	s.PID, s.Updated = os.Getpid(), now.UTC()
 	data, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(path, append(data, '\n'), 0o644)
+	path := filepath.Join(w.root, statePath)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+	}
+	if err := atomicfile.WriteFile(path, append(data, '\n'), 0o644); err != nil {
+		return err
+	}
+	w.last = facts
+	if s.RegisteredAt != nil {
+		fault.Point("state-saved")
+	}
+	return nil
 }
 
-// ReadState returns the agent's state under root, for `bootagent status`.
-func ReadState(root string) (State, error) {
-	return loadState(root)
+// errAgentRunning means another bootagent process works on this instance.
+var errAgentRunning = errors.New("another bootagent process is working on this instance")
+
+// lockAgent takes the agent lock under root without waiting. It returns
+// the unlock.
+func lockAgent(root string) (func(), error) {
+	unlock, err := flock(filepath.Join(root, agentLockPath))
+	if errors.Is(err, errLocked) {
+		return nil, fmt.Errorf("%w (%s is held); for a chef-client run now, send SIGUSR1: systemctl kill -s USR1 bootagent", errAgentRunning, agentLockPath)
+	}
+	return unlock, err
+}
+
+// errLocked means a lock file is held by another process.
+var errLocked = errors.New("locked")
+
+// flock takes an exclusive lock on path without waiting and returns the
+// unlock. The kernel releases it when the process dies, however it dies.
+func flock(path string) (func(), error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock %s: %w", path, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, errLocked
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// instanceFiles are the files that tie the machine to one instance: the
+// node's key, the first-boot JSON, and client.rb, which names the node. The
+// baked config and the validator are the image's.
+func instanceFiles(cfg config.Config) []string {
+	return []string{cfg.Chef.ClientKey, firstBootPath, clientRBPath}
+}
+
+// Clean forgets the instance under root (state, node key, first-boot JSON,
+// client.rb) so that an image can be baked from this machine; every
+// instance launched from it then registers as itself. The baked config and
+// the validator stay. It refuses while an agent is running, and returns
+// the paths it removed.
+func Clean(root string, cfg config.Config) ([]string, error) {
+	unlock, err := flock(filepath.Join(root, agentLockPath))
+	if errors.Is(err, errLocked) {
+		return nil, fmt.Errorf("%w; stop it first: systemctl stop bootagent", errAgentRunning)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	var removed []string
+	for _, p := range append([]string{statePath}, instanceFiles(cfg)...) {
+		switch err := os.Remove(filepath.Join(root, p)); {
+		case err == nil:
+			removed = append(removed, p)
+		case !errors.Is(err, fs.ErrNotExist):
+			return removed, fmt.Errorf("clean: %w", err)
+		}
+	}
+	return removed, nil
 }

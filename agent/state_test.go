@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
@@ -82,7 +82,7 @@ func TestCleanForgetsTheInstanceButKeepsTheValidator(t *testing.T) {
 
 	removed, err := Clean(s.root, config.Default())
 	require.NoError(t, err)
-	assert.ElementsMatch(t, []string{statePath, "/etc/chef/client.pem", firstBootPath, clientRBPath, runLockPath}, removed)
+	assert.ElementsMatch(t, []string{statePath, "/etc/chef/client.pem", firstBootPath, clientRBPath}, removed)
 	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
 	require.NoError(t, err, "the validator stays for the next instance")
 	st, err := ReadState(s.root)
@@ -100,7 +100,7 @@ func TestCleanAndOnceRefuseWhileAnAgentIsRunning(t *testing.T) {
 	_, err = Clean(root, config.Default())
 	require.ErrorIs(t, err, errAgentRunning)
 	assert.Contains(t, err.Error(), "systemctl stop bootagent")
-	e := New(context.Background(), Options{Config: config.Default(), Root: root, Runner: &scriptedRunner{}})
+	e := New(context.Background(), Options{Config: config.Default(), Root: root})
 	_, err = e.Once(context.Background())
 	require.ErrorIs(t, err, errAgentRunning)
 }
@@ -150,51 +150,47 @@ func (n *recordingNotifier) snapshot() ([]string, []string, bool) {
 }
 
 func TestRunIsReadyOnceRegisteredAndSaysWhatItDoes(t *testing.T) {
-	s := newChefSetup(t, "hostname=web01\n")
-	n := &recordingNotifier{}
-	s.engine.notifier = n
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.engine.Run(ctx) }()
+	s := newDaemon(t, "")
+	n := s.notifier
 
 	testenv.Eventually(t, 15*time.Second, func() bool { r, _, _ := n.snapshot(); return len(r) == 1 }, "READY=1 is sent")
 	ready, statuses, _ := n.snapshot()
-	assert.Contains(t, ready[0], "idle, hostname web01")
+	assert.Regexp(t, "^converging: chef-client run ", ready[0], "READY comes with the first run starting")
 	assert.Contains(t, statuses, "waiting for IMDS")
 	assert.Contains(t, statuses, "applying hostname web01")
-	assert.Contains(t, statuses, "registering node web01 with "+s.goiardi.URL)
+	assert.Contains(t, statuses, "registering node web01 with "+s.chef.URL)
 	st, err := ReadState(s.root)
 	require.NoError(t, err)
 	require.NotNil(t, st.RegisteredAt, "READY comes after registration is recorded")
 
 	testenv.Eventually(t, 15*time.Second, func() bool {
-		_, st, _ := n.snapshot()
-		for _, s := range st {
+		ready, st, _ := n.snapshot()
+		for _, s := range append(ready, st...) {
 			if len(s) > 11 && s[:11] == "converging:" {
 				return true
 			}
 		}
 		return false
 	}, "the first run is announced")
-	cancel()
-	require.NoError(t, <-done)
+	s.stop(t)
 	_, _, stopping := n.snapshot()
 	assert.True(t, stopping, "STOPPING=1 on shutdown")
 }
 
 func TestRunReloadsItsConfiguration(t *testing.T) {
 	root := newRoot(t)
-	e, logs := newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, root)
+	var cfg *config.Config
+	e, logs := newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, root, func(c *config.Config) { cfg = c })
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.Run(ctx) }()
 	testenv.Eventually(t, 10*time.Second, func() bool { return kernelHostname(t) == "web01" }, "first config applied")
 
-	cfg := e.cfg
-	cfg.Hostname.Domain = "example.internal"
-	e.Reload(cfg)
+	next := *cfg
+	next.Hostname.Domain = "example.internal"
+	e.Reload(next)
 	testenv.Eventually(t, 10*time.Second, func() bool { return kernelHostname(t) == "web01.example.internal" }, "the reloaded config applies")
-	assert.Equal(t, 1, logs.FilterMessage("configuration reloaded; starting over with it").Len())
+	assert.Equal(t, 1, logs.FilterMessage("configuration reloaded; a new life starts with it").Len())
 	cancel()
 	require.NoError(t, <-done)
 }
@@ -222,29 +218,27 @@ func (h *hangingNamer) Apply(ctx context.Context, n hostname.Name, p hostname.Po
 	return nil, ctx.Err()
 }
 
-func TestTheWatchdogIsFedOnlyWhileTheMainLoopTurns(t *testing.T) {
-	t.Setenv("WATCHDOG_USEC", "200000")
-	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+func TestTheWatchdogIsFedOnlyWhilePollsEnd(t *testing.T) {
 	root := newRoot(t)
-	e, logs := newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, root, func(c *config.Config) {
+	n := &countingNotifier{}
+	namer := &hangingNamer{Namer: hostname.New(context.Background(), root, zaptest.NewLogger(t))}
+	e, logs := newEngineWith(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, root, func(o *Options) {
+		o.Notifier, o.Namer, o.Watchdog = n, namer, 100*time.Millisecond
+	}, func(c *config.Config) {
 		c.IMDS.PollInterval = config.Duration(time.Second)
 	})
-	n := &countingNotifier{}
-	e.notifier = n
-	namer := &hangingNamer{Namer: e.namer}
-	e.namer = namer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.Run(ctx) }()
 
 	testenv.Eventually(t, 10*time.Second, func() bool { return n.watchdogs.Load() >= 3 }, "WATCHDOG=1 every 100ms while the loop turns")
-	testenv.Eventually(t, 10*time.Second, func() bool { return namer.calls.Load() >= 3 }, "the second drift check hangs the main loop")
-	testenv.Eventually(t, 10*time.Second, func() bool {
-		return logs.FilterMessage("main loop stalled; not feeding the systemd watchdog").Len() == 1
+	testenv.Eventually(t, 10*time.Second, func() bool { return namer.calls.Load() >= 3 }, "the second drift check hangs")
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		return logs.FilterMessage("a poll is stuck (the host name check or IMDS); not feeding the systemd watchdog").Len() == 1
 	}, "the stall is noticed")
 	fed := n.watchdogs.Load()
 	time.Sleep(500 * time.Millisecond) // Five watchdog intervals, to see that none is fed.
-	assert.Equal(t, fed, n.watchdogs.Load(), "no WATCHDOG=1 while the loop is stuck: systemd will restart the agent")
+	assert.Equal(t, fed, n.watchdogs.Load(), "no WATCHDOG=1 while a poll is stuck: systemd will restart the agent")
 	cancel()
 	require.NoError(t, <-done)
 }

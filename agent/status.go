@@ -8,15 +8,17 @@ import (
 	"time"
 )
 
-// StatusCode maps the state to `bootagent status`'s exit status: 0 once
-// bootstrapped, 1 when failed and waiting for a fix, 2 while still in
+// StatusCode maps the state to `bootagent status`'s exit status: 1 when the
+// agent failed in a way that waits for a person (bad input, a refused
+// validator, a deregistration that left something behind), else 0 once
+// bootstrapped (or in a warm pool, or deregistered), 2 while still in
 // progress (or not started).
 func StatusCode(s State) int {
 	switch {
-	case s.Bootstrapped, s.Phase == PhaseWarmPool, s.Phase == PhaseDeregistered:
-		return 0
 	case s.Phase == PhaseFailed:
 		return 1
+	case s.Bootstrapped, s.Phase == PhaseWarmPool, s.Phase == PhaseDeregistered:
+		return 0
 	default:
 		return 2
 	}
@@ -68,8 +70,19 @@ func (s State) WriteText(w io.Writer) error {
 			row("maintenance", "%s (%s) not before %s", m.Code, m.State, m.NotBefore.Format(time.RFC3339))
 		}
 	}
+	if t := s.Termination; t != nil {
+		final := ""
+		if t.FinalRunDone {
+			final = ", final run done"
+		}
+		row("terminating", "%s, noticed %s, deadline %s%s", t.Reason, t.NoticedAt.Format(time.RFC3339), t.Deadline.Format(time.RFC3339), final)
+	}
 	if d := s.Deregistration; d != nil {
-		row("deregistered", "%s: node deleted %t, client deleted %t (%s)", d.At.Format(time.RFC3339), d.NodeDeleted, d.ClientDeleted, d.Reason)
+		what := "deregistered"
+		if d.InProgress {
+			what = "deregistering"
+		}
+		row(what, "%s: node deleted %t, client deleted %t (%s)", d.At.Format(time.RFC3339), d.NodeDeleted, d.ClientDeleted, d.Reason)
 		if len(d.LeftBehind) > 0 {
 			row("left behind", "%s: %s", strings.Join(d.LeftBehind, ", "), d.Error)
 		}

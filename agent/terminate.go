@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -15,41 +15,7 @@ import (
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/imds"
 	"github.com/bootagent/bootagent/metrics"
-	"github.com/bootagent/bootagent/systemd"
 )
-
-// finalRunReserve is the part of a termination notice kept for
-// deregistration when a final chef-client run goes first, and the least a
-// final run is worth starting with.
-const finalRunReserve = 30 * time.Second
-
-// noticeWatch follows IMDS's notices from poll to poll.
-type noticeWatch struct {
-	last        imds.Notices
-	read        bool
-	failures    repeatLog
-	terminating bool
-}
-
-// checkNotices reads IMDS's notices, logs each change once, keeps them in
-// the state, and reports what they ask of the agent.
-func (e *Engine) checkNotices(ctx context.Context, log *zap.Logger, w *noticeWatch) (imds.Notices, bool) {
-	n, err := e.md.Notices(ctx)
-	if err != nil {
-		if ctx.Err() == nil {
-			w.failures.fail(err)
-		}
-		return w.last, false
-	}
-	w.failures.ok()
-	if w.read && noticesEqual(n, w.last) {
-		return n, true
-	}
-	e.noticeChanges(log, w.last, n)
-	w.last, w.read = n, true
-	e.update(func(s *State) { s.Notices = &n })
-	return n, true
-}
 
 func noticesEqual(a, b imds.Notices) bool {
 	return a.LifecycleState == b.LifecycleState &&
@@ -59,11 +25,11 @@ func noticesEqual(a, b imds.Notices) bool {
 }
 
 // noticeChanges logs and counts what is new in n since old, once.
-func (e *Engine) noticeChanges(log *zap.Logger, old, n imds.Notices) {
-	count := func(kind string) { e.m.Notices.WithLabelValues(kind).Inc() }
+func noticeChanges(log *zap.Logger, m *metrics.Metrics, old, n imds.Notices) {
+	count := func(kind string) { m.Notices.WithLabelValues(kind).Inc() }
 	if n.LifecycleState != old.LifecycleState {
 		log.Info("Auto Scaling lifecycle state", zap.String("old", old.LifecycleState), zap.String("new", n.LifecycleState))
-		if n.LifecycleState == "Terminated" {
+		if (imds.Notices{LifecycleState: n.LifecycleState}).Terminating() {
 			count("autoscaling_terminated")
 		}
 	}
@@ -75,9 +41,9 @@ func (e *Engine) noticeChanges(log *zap.Logger, old, n imds.Notices) {
 		log.Info("spot rebalance recommended: this instance is at elevated risk of interruption", zap.Time("at", *n.Rebalance))
 		count("rebalance")
 	}
-	for _, m := range n.Maintenance {
-		if !slices.Contains(old.Maintenance, m) {
-			log.Info("scheduled maintenance event", zap.String("code", m.Code), zap.String("event_state", m.State), zap.Time("not_before", m.NotBefore))
+	for _, e := range n.Maintenance {
+		if !slices.Contains(old.Maintenance, e) {
+			log.Info("scheduled maintenance event", zap.String("code", e.Code), zap.String("event_state", e.State), zap.Time("not_before", e.NotBefore))
 			count("maintenance")
 		}
 	}
@@ -94,88 +60,61 @@ func terminationDeadline(n imds.Notices, now time.Time) time.Time {
 }
 
 func terminationReason(n imds.Notices) string {
-	if n.LifecycleState == "Terminated" {
-		return "Auto Scaling target lifecycle state Terminated"
+	if n.Spot != nil && n.Spot.Action == "terminate" {
+		return "spot interruption notice: terminate at " + n.Spot.Time.Format(time.RFC3339)
 	}
-	return "spot interruption notice: terminate at " + n.Spot.Time.Format(time.RFC3339)
+	return "Auto Scaling target lifecycle state " + n.LifecycleState
 }
 
-// terminate does what a termination notice asks: an optional last
-// chef-client run, then the removal of the node and client from the Chef
-// server, retried until the notice's deadline.
-func (e *Engine) terminate(ctx context.Context, log *zap.Logger, res Result, n imds.Notices) {
-	now := e.clock.Now()
-	deadline := terminationDeadline(n, now)
-	reason := terminationReason(n)
-	ch := res.Config.Chef
-	st := e.snapshot()
-	switch {
-	case !ch.Enabled() || st.RegisteredAt == nil:
-		log.Info("the instance is terminating; it was never registered, so nothing is left to remove", zap.String("reason", reason))
-		e.transition(PhaseTerminating, "terminating ("+reason+"); nothing registered")
-		return
-	case !ch.DeregisterOnTermination:
-		log.Warn("the instance is terminating; chef.deregister_on_termination is off, so its node and client stay on the Chef server",
-			zap.String("reason", reason), zap.String("node_name", st.NodeName))
-		e.transition(PhaseTerminating, "terminating ("+reason+"); node "+st.NodeName+" kept (deregistration off)")
-		return
+// deregistrationRecord is what the state keeps of a deregistration that
+// ended with d and err; deadline names the deadline it had, for the error.
+func deregistrationRecord(now time.Time, name, reason string, deadline time.Time, deadlineName string, d chef.Deregistered, err error) Deregistration {
+	rec := Deregistration{At: now.UTC(), Reason: reason, Deregistered: d, LeftBehind: d.LeftBehind(name)}
+	if err == nil {
+		return rec
 	}
-	log = log.With(zap.String("node_name", st.NodeName))
-	log.Warn("the instance is terminating: deregistering from the Chef server", zap.String("reason", reason), zap.Time("deadline", deadline))
-	e.transition(PhaseTerminating, fmt.Sprintf("terminating (%s): deregistering node %s by %s", reason, st.NodeName, deadline.Format(time.RFC3339)))
-	ctx, cancel := context.WithDeadline(ctx, deadline)
-	defer cancel()
-
-	if ch.FinalRun {
-		if left := deadline.Sub(e.clock.Now()) - finalRunReserve; left < finalRunReserve {
-			log.Warn("no time for a final chef-client run before deregistering", zap.Duration("left", left+finalRunReserve))
-		} else if _, err := e.runChef(ctx, res, false, min(left, ch.RunTimeout.D())); err != nil {
-			log.Warn("the final chef-client run did not happen", zap.Error(err))
-		}
+	rec.Refused = errors.Is(err, chef.ErrDeleteRefused) || errors.Is(err, chef.ErrKeyRefused)
+	if !rec.Refused {
+		err = fmt.Errorf("%s (%s) left no time to ask the Chef server again: %w", deadlineName, deadline.UTC().Format(time.RFC3339), err)
 	}
-	d, err := e.deregister(ctx, log, res.Config, st.NodeName, reason)
-	if err != nil {
-		e.setPhase(PhaseFailed, fmt.Sprintf("terminating: deregistration incomplete, left on the Chef server: %s", strings.Join(d.LeftBehind, ", ")), err.Error())
-		return
-	}
-	e.transition(PhaseDeregistered, fmt.Sprintf("deregistered: node and client %s deleted; the instance is terminating", st.NodeName))
+	rec.Error = err.Error()
+	return rec
 }
 
-// deregister removes the node and client and records the outcome,
-// telling an operator what was left behind if it failed.
-func (e *Engine) deregister(ctx context.Context, log *zap.Logger, cfg config.Config, name, reason string) (Deregistration, error) {
-	r := e.registrar(log, cfg)
-	r.MaxAttempts = 0 // Until the deadline.
-	d, err := r.Deregister(ctx, name, e.path(cfg.Chef.ClientKey))
-	rec := Deregistration{At: e.clock.Now().UTC(), Reason: reason, Deregistered: d, LeftBehind: d.LeftBehind(name)}
-	outcome := "deleted"
-	if err != nil {
-		outcome = "incomplete"
+// logDeregistration tells an operator how a deregistration ended, and
+// what to remove by hand if it left something.
+func logDeregistration(log *zap.Logger, m *metrics.Metrics, name string, rec Deregistration) {
+	log = log.With(zap.String("node_name", name))
+	if rec.Error == "" {
+		m.Deregistrations.WithLabelValues("deleted").Inc()
+		log.Info("deregistered: node and client deleted from the Chef server", zap.Int("retries", rec.Retries))
+		return
 	}
-	e.m.Deregistrations.WithLabelValues(outcome).Inc()
-	if err != nil {
-		rec.Error = err.Error()
-		log.Error("deregistration incomplete: remove what is left by hand",
-			zap.Strings("left_behind", rec.LeftBehind), zap.String("fix", fmt.Sprintf("knife node delete %s -y; knife client delete %s -y", name, name)), zap.Error(err))
-	} else {
-		log.Info("deregistered: node and client deleted from the Chef server", zap.Int("retries", d.Retries))
-	}
-	if err != nil && ctx.Err() != nil {
-		err = fmt.Errorf("the termination deadline passed before the Chef server answered: %w", err)
-		rec.Error = err.Error()
-	}
-	e.update(func(s *State) { s.Deregistration = &rec })
-	return rec, err
+	m.Deregistrations.WithLabelValues("incomplete").Inc()
+	log.Error("deregistration incomplete: remove what is left by hand",
+		zap.Strings("left_behind", rec.LeftBehind), zap.String("fix", fmt.Sprintf("knife node delete %s -y; knife client delete %s -y", name, name)),
+		zap.String("error", rec.Error))
+}
+
+// deregister removes the node and client l names from the Chef server cfg
+// names, for the agent under root, retrying until deadline: the deletions
+// of a termination (the machine's worker) and of `bootagent deregister`.
+// l.KeyPath is taken under root.
+func deregister(ctx context.Context, cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy, l chef.Leaving, deadline time.Time) (chef.Deregistered, error) {
+	r := registrar(cfg, root, log.With(zap.String("node_name", l.Name)), clock, policy)
+	r.Deadline = deadline
+	l.KeyPath = filepath.Join(root, l.KeyPath)
+	return r.Deregister(ctx, l)
 }
 
 // Deregister removes this instance's node and client from the Chef server
 // by hand (`bootagent deregister`, for shutdown hooks and lifecycle
-// scripts), trying until ctx ends. It records the outcome in the state
-// when no agent is running; beside a running agent it only deletes.
+// scripts), retrying until ctx's deadline. It records the outcome in the
+// state when no agent is running; beside a running agent it only deletes,
+// since the running agent owns the state.
 func Deregister(ctx context.Context, root string, cfg config.Config, log *zap.Logger) (Deregistration, error) {
-	// Only the state and the Chef server are needed: no IMDS, no names.
-	e := &Engine{cfg: cfg, root: root, log: log, clock: backoff.RealClock{}, notifier: systemd.NewNotifier(log), m: metrics.New()}
-	unlock, lockErr := e.lockAgent()
+	const reason = "bootagent deregister"
+	unlock, lockErr := lockAgent(root)
 	switch {
 	case lockErr == nil:
 		defer unlock()
@@ -189,18 +128,26 @@ func Deregister(ctx context.Context, root string, cfg config.Config, log *zap.Lo
 	if st.NodeName == "" || st.RegisteredAt == nil {
 		return Deregistration{}, errors.New("this instance is not registered (no node in /var/lib/bootagent/state.json): nothing to remove")
 	}
-	if d := st.Deregistration; d != nil && d.NodeDeleted && d.ClientDeleted {
+	if d := st.Deregistration; d.Complete() {
 		log.Info("already deregistered", zap.String("node_name", st.NodeName), zap.Time("at", d.At))
 		return *d, nil
 	}
-	log = log.With(zap.String("node_name", st.NodeName))
-	if lockErr != nil {
-		// The running agent owns the state file; only delete.
-		log.Info("an agent is running: deregistering without recording it in its state")
-		r := e.registrar(log, cfg)
-		r.MaxAttempts = 0
-		d, err := r.Deregister(ctx, st.NodeName, e.path(cfg.Chef.ClientKey))
-		return Deregistration{At: e.clock.Now().UTC(), Reason: "bootagent deregister", Deregistered: d, LeftBehind: d.LeftBehind(st.NodeName)}, err
+	clock := backoff.RealClock{}
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = clock.Now().Add(chef.DefaultDeregisterTimeout)
 	}
-	return e.deregister(ctx, log, cfg, st.NodeName, "bootagent deregister")
+	l := chef.Leaving{Name: st.NodeName, KeyPath: cfg.Chef.ClientKey, Confirmed: true, NodeGone: st.Deregistration != nil && st.Deregistration.NodeDeleted}
+	d, err := deregister(ctx, cfg, root, log, clock, registerRetry, l, deadline)
+	rec := deregistrationRecord(clock.Now(), st.NodeName, reason, deadline, "the --timeout", d, err)
+	logDeregistration(log, metrics.New(), st.NodeName, rec)
+	if lockErr != nil {
+		log.Info("an agent is running: deregistered without recording it in its state")
+		return rec, err
+	}
+	st.Deregistration = &rec
+	if serr := (&store{root: root}).save(st, clock.Now()); serr != nil {
+		log.Warn("could not save the agent state", zap.Error(serr))
+	}
+	return rec, err
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"os"
 	"time"
@@ -16,6 +17,10 @@ import (
 // ErrDeleteRefused is returned when the Chef server will not let the node
 // delete its node object or its own client.
 var ErrDeleteRefused = errors.New("the Chef server refused the deletion")
+
+// ErrKeyRefused is returned when the server does not accept the node's
+// own key for a deletion, and nothing says its client is gone.
+var ErrKeyRefused = errors.New("the Chef server no longer accepts the node's key")
 
 // Deregistered says what Deregister removed. A node or client that was
 // already gone counts as removed.
@@ -37,48 +42,98 @@ func (d Deregistered) LeftBehind(name string) []string {
 	return left
 }
 
+// Leaving is the node Deregister removes.
+type Leaving struct {
+	Name string
+	// KeyPath is the node's own key, which signs the deletions.
+	KeyPath string
+	// Confirmed is true when the registration was seen through. Otherwise
+	// it may have ended before the client was created, and a server that
+	// does not know the key holds nothing of the node.
+	Confirmed bool
+	// NodeGone is true when an earlier attempt deleted the node already.
+	NodeGone bool
+	// OnNodeDeleted, when set, is told as soon as the node is gone, before
+	// the client is deleted, so that the progress can be recorded.
+	OnNodeDeleted func()
+}
+
 // Deregister removes the node and then its client from the Chef server,
 // signing as the node with its own key, so that a terminated instance
 // leaves nothing stale behind. The node goes first: once the client is
 // gone the key opens nothing. What can pass (an unreachable server, 5xx,
-// 429) is retried until ctx ends; give it the notice's deadline.
-func (r *Registrar) Deregister(ctx context.Context, name, keyPath string) (out Deregistered, err error) {
-	key, err := os.ReadFile(keyPath)
-	if err != nil {
-		return out, fmt.Errorf("deregister %q: read the node's key: %w", name, err)
+// 429) is retried until r.Deadline, after at least one attempt of each
+// deletion however late it is.
+func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered, err error) {
+	key, err := os.ReadFile(l.KeyPath)
+	if errors.Is(err, fs.ErrNotExist) && !l.Confirmed {
+		// The key is written before the first request of a registration:
+		// without it, nothing reached the server.
+		r.Log.Info("the registration never reached the Chef server: nothing to remove", zap.String("node_name", l.Name))
+		return Deregistered{NodeDeleted: true, ClientDeleted: true}, nil
 	}
-	node, err := newAPI(r.Server, name, key)
 	if err != nil {
-		return out, fmt.Errorf("deregister %q: %w", name, err)
+		return out, fmt.Errorf("deregister %q: read the node's key: %w", l.Name, err)
+	}
+	node, err := newAPI(r.Server, l.Name, key)
+	if err != nil {
+		return out, fmt.Errorf("deregister %q: %w", l.Name, err)
 	}
 	var reg Registered
+	defer func() { out.Retries = reg.Retries }()
+	// keyWorked is true once the server accepted the key: a 401 after that
+	// means the client is gone, not that the key is wrong.
+	keyWorked := l.NodeGone
 	del := func(kind, path string) error {
 		return r.retry(ctx, &reg, func(ctx context.Context) error {
 			err := node.do(ctx, http.MethodDelete, path, nil, nil)
 			switch StatusOf(err) {
+			case 0:
+				if err == nil {
+					keyWorked = true
+				}
+				return err
 			case http.StatusNotFound:
-				r.Log.Info("already gone from the Chef server", zap.String("what", kind), zap.String("node_name", name))
+				keyWorked = true
+				r.Log.Info("already gone from the Chef server", zap.String("what", kind), zap.String("node_name", l.Name))
 				return nil
 			case http.StatusForbidden:
-				return backoff.Permanent(refused(kind, name, err))
+				return backoff.Permanent(refused(kind, l.Name, err))
 			case http.StatusUnauthorized:
-				return backoff.Permanent(fmt.Errorf("the Chef server no longer accepts the node's key (%w): its client was deleted already, "+
-					"or the key on this machine is not the one registered; an admin must remove what is left", err))
+				if keyWorked || !l.Confirmed {
+					// The key opened the node's deletion and no longer opens
+					// anything: its client is gone. Or the registration never
+					// got as far as the client: the server never had the key.
+					r.Log.Info("the Chef server does not know the node's key: its client is gone", zap.String("what", kind), zap.String("node_name", l.Name))
+					return backoff.Permanent(errGone)
+				}
+				return backoff.Permanent(fmt.Errorf("%w (%w): its client was deleted already, "+
+					"or the key on this machine is not the one registered; an admin must remove what is left", ErrKeyRefused, err))
 			}
 			return err
 		})
 	}
-	defer func() { out.Retries = reg.Retries }()
-	if err := del("node", "nodes/"+name); err != nil {
-		return out, fmt.Errorf("delete node %q: %w", name, err)
+	if !l.NodeGone {
+		switch err := del("node", "nodes/"+l.Name); {
+		case errors.Is(err, errGone):
+			return Deregistered{NodeDeleted: true, ClientDeleted: true}, nil
+		case err != nil:
+			return out, fmt.Errorf("delete node %q: %w", l.Name, err)
+		}
+		if l.OnNodeDeleted != nil {
+			l.OnNodeDeleted()
+		}
 	}
 	out.NodeDeleted = true
-	if err := del("client", "clients/"+name); err != nil {
-		return out, fmt.Errorf("delete client %q: %w", name, err)
+	if err := del("client", "clients/"+l.Name); err != nil && !errors.Is(err, errGone) {
+		return out, fmt.Errorf("delete client %q: %w", l.Name, err)
 	}
 	out.ClientDeleted = true
 	return out, nil
 }
+
+// errGone ends a deletion whose object is known to be gone.
+var errGone = errors.New("gone")
 
 // refused explains a 403 on a deletion and how to allow it.
 func refused(kind, name string, err error) error {

@@ -25,6 +25,9 @@ var ErrNameTaken = errors.New("node name taken")
 // validator's signature or rights; retrying cannot help.
 var ErrValidatorRefused = errors.New("validator refused")
 
+// ErrStopped is returned when Registrar.Stop ended the work.
+var ErrStopped = errors.New("stopped before the next Chef server request")
+
 // Registration is what registering one node needs.
 type Registration struct {
 	NodeName string
@@ -70,7 +73,16 @@ type Registrar struct {
 	Backoff backoff.Policy
 	// MaxAttempts bounds the attempts of one request; 0 means no bound.
 	MaxAttempts int
-	Clock       backoff.Clock
+	// Deadline, when set, bounds the retries instead: a request is tried
+	// at least once, and again only while a retry can start before it.
+	Deadline time.Time
+	// Stop, when closed, ends the work with ErrStopped before its next
+	// request. A request going is not cut off: its answer says what the
+	// server made of it, which the caller needs (a registration stopped
+	// because the instance terminates must know whether the client
+	// exists, to delete it).
+	Stop  <-chan struct{}
+	Clock backoff.Clock
 	// NewKey makes the instance's private key; nil is GenerateKey.
 	NewKey func() ([]byte, error)
 }
@@ -151,6 +163,9 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 		return out, fmt.Errorf("register client %q: %w", reg.NodeName, err)
 	}
 	fault.Point("client-created")
+	if r.stopped() {
+		return out, fmt.Errorf("register client %q: the client is created, the node is not: %w", reg.NodeName, ErrStopped)
+	}
 	return r.finishNode(ctx, node, reg, out)
 }
 
@@ -172,17 +187,54 @@ func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration,
 // succeed on retry.
 func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.Context) error) error {
 	b := backoff.New(r.Backoff, r.Clock)
-	return b.Retry(ctx, r.MaxAttempts, func(ctx context.Context) error {
+	// The waits between attempts end when Stop closes; the requests
+	// themselves keep ctx.
+	waitCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if r.Stop != nil {
+		go func() {
+			select {
+			case <-r.Stop:
+				cancel()
+			case <-waitCtx.Done():
+			}
+		}()
+	}
+	attempt := func(context.Context) error {
+		if r.stopped() {
+			return backoff.Permanent(ErrStopped)
+		}
 		err := op(ctx)
 		var e *APIError
 		if errors.As(err, &e) && !e.Retryable() {
 			return backoff.Permanent(err)
 		}
 		return err
-	}, func(err error, delay time.Duration) {
+	}
+	onRetry := func(err error, delay time.Duration) {
 		out.Retries++
 		r.Log.Warn("Chef server request failed; retrying", zap.Error(err), zap.Duration("retry_in", delay))
-	})
+	}
+	var err error
+	if !r.Deadline.IsZero() {
+		err = b.RetryUntil(waitCtx, r.Deadline, attempt, onRetry)
+	} else {
+		err = b.Retry(waitCtx, r.MaxAttempts, attempt, onRetry)
+	}
+	if err != nil && r.stopped() && !errors.Is(err, ErrStopped) {
+		err = fmt.Errorf("%w: %w", ErrStopped, err)
+	}
+	return err
+}
+
+// stopped reports whether Stop is closed.
+func (r *Registrar) stopped() bool {
+	select {
+	case <-r.Stop:
+		return true
+	default:
+		return false
+	}
 }
 
 // ensureKey returns the private key at path, made and written first if

@@ -113,6 +113,13 @@ type Outcome struct {
 	Tail []string `json:"-"`
 }
 
+// ErrEndRun is the cause (see context.WithCancelCause) that asks a runner
+// to end the run itself when the run's context ends, not only to stop
+// following it: a run in a transient unit is stopped too. A child process
+// is ended whatever the cause, since it cannot outlive the agent. The
+// cause says why, in the log.
+var ErrEndRun = errors.New("the chef-client run is to end")
+
 // Runner runs chef-client to the end and says how it ended. An error means
 // the run could not be started or followed.
 type Runner interface {
@@ -174,7 +181,7 @@ wait:
 		case <-ctx.Done():
 			if signalled == "" {
 				signalled = ResultInterrupted
-				log.Warn("stopping chef-client: the agent is stopping")
+				log.Warn("stopping chef-client; sending SIGTERM to its process group", zap.String("why", context.Cause(ctx).Error()))
 				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
 				kill = clock.After(spec.Grace)
 			}

@@ -2,6 +2,7 @@ package chef
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"syscall"
@@ -48,7 +49,8 @@ func (u *UnitRunner) Close() { u.conn.Close() }
 func UnitName(runID string) string { return UnitPrefix + runID + ".service" }
 
 // Run starts chef-client as a transient unit and follows it to the end.
-// When ctx ends first, the unit is left running and ctx's error returned.
+// When ctx ends first, the unit is left running and ctx's error returned,
+// unless the cause is ErrEndRun (see Follow).
 func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	name := UnitName(spec.ID)
 	props := []sddbus.Property{
@@ -77,6 +79,9 @@ func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 			return Outcome{ID: spec.ID, Unit: name}, fmt.Errorf("start unit %s (%s): job %s; see journalctl -u %s", name, strings.Join(spec.Command, " "), result, name)
 		}
 	case <-ctx.Done():
+		if errors.Is(context.Cause(ctx), ErrEndRun) {
+			return u.stop(Outcome{ID: spec.ID, Unit: name}, context.Cause(ctx))
+		}
 		return Outcome{ID: spec.ID, Unit: name}, ctx.Err()
 	}
 	spec.logger(u.log).Info("chef-client started", zap.String("unit", name), zap.Strings("command", spec.Command))
@@ -100,7 +105,8 @@ func (u *UnitRunner) Running(ctx context.Context) (string, bool, error) {
 }
 
 // Follow waits for the run's unit to end, reads how it ended, and removes
-// the unit. When ctx ends first, the unit is left running.
+// the unit. When ctx ends first, the unit is left running, unless the
+// cause is ErrEndRun: then it is stopped, and followed to its end.
 func (u *UnitRunner) Follow(ctx context.Context, id string) (Outcome, error) {
 	name := UnitName(id)
 	out := Outcome{ID: id, Unit: name}
@@ -108,25 +114,66 @@ func (u *UnitRunner) Follow(ctx context.Context, id string) (Outcome, error) {
 	defer tick.Stop()
 	for {
 		props, err := u.conn.GetUnitTypePropertiesContext(ctx, name, "Service")
+		if err == nil {
+			var unit map[string]any
+			unit, err = u.conn.GetUnitPropertiesContext(ctx, name)
+			if err == nil {
+				active, _ := unit["ActiveState"].(string)
+				sub, _ := unit["SubState"].(string)
+				if active == "failed" || active == "inactive" || (active == "active" && sub == "exited") {
+					return u.finish(ctx, out, active, props)
+				}
+			}
+		}
+		if errors.Is(context.Cause(ctx), ErrEndRun) {
+			return u.stop(out, context.Cause(ctx))
+		}
 		if err != nil {
 			return out, fmt.Errorf("read unit %s: %w", name, err)
-		}
-		unit, err := u.conn.GetUnitPropertiesContext(ctx, name)
-		if err != nil {
-			return out, fmt.Errorf("read unit %s: %w", name, err)
-		}
-		active, _ := unit["ActiveState"].(string)
-		sub, _ := unit["SubState"].(string)
-		if active == "failed" || active == "inactive" || (active == "active" && sub == "exited") {
-			return u.finish(ctx, out, active, props)
 		}
 		select {
 		case <-ctx.Done():
+			if errors.Is(context.Cause(ctx), ErrEndRun) {
+				return u.stop(out, context.Cause(ctx))
+			}
 			return out, ctx.Err()
 		case <-tick.C:
 		}
 	}
 }
+
+// stop stops a run's unit, waits for the stop job (bounded by the unit's
+// own TimeoutStopSec, after which systemd kills what is left), and reads
+// how the run ended.
+func (u *UnitRunner) stop(out Outcome, why error) (Outcome, error) {
+	u.log.Warn("stopping chef-client's unit", zap.String("unit", out.Unit), zap.String("why", why.Error()))
+	// The run's own context has ended; the stop gets one of its own.
+	sctx, cancel := context.WithTimeout(context.Background(), stopWait)
+	defer cancel()
+	done := make(chan string, 1)
+	if _, err := u.conn.StopUnitContext(sctx, out.Unit, "replace", done); err != nil {
+		return out, fmt.Errorf("stop unit %s: %w", out.Unit, err)
+	}
+	select {
+	case <-done:
+	case <-sctx.Done():
+		return out, fmt.Errorf("stop unit %s: %w", out.Unit, sctx.Err())
+	}
+	props, err := u.conn.GetUnitTypePropertiesContext(sctx, out.Unit, "Service")
+	if err != nil {
+		return out, fmt.Errorf("read unit %s: %w", out.Unit, err)
+	}
+	unit, err := u.conn.GetUnitPropertiesContext(sctx, out.Unit)
+	if err != nil {
+		return out, fmt.Errorf("read unit %s: %w", out.Unit, err)
+	}
+	active, _ := unit["ActiveState"].(string)
+	return u.finish(sctx, out, active, props)
+}
+
+// stopWait bounds the wait for a run's unit to stop: its TimeoutStopSec
+// (the runs' grace) and a margin for systemd's own work.
+const stopWait = time.Minute
 
 // Exit codes of a unit's main process, as systemd reports them (siginfo's
 // si_code).

@@ -51,41 +51,83 @@ type MaintenanceEvent struct {
 	NotBefore   time.Time `json:"not_before"`
 }
 
+// What the Auto Scaling target lifecycle states mean for the instance.
+// IMDS gives the steady state the instance is headed for: InService,
+// Standby and Detached keep it running (in or out of service, in or out of
+// the group: its node stays); Warmed:Running, Warmed:Stopped and
+// Warmed:Hibernated put it in a warm pool, prepared but not at work; and
+// Terminated and Warmed:Terminated (terminated from the warm pool, after
+// scale-in returned it there, or when the pool shrinks) end it for good.
+
 // Terminating reports whether the notices announce that the instance is
-// going away for good: an Auto Scaling termination or a spot terminate
-// action. A spot stop or hibernate, a reboot or a retirement stop keeps the
-// instance, and with it its node.
+// going away for good: an Auto Scaling termination (from service or from
+// the warm pool) or a spot terminate action. A spot stop or hibernate, a
+// reboot or a retirement stop keeps the instance, and with it its node.
 func (n Notices) Terminating() bool {
-	return n.LifecycleState == "Terminated" || (n.Spot != nil && n.Spot.Action == "terminate")
+	return n.LifecycleState == "Terminated" || n.LifecycleState == "Warmed:Terminated" || (n.Spot != nil && n.Spot.Action == "terminate")
 }
 
 // Warmed reports whether the instance is in an Auto Scaling warm pool: it
 // is to be prepared, not put to work.
-func (n Notices) Warmed() bool { return strings.HasPrefix(n.LifecycleState, "Warmed:") }
+func (n Notices) Warmed() bool {
+	return strings.HasPrefix(n.LifecycleState, "Warmed:") && n.LifecycleState != "Warmed:Terminated"
+}
+
+// Reading is one read of the notice paths. Each path is read and judged on
+// its own, so that one that fails hides nothing another says: Failed holds
+// why each failed path did, and Notices what the others said.
+type Reading struct {
+	Notices Notices
+	Failed  map[string]error
+}
+
+// Over returns what is known after r: what r read, and for each path that
+// failed the value last had.
+func (r Reading) Over(last Notices) Notices {
+	n := r.Notices
+	for path := range r.Failed {
+		switch path {
+		case lifecyclePath:
+			n.LifecycleState = last.LifecycleState
+		case spotActionPath:
+			n.Spot = last.Spot
+		case rebalancePath:
+			n.Rebalance = last.Rebalance
+		case maintenancePath:
+			n.Maintenance = last.Maintenance
+		}
+	}
+	return n
+}
 
 // Notices reads the four notice paths, one request each with the session
-// token already held. It makes a single attempt: the next poll is the
-// retry.
-func (c *Client) Notices(ctx context.Context) (Notices, error) {
-	var n Notices
-	var errs []error
+// token already held. It makes a single attempt at each: the next poll is
+// the retry.
+func (c *Client) Notices(ctx context.Context) Reading {
+	var r Reading
+	n := &r.Notices
 	read := func(path string, parse func([]byte) error) {
 		body, err := c.getOnce(ctx, path)
-		switch {
-		case errors.Is(err, ErrNotFound):
-		case err != nil:
-			errs = append(errs, err)
-		default:
-			if err := parse(body); err != nil {
-				errs = append(errs, fmt.Errorf("IMDS /latest/meta-data/%s: %w", path, err))
+		if errors.Is(err, ErrNotFound) {
+			return
+		}
+		if err == nil {
+			if perr := parse(body); perr != nil {
+				err = fmt.Errorf("IMDS /latest/meta-data/%s: %w", path, perr)
 			}
+		}
+		if err != nil {
+			if r.Failed == nil {
+				r.Failed = map[string]error{}
+			}
+			r.Failed[path] = err
 		}
 	}
 	read(lifecyclePath, func(b []byte) (err error) { n.LifecycleState, err = ParseLifecycleState(b); return })
 	read(spotActionPath, func(b []byte) (err error) { n.Spot, err = ParseSpotAction(b); return })
 	read(rebalancePath, func(b []byte) (err error) { n.Rebalance, err = ParseRebalance(b); return })
 	read(maintenancePath, func(b []byte) (err error) { n.Maintenance, err = ParseMaintenance(b); return })
-	return n, errors.Join(errs...)
+	return r
 }
 
 // LifecycleState reads the Auto Scaling target lifecycle state once; ""

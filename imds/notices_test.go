@@ -2,6 +2,11 @@ package imds
 
 import (
 	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"testing"
 	"time"
 
@@ -78,14 +83,16 @@ func TestNoticesFromTheEmulatorsScenarios(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			m := testenv.StartIMDS(t, testenv.IMDSConfig{Command: tt.command})
 			c := newClient(t, m.URL)
-			n, err := c.Notices(context.Background())
-			require.NoError(t, err)
+			r := c.Notices(context.Background())
+			require.Empty(t, r.Failed)
+			n := r.Notices
 			if tt.before != nil {
 				tt.before(t, n)
 			}
 			testenv.Eventually(t, 10*time.Second, func() bool {
-				n, err = c.Notices(context.Background())
-				return err == nil && (n.Spot != nil || n.LifecycleState == "Terminated" || len(n.Maintenance) > 0)
+				r = c.Notices(context.Background())
+				n = r.Notices
+				return len(r.Failed) == 0 && (n.Spot != nil || n.LifecycleState == "Terminated" || len(n.Maintenance) > 0)
 			}, "the notice appears")
 			tt.after(t, n)
 			assert.Equal(t, tt.terminating, n.Terminating())
@@ -95,9 +102,54 @@ func TestNoticesFromTheEmulatorsScenarios(t *testing.T) {
 
 func TestNoticesAreQuietByDefaultInTheTests(t *testing.T) {
 	m := testenv.StartIMDS(t, testenv.IMDSConfig{})
-	n, err := newClient(t, m.URL).Notices(context.Background())
+	r := newClient(t, m.URL).Notices(context.Background())
+	assert.Empty(t, r.Failed)
+	assert.Equal(t, Notices{LifecycleState: "InService"}, r.Notices)
+}
+
+func TestAPathThatFailsKeepsItsLastValueAndHidesNoOther(t *testing.T) {
+	m := testenv.StartIMDS(t, testenv.IMDSConfig{})
+	u, err := url.Parse(m.URL)
 	require.NoError(t, err)
-	assert.Equal(t, Notices{LifecycleState: "InService"}, n)
+	emulator := httputil.NewSingleHostReverseProxy(u)
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/latest/meta-data/events/maintenance/scheduled":
+			w.WriteHeader(http.StatusInternalServerError)
+		case "/latest/meta-data/spot/instance-action":
+			fmt.Fprint(w, `{"action": "terminate", "time": "2026-11-25T10:38:01Z"}`)
+		default:
+			emulator.ServeHTTP(w, r)
+		}
+	}))
+	t.Cleanup(front.Close)
+	r := newClient(t, front.URL).Notices(context.Background())
+	require.Len(t, r.Failed, 1)
+	assert.Contains(t, r.Failed["events/maintenance/scheduled"].Error(), "HTTP 500")
+	last := Notices{Maintenance: []MaintenanceEvent{{Code: "system-reboot"}}}
+	n := r.Over(last)
+	assert.Equal(t, "InService", n.LifecycleState)
+	require.NotNil(t, n.Spot, "the spot notice is read beside the failing path")
+	assert.True(t, n.Terminating())
+	assert.Equal(t, last.Maintenance, n.Maintenance, "the failed path keeps what it last said")
+}
+
+func TestWhatEachTargetLifecycleStateMeans(t *testing.T) {
+	for state, want := range map[string]struct{ warm, terminating bool }{
+		"InService":         {},
+		"Standby":           {},
+		"Detached":          {},
+		"":                  {},
+		"Warmed:Running":    {warm: true},
+		"Warmed:Stopped":    {warm: true},
+		"Warmed:Hibernated": {warm: true},
+		"Terminated":        {terminating: true},
+		"Warmed:Terminated": {terminating: true},
+	} {
+		n := Notices{LifecycleState: state}
+		assert.Equal(t, want.warm, n.Warmed(), "%q in a warm pool", state)
+		assert.Equal(t, want.terminating, n.Terminating(), "%q terminating", state)
+	}
 }
 
 func TestParseNotices(t *testing.T) {

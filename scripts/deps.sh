@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 # debootstrap and systemd-container (the boot test's image and
 # systemd-nspawn), rpm (to read the .rpm the build makes).
 packages=(util-linux mount iproute2 hostname goiardi ruby debootstrap systemd-container rpm)
+# `deps.sh docs` adds graphviz, which renders docs/phases.svg.
+if [[ " $* " == *" docs "* ]]; then
+	packages+=(graphviz)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

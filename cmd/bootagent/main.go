@@ -1,5 +1,6 @@
 // Command bootagent is the in-guest bootstrap agent for EC2 instances. See
-// the README for the commands and DESIGN.md for the contract they keep.
+// the README for the commands and docs/ARCHITECTURE.md for how the agent is
+// built.
 package main
 
 import (
@@ -52,7 +53,13 @@ Exit status: 0 success, 1 runtime failure, 2 usage or invalid configuration/user
 var errUsage = errors.New("usage")
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	// Signals are caught before anything else happens: systemd may send
+	// SIGTERM, SIGHUP (a reload) or SIGUSR1 at any moment, the first
+	// milliseconds of the process included, and none of them may kill the
+	// agent half-started. Each command then takes those it handles.
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1)
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr, sigs))
 }
 
 // exitStatus is a command's exit status that is not an error: `status`
@@ -61,9 +68,10 @@ type exitStatus int
 
 func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
-// run executes one command line and returns the exit status.
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	err := dispatch(args, stdin, stdout, stderr)
+// run executes one command line and returns the exit status. sigs are the
+// signals main caught.
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer, sigs chan os.Signal) int {
+	err := dispatch(args, stdin, stdout, stderr, sigs)
 	var code exitStatus
 	if errors.As(err, &code) {
 		return int(code)
@@ -78,21 +86,27 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	return agent.ExitCode(err)
 }
 
-func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer, sigs chan os.Signal) error {
 	if len(args) == 0 {
 		return fmt.Errorf("%w: no command given", errUsage)
 	}
-	switch cmd, rest := args[0], args[1:]; cmd {
+	cmd, rest := args[0], args[1:]
+	switch cmd {
 	case "run", "once":
-		return runAgent(cmd, rest, stdout, stderr)
+		return runAgent(cmd, rest, stdout, stderr, sigs)
 	case "status":
-		return status(rest, stdout, stderr)
+		return status(rest, stdout, stderr, sigs)
+	case "deregister":
+		return deregister(rest, stdout, stderr, sigs)
+	case "diagnose":
+		return diagnose(rest, stdout, stderr, sigs)
+	}
+	// The quick commands do not wait for anything: signals have their
+	// default effect on them again.
+	signal.Stop(sigs)
+	switch cmd {
 	case "clean":
 		return clean(rest, stdout, stderr)
-	case "deregister":
-		return deregister(rest, stdout, stderr)
-	case "diagnose":
-		return diagnose(rest, stdout, stderr)
 	case "userdata":
 		if len(rest) == 0 || rest[0] != "check" {
 			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
@@ -141,7 +155,46 @@ func (c *commonFlags) loadConfig(fs *flag.FlagSet) (config.Config, error) {
 	return config.Load(c.config, !named)
 }
 
-func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
+// watchSignals returns a context that ends on SIGINT or SIGTERM (and on
+// SIGHUP, unless reload takes it), and calls reload on SIGHUP and trigger
+// on SIGUSR1 when they are given. Signals that arrived before it is called
+// are handled first, in order, before it returns.
+func watchSignals(sigs <-chan os.Signal, reload, trigger func()) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.Background())
+	handle := func(s os.Signal) {
+		switch {
+		case s == syscall.SIGHUP && reload != nil:
+			reload()
+		case s == syscall.SIGUSR1:
+			if trigger != nil {
+				trigger()
+			}
+		default:
+			cancel()
+		}
+	}
+	for pending := true; pending; {
+		select {
+		case s := <-sigs:
+			handle(s)
+		default:
+			pending = false
+		}
+	}
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case s := <-sigs:
+				handle(s)
+			}
+		}
+	}()
+	return ctx, cancel
+}
+
+func runAgent(cmd string, args []string, stdout, stderr io.Writer, sigs chan os.Signal) error {
 	fs, common := newFlagSet(cmd, stderr)
 	asJSON := fs.Bool("json", false, "print the result as JSON (once)")
 	if err := parse(fs, args); err != nil {
@@ -158,43 +211,37 @@ func runAgent(cmd string, args []string, stdout, stderr io.Writer) error {
 	defer func() { _ = log.Sync() }()
 	log.Info("bootagent "+cmd, zap.String("version", version), zap.String("config", common.config), zap.String("root", common.root))
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	e := agent.New(ctx, agent.Options{Config: cfg, Root: common.root, Log: log, Version: version})
+	// The environment systemd gives is read here, and only here.
+	watchdog, _ := systemd.WatchdogInterval()
+	e := agent.New(context.Background(), agent.Options{
+		Config: cfg, Root: common.root, Log: log, Version: version, Notifier: systemd.NewNotifier(log),
+		Systemd: os.Getenv("INVOCATION_ID") != "", Watchdog: watchdog,
+	})
 	defer e.Close()
 
 	if cmd == "run" {
-		// SIGUSR1 starts a chef-client run now, as it does for chef-client's
-		// own daemon.
-		usr1 := make(chan os.Signal, 1)
-		signal.Notify(usr1, syscall.SIGUSR1)
-		defer signal.Stop(usr1)
 		// SIGHUP reloads the config file; a file that does not load is
-		// refused and the running configuration kept.
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		go func() {
-			for {
-				select {
-				case <-usr1:
-					log.Info("SIGUSR1: chef-client run requested")
-					e.TriggerRun()
-				case <-hup:
-					cfg, err := common.loadConfig(fs)
-					if err != nil {
-						log.Error("SIGHUP: the config does not load; keeping the running one", zap.Error(err))
-						continue
-					}
-					log.Info("SIGHUP: reloading the config", zap.String("config", common.config))
-					e.Reload(cfg)
-				case <-ctx.Done():
-					return
-				}
+		// refused and the running configuration kept. SIGUSR1 starts a
+		// chef-client run now, as it does for chef-client's own daemon.
+		reload := func() {
+			cfg, err := common.loadConfig(fs)
+			if err != nil {
+				log.Error("SIGHUP: the config does not load; keeping the running one", zap.Error(err))
+				return
 			}
-		}()
+			log.Info("SIGHUP: reloading the config", zap.String("config", common.config))
+			e.Reload(cfg)
+		}
+		trigger := func() {
+			log.Info("SIGUSR1: chef-client run requested")
+			e.TriggerRun()
+		}
+		ctx, stop := watchSignals(sigs, reload, trigger)
+		defer stop()
 		return e.Run(ctx)
 	}
+	ctx, stop := watchSignals(sigs, nil, nil)
+	defer stop()
 	res, err := e.Once(ctx)
 	if err != nil {
 		return err
@@ -216,7 +263,7 @@ func output(w io.Writer, asJSON bool, r report) error {
 	return enc.Encode(r)
 }
 
-func status(args []string, stdout, stderr io.Writer) error {
+func status(args []string, stdout, stderr io.Writer, sigs chan os.Signal) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	root := fs.String("root", "/", "directory every system path is taken under")
@@ -229,12 +276,19 @@ func status(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: status takes no arguments", errUsage)
 	}
+	ctx, stop := watchSignals(sigs, nil, nil)
+	defer stop()
 	deadline := time.Now().Add(wait.limit)
 	for {
 		st, err := agent.ReadState(*root)
 		code := agent.StatusCode(st)
 		if code == 2 && wait.on && (wait.limit == 0 || time.Now().Before(deadline)) {
-			time.Sleep(statusPoll) // Polling the state file until it says done.
+			// Polling the state file until it says done, or a signal.
+			select {
+			case <-ctx.Done():
+				return exitStatus(code)
+			case <-time.After(statusPoll):
+			}
 			continue
 		}
 		if err != nil {
@@ -306,7 +360,7 @@ func clean(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
-func diagnose(args []string, stdout, stderr io.Writer) error {
+func diagnose(args []string, stdout, stderr io.Writer, sigs chan os.Signal) error {
 	fs, common := newFlagSet("diagnose", stderr)
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
 	if err := parse(fs, args); err != nil {
@@ -319,7 +373,7 @@ func diagnose(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := watchSignals(sigs, nil, nil)
 	defer stop()
 	d := agent.Diagnose(ctx, common.root, cfg, systemd.NewLogger(stderr, common.logLevel))
 	if err := output(stdout, *asJSON, d); err != nil {
@@ -331,7 +385,7 @@ func diagnose(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-func deregister(args []string, stdout, stderr io.Writer) error {
+func deregister(args []string, stdout, stderr io.Writer, sigs chan os.Signal) error {
 	fs, common := newFlagSet("deregister", stderr)
 	timeout := fs.Duration("timeout", chef.DefaultDeregisterTimeout, "give up after this long")
 	if err := parse(fs, args); err != nil {
@@ -346,7 +400,7 @@ func deregister(args []string, stdout, stderr io.Writer) error {
 	}
 	log := systemd.NewLogger(stderr, common.logLevel)
 	defer func() { _ = log.Sync() }()
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := watchSignals(sigs, nil, nil)
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()

@@ -286,6 +286,35 @@ ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-
 		assert.Contains(t, m.show("bootagent.service", "StatusText")["StatusText"], "deregistered: node and client "+node+" deleted")
 		assert.Contains(t, journal(m), "the instance is terminating: deregistering from the Chef server")
 	})
+
+	t.Run("10: stopped while terminating, the agent ends the run's unit and deregisters first", func(t *testing.T) {
+		img.instance("i-0e2e0000000000005", userData)
+		img.write("/etc/systemd/system/aemm.service.d/terminate.conf", `[Service]
+ExecStart=
+ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-sec 8 -n 127.0.0.1 -p 1338 -I -c /etc/aemm/config.json
+`)
+		// The first converge outlasts the test; two minutes' notice lets it
+		// go on until the instance shuts down.
+		img.write("/etc/standin-sleep", "5m")
+		defer img.write("/etc/standin-sleep", "0s")
+		m := img.boot()
+		defer m.poweroff()
+		const node = "web01-i-0e2e0000000000005"
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Phase == "terminating" }, "the termination is noticed during the run; journal:\n%s", journal(m))
+		unit := strings.Fields(m.sh("systemctl", "list-units", "--no-legend", "--plain", "--state=active", "bootagent-chef-client-*") + " -")[0]
+		require.NotEqual(t, "-", unit, "the run goes on")
+
+		m.sh("systemctl", "stop", "bootagent.service")
+		assert.NotEqual(t, "active\n", m.sh("systemctl", "show", "-P", "ActiveState", unit), "the run's unit is stopped")
+		_, present := knife(m, "client", "list")[node]
+		assert.False(t, present, "the client is removed before the agent exits; journal:\n%s", journal(m))
+		s := state(t, img)
+		assert.Equal(t, "deregistered", s.Phase)
+		require.NotNil(t, s.LastRun)
+		assert.Contains(t, unit, s.LastRun.ID)
+		assert.Equal(t, "interrupted", s.LastRun.Result, "chef-client ended on SIGTERM")
+		assert.Contains(t, journal(m), "stopping chef-client's unit")
+	})
 }
 
 // readIfExists reads a file that may not exist yet.

@@ -1,0 +1,763 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/metrics"
+)
+
+// sim plays the machine against scripted peers, on a clock it moves
+// itself: an IMDS whose notices it sets, a Chef server that holds a client
+// and a node (or is down), chef-client runs that end when it says. Each
+// worker the machine starts is held until the simulation completes it.
+// Nothing sleeps and nothing runs concurrently, so any interleaving of
+// events can be played, and replayed.
+type sim struct {
+	t    testing.TB
+	now  time.Time
+	cfg  config.Config
+	plan *plan
+	m    *machine
+	// disk is the state as last saved: what a restart reads.
+	disk    []byte
+	checked []byte
+	metrics *metrics.Metrics
+	trace   []string
+	runs    int
+	// observe, when set, is told of every change of phase.
+	observe func(from, to Phase)
+
+	// The world.
+	client, node, key    bool
+	serverDown           bool
+	lifecycle            string
+	spot                 *imds.SpotAction
+	failPath             string
+	terminationAnnounced bool
+	firstRunSucceeded    bool
+	endedRuns            map[string]bool
+	completedOnDisk      bool
+
+	// Work in flight in this process.
+	booting, registering, polling bool
+	regStopped                    bool
+	run                           *actRun
+	runEnding                     bool
+	dereg                         *actDeregister
+	deregNodeDone                 bool
+	exited                        bool
+	ready                         int
+}
+
+const simInstance = "i-0123456789abcdef0"
+
+var (
+	machineSeed = flag.Uint64("machine.seed", 0, "replay the one interleaving of TestRandomInterleavings with this seed")
+	machineRuns = flag.Int("machine.runs", 2000, "how many interleavings TestRandomInterleavings plays")
+)
+
+func simConfig() config.Config {
+	cfg := config.Default()
+	cfg.IMDS.PollInterval = config.Duration(5 * time.Second)
+	cfg.Hostname.Name = "web01"
+	cfg.Chef.ServerURL = "https://chef.example.com/organizations/acme"
+	cfg.Chef.Interval, cfg.Chef.Splay = config.Duration(30*time.Minute), config.Duration(5*time.Minute)
+	return cfg
+}
+
+func newSim(t testing.TB, cfg config.Config) *sim {
+	t.Helper()
+	p, err := decide(cfg, config.UserData{Format: "none"}, gathered{identity: imds.Identity{InstanceID: simInstance, Region: "eu-west-1"}}, "/")
+	require.NoError(t, err)
+	s := &sim{t: t, now: time.Date(2026, 11, 25, 8, 0, 0, 0, time.UTC), cfg: cfg, plan: p, lifecycle: "InService", endedRuns: map[string]bool{}, metrics: metrics.New()}
+	s.newLife(State{Version: stateVersion}, nil)
+	return s
+}
+
+// noJitter makes every retry policy exact, so that a seed replays.
+func noJitter(p backoff.Policy) backoff.Policy { p.Jitter = 0; return p }
+
+// newLife makes a machine from st, as a start or a reload does, and starts
+// it, with run going on from before when it is not nil.
+func (s *sim) newLife(st State, run *runInfo) {
+	s.m = newMachine(machineOptions{
+		log: zap.NewNop(), metrics: s.metrics, cfg: s.cfg, started: s.now, clock: backoff.RealClock{},
+		newRunID: func(time.Time) string { s.runs++; return fmt.Sprintf("run-%d", s.runs) },
+		retry:    noJitter,
+	}, st)
+	s.exited, s.ready = false, 0
+	s.booting, s.registering, s.polling, s.regStopped, s.dereg, s.deregNodeDone = false, false, false, false, nil, false
+	s.step("start", evStart{run: run})
+}
+
+// step gives the machine ev, saves the state as the driver does (before
+// the actions), takes note of the work it starts, and checks every
+// invariant.
+func (s *sim) step(what string, ev event) []action {
+	s.t.Helper()
+	s.trace = append(s.trace, what)
+	before := s.m.shownPhase
+	acts := s.m.step(s.now, ev)
+	if s.observe != nil && before != s.m.shownPhase {
+		s.observe(max(before, PhaseStarting), s.m.shownPhase)
+	}
+	s.save()
+	for _, a := range acts {
+		switch a := a.(type) {
+		case actBoot:
+			s.booting = true
+		case actRegister:
+			s.registering, s.regStopped = true, false
+			// The key is the registration's first write.
+			s.key = true
+		case actStopRegister:
+			s.regStopped = true
+		case actRun:
+			if s.m.st.Termination != nil && !a.run.final {
+				s.fail("chef-client run %s starts after the termination was noticed", a.run.id)
+			}
+			s.run, s.runEnding = &a, false
+		case actEndRun:
+			s.runEnding = true
+		case actPoll:
+			s.polling = true
+		case actDeregister:
+			if s.completedOnDisk {
+				s.fail("a completed deregistration starts again")
+			}
+			s.dereg, s.deregNodeDone = &a, a.leaving.NodeGone
+		case actReady:
+			s.ready++
+			if s.ready > 1 {
+				s.fail("READY twice in one life")
+			}
+		case actExit:
+			s.exited = true
+		}
+	}
+	s.check()
+	return acts
+}
+
+func (s *sim) fail(format string, args ...any) {
+	s.t.Helper()
+	s.t.Fatalf("%s\nafter: %s", fmt.Sprintf(format, args...), strings.Join(s.trace, " | "))
+}
+
+// save keeps the state as the driver's store would (JSON, read back at a
+// restart).
+func (s *sim) save() {
+	data, err := json.Marshal(s.m.st)
+	require.NoError(s.t, err)
+	s.disk = data
+}
+
+func (s *sim) onDisk() State {
+	var st State
+	require.NoError(s.t, json.Unmarshal(s.disk, &st))
+	return st
+}
+
+// check holds the invariants: the phase of a terminating instance is
+// never an ordinary one again, and the state on disk never claims more
+// than happened.
+func (s *sim) check() {
+	s.t.Helper()
+	if s.m.st.Termination != nil {
+		switch p := s.m.phase(); p {
+		case PhaseTerminating, PhaseDeregistered, PhaseFailed:
+		default:
+			s.fail("phase %s after the termination was noticed", p)
+		}
+	}
+	if bytes.Equal(s.disk, s.checked) {
+		return
+	}
+	s.checked = s.disk
+	st := s.onDisk()
+	if st.Termination != nil {
+		if !s.terminationAnnounced {
+			s.fail("a termination recorded that IMDS never announced")
+		}
+	}
+	d := st.Deregistration
+	if d.Complete() {
+		s.completedOnDisk = true
+		if s.client || s.node {
+			s.fail("deregistered on disk, but the server holds client %t node %t", s.client, s.node)
+		}
+	}
+	if d != nil && d.NodeDeleted && s.node {
+		s.fail("the node is deleted on disk, but on the server")
+	}
+	if st.RegisteredAt != nil && d == nil && (!s.client || !s.node) {
+		s.fail("registered on disk, but the server holds client %t node %t", s.client, s.node)
+	}
+	if st.FirstRunDone && !s.firstRunSucceeded {
+		s.fail("the first run is done on disk, but none succeeded")
+	}
+	if st.LastRun != nil && !s.endedRuns[st.LastRun.ID] {
+		s.fail("the last run %s on disk never ended", st.LastRun.ID)
+	}
+}
+
+// booted completes the bootstrap, as the worker does: it tells of the
+// identity, of the name it applies, and then that it is done.
+func (s *sim) booted() {
+	s.booting = false
+	s.step("identified", evIdentified{identity: imds.Identity{InstanceID: simInstance}})
+	s.step("naming", evNaming{name: s.plan.name})
+	s.step("booted", evBooted{b: booted{
+		identity: imds.Identity{InstanceID: simInstance}, plan: s.plan, started: s.now,
+		lifecycle: s.lifecycle, keyPresent: s.key,
+	}})
+}
+
+// How a simulated registration ends (with the server up; with it down,
+// every one fails before the first write).
+const (
+	regDone       = iota // the client and the node are made
+	regClientOnly        // the client is made, then it stops or fails
+	regNameTaken         // another instance owns the name: a person must act
+)
+
+// registered completes the registration as how says.
+func (s *sim) registered(how int) {
+	s.registering = false
+	switch {
+	case s.serverDown:
+		s.step("registration failed", evRegisterFailed{err: errors.New("POST /clients: HTTP 503")})
+	case how == regDone:
+		// Stopped or not: the request going when it was asked to stop
+		// may have been the last.
+		s.client, s.node = true, true
+		s.step("registered", evRegistered{reg: chef.Registered{ClientCreated: true, NodeCreated: true}})
+	case how == regNameTaken && !s.client:
+		s.step("registration refused", evRegisterFailed{err: fmt.Errorf("register client: %w", chef.ErrNameTaken)})
+	default:
+		s.client = true
+		s.step("registration failed after the client", evRegisterFailed{err: fmt.Errorf("save node: %w", chef.ErrStopped)})
+	}
+}
+
+// ran ends the run going with result.
+func (s *sim) ran(result chef.Result) {
+	r := s.run
+	s.run = nil
+	if s.runEnding {
+		result = chef.ResultInterrupted
+	}
+	s.endedRuns[r.run.id] = true
+	if r.run.first && !result.Failed() {
+		s.firstRunSucceeded = true
+	}
+	s.step("run "+string(result), evRunEnded{out: chef.Outcome{ID: r.run.id, Start: r.run.started, Result: result}})
+}
+
+func (s *sim) reading() imds.Reading {
+	var r imds.Reading
+	r.Notices.LifecycleState = s.lifecycle
+	r.Notices.Spot = s.spot
+	if s.failPath != "" {
+		r.Failed = map[string]error{s.failPath: errors.New("HTTP 500")}
+		switch s.failPath {
+		case "autoscaling/target-lifecycle-state":
+			r.Notices.LifecycleState = ""
+		case "spot/instance-action":
+			r.Notices.Spot = nil
+		}
+	}
+	return r
+}
+
+func (s *sim) polled() {
+	s.polling = false
+	s.step("polled", evPolled{notices: s.reading()})
+}
+
+// deregStep makes the next deletion of the deregistration going: the node,
+// then the client. With the server down it gives up, as it does at the
+// deadline.
+func (s *sim) deregStep() {
+	l := s.dereg.leaving
+	if s.serverDown {
+		s.dereg = nil
+		s.step("deregistration gave up", evDeregistered{d: chef.Deregistered{NodeDeleted: s.deregNodeDone}, err: errors.New("DELETE: HTTP 503")})
+		return
+	}
+	if !l.Confirmed && !s.client {
+		// The server never had the key: nothing of the node is there.
+		s.node = false
+		s.dereg = nil
+		s.step("nothing to deregister", evDeregistered{d: chef.Deregistered{NodeDeleted: true, ClientDeleted: true}})
+		return
+	}
+	if !s.deregNodeDone {
+		s.node, s.deregNodeDone = false, true
+		s.step("node deleted", evNodeDeleted{})
+		return
+	}
+	s.client = false
+	s.dereg = nil
+	s.step("deregistered", evDeregistered{d: chef.Deregistered{NodeDeleted: true, ClientDeleted: true}})
+}
+
+func (s *sim) advance(d time.Duration) {
+	s.now = s.now.Add(d)
+	s.step("+"+d.String(), evTick{})
+}
+
+// abandon drops the work in flight, as the end of a process or a life
+// does; what the workers got to do on the server stays done.
+func (s *sim) abandon(pick func(int) int) {
+	if s.registering && !s.serverDown && pick(2) == 0 {
+		s.client = true
+		if pick(2) == 0 {
+			s.node = true
+		}
+	}
+	// The client goes only after the node's deletion is saved.
+	if s.dereg != nil && !s.serverDown && pick(2) == 0 {
+		if s.deregNodeDone {
+			s.client = false
+		} else {
+			s.node = false
+		}
+	}
+}
+
+// restart is the agent's process ending and starting again: the state
+// from disk, and a chef-client run going on only when its unit survived
+// (the transient unit runner) and is followed again.
+func (s *sim) restart(pick func(int) int) {
+	s.abandon(pick)
+	var follow *runInfo
+	if s.run != nil {
+		if pick(2) == 0 {
+			follow = &runInfo{id: s.run.run.id, started: s.run.run.started}
+		} else {
+			s.endedRuns[s.run.run.id] = true
+			s.run = nil
+		}
+	}
+	s.newLife(s.onDisk(), follow)
+}
+
+// reload is a new life in the same process: the in-memory state, and the
+// run going carried into it. The daemon ignores a reload while the
+// instance is terminating.
+func (s *sim) reload(pick func(int) int) {
+	if s.m.terminating() {
+		return
+	}
+	s.abandon(pick)
+	var carried *runInfo
+	if s.run != nil {
+		r := s.run.run
+		carried = &r
+	}
+	s.newLife(s.m.st, carried)
+}
+
+// interleave plays one random interleaving of events, choosing with pick,
+// then lets everything settle with the server answering, stops the agent
+// (a terminated instance shuts down) and checks that nothing of a
+// terminated instance is left on the server.
+func interleave(t testing.TB, pick func(int) int, steps int, observe func(from, to Phase)) {
+	cfg := simConfig()
+	cfg.Chef.FinalRun = pick(4) == 0
+	s := newSim(t, cfg)
+	s.observe = observe
+	lifecycles := []string{"InService", "Standby", "Detached", "Warmed:Running", "Warmed:Stopped", "Warmed:Hibernated", "Terminated", "Warmed:Terminated", ""}
+	paths := []string{"autoscaling/target-lifecycle-state", "spot/instance-action", "events/maintenance/scheduled", ""}
+	for range steps {
+		if s.exited {
+			s.restart(pick)
+			continue
+		}
+		type choice struct {
+			ok bool
+			do func()
+		}
+		choices := []choice{
+			{s.booting, func() {
+				if pick(5) == 0 {
+					s.booting = false
+					s.step("boot failed", evBootFailed{err: errors.New("IMDS: no answer")})
+					return
+				}
+				s.booted()
+			}},
+			{s.registering, func() { s.registered([]int{regDone, regDone, regClientOnly, regNameTaken}[pick(4)]) }},
+			{s.run != nil, func() {
+				results := []chef.Result{chef.ResultSuccess, chef.ResultFailed, chef.ResultRebootNeeded}
+				s.ran(results[pick(len(results))])
+			}},
+			{s.polling, s.polled},
+			{s.dereg != nil, s.deregStep},
+			{!s.terminated(), func() {
+				s.lifecycle = lifecycles[pick(len(lifecycles))]
+				s.trace = append(s.trace, "lifecycle "+s.lifecycle)
+				s.announce()
+			}},
+			{s.spot == nil, func() {
+				s.spot = &imds.SpotAction{Action: "terminate", Time: s.now.Add(time.Duration(pick(9)-4) * time.Minute)}
+				if pick(3) == 0 {
+					s.spot.Action = "stop"
+				}
+				s.trace = append(s.trace, fmt.Sprintf("spot %s at %s", s.spot.Action, s.spot.Time.Sub(s.now)))
+				s.announce()
+			}},
+			{true, func() {
+				s.serverDown = !s.serverDown
+				s.trace = append(s.trace, fmt.Sprintf("server down %t", s.serverDown))
+			}},
+			{true, func() {
+				s.failPath = paths[pick(len(paths))]
+				s.trace = append(s.trace, "failing "+s.failPath)
+			}},
+			{true, func() {
+				s.advance([]time.Duration{time.Second, 10 * time.Second, 45 * time.Second, 3 * time.Minute, 40 * time.Minute}[pick(5)])
+			}},
+			{true, func() { s.step("trigger", evTrigger{}) }},
+			{true, func() { s.trace = append(s.trace, "reload"); s.reload(pick) }},
+			{pick(4) == 0, func() { s.trace = append(s.trace, "restart"); s.restart(pick) }},
+			{pick(8) == 0, func() { s.step("stop", evStop{}) }},
+		}
+		var enabled []choice
+		for _, c := range choices {
+			if c.ok {
+				enabled = append(enabled, c)
+			}
+		}
+		enabled[pick(len(enabled))].do()
+	}
+	s.settle()
+}
+
+// terminated reports whether the world announced a termination; it is
+// final.
+func (s *sim) terminated() bool {
+	return (imds.Notices{LifecycleState: s.lifecycle, Spot: s.spot}).Terminating()
+}
+
+func (s *sim) announce() {
+	if s.terminated() {
+		s.terminationAnnounced = true
+	}
+}
+
+// settle lets the work in flight end with the server answering and
+// IMDS's notices read, then stops the agent, and checks what is left.
+func (s *sim) settle() {
+	s.serverDown, s.failPath = false, ""
+	for range 200 {
+		switch {
+		case s.exited:
+			if s.terminated() && s.client {
+				// The instance is terminating and the agent has stopped: an
+				// agent that starts again (a reboot before the end) picks up
+				// what is left.
+				s.restart(func(int) int { return 0 })
+				continue
+			}
+			s.checkLeft()
+			return
+		case s.booting:
+			s.booted()
+		case s.registering:
+			s.registered(regDone)
+		case s.run != nil:
+			s.ran(chef.ResultSuccess)
+		case s.dereg != nil:
+			s.deregStep()
+		case s.polling:
+			s.polled()
+		default:
+			s.advance(3 * time.Minute)
+			if s.dereg == nil && s.run == nil && !s.registering && !s.booting {
+				s.step("stop", evStop{})
+			}
+		}
+	}
+	s.fail("the agent did not settle")
+}
+
+// checkLeft checks that a terminated instance left nothing on a server
+// that answers, when it was to deregister.
+func (s *sim) checkLeft() {
+	if !s.terminationAnnounced || !s.cfg.Chef.DeregisterOnTermination {
+		return
+	}
+	if s.client || s.node {
+		s.fail("terminated, but the server holds client %t node %t", s.client, s.node)
+	}
+}
+
+// TestRandomInterleavings plays thousands of interleavings of lifecycle
+// changes, spot notices, registration and run completions, server
+// failures, reloads, restarts and stops, checking the invariants after
+// every step. A failure names its seed: -machine.seed=N replays it.
+// It also checks that the picture of the phases (docs/phases.dot, and
+// phases.svg rendered from it) draws every change of phase it sees.
+func TestRandomInterleavings(t *testing.T) {
+	if *machineSeed != 0 {
+		playSeed(t, *machineSeed, nil)
+		return
+	}
+	seen := map[[2]Phase]bool{}
+	observe := func(from, to Phase) { seen[[2]Phase{from, to}] = true }
+	for i := range *machineRuns {
+		seed := uint64(i + 1)
+		t.Run(fmt.Sprintf("seed %d", seed), func(t *testing.T) { playSeed(t, seed, observe) })
+		if t.Failed() {
+			return
+		}
+	}
+	drawn := phaseEdges(t, "../docs/phases.dot", `(?m)^\s*(\w+) -> (\w+)`)
+	for e := range seen {
+		assert.True(t, drawn[e], "docs/phases.dot does not draw %s -> %s, which the machine does", e[0], e[1])
+	}
+	assert.Equal(t, drawn, phaseEdges(t, "../docs/phases.svg", `<title>(\w+)&#45;&gt;(\w+)</title>`), "docs/phases.svg is not phases.dot rendered: make docs")
+}
+
+// phaseEdges reads the edges between phases that pattern finds in file,
+// which must name no phase the machine does not have.
+func phaseEdges(t *testing.T, file, pattern string) map[[2]Phase]bool {
+	data, err := os.ReadFile(file)
+	require.NoError(t, err)
+	edges := map[[2]Phase]bool{}
+	for _, m := range regexp.MustCompile(pattern).FindAllStringSubmatch(string(data), -1) {
+		var from, to Phase
+		require.NoError(t, from.UnmarshalText([]byte(m[1])), "%s", file)
+		require.NoError(t, to.UnmarshalText([]byte(m[2])), "%s", file)
+		edges[[2]Phase{from, to}] = true
+	}
+	require.NotEmpty(t, edges, "%s draws no edge", file)
+	return edges
+}
+
+func playSeed(t *testing.T, seed uint64, observe func(from, to Phase)) {
+	r := rand.New(rand.NewPCG(seed, 0x600d))
+	t.Logf("replay with: go test ./agent -run TestRandomInterleavings -machine.seed=%d", seed)
+	interleave(t, func(n int) int { return r.IntN(n) }, 150, observe)
+}
+
+// FuzzInterleavings lets the fuzzer choose the interleavings (`make
+// fuzz`): each byte of the input picks the next event.
+func FuzzInterleavings(f *testing.F) {
+	f.Add([]byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
+	f.Add([]byte("warm pool, then in service, then terminated"))
+	f.Fuzz(func(t *testing.T, choices []byte) {
+		i := 0
+		pick := func(n int) int {
+			if i >= len(choices) {
+				return 0
+			}
+			i++
+			return int(choices[i-1]) % n
+		}
+		interleave(t, pick, len(choices), nil)
+	})
+}
+
+// started boots a sim whose instance registers, and returns it with the
+// first run going.
+func started(t *testing.T) *sim {
+	s := newSim(t, simConfig())
+	s.booted()
+	require.True(t, s.registering, "a registration starts")
+	s.registered(regDone)
+	require.NotNil(t, s.run, "the first run starts at once, not an interval later")
+	return s
+}
+
+func (s *sim) period() time.Duration { return 30*time.Minute + splayFor(simInstance, 5*time.Minute) }
+
+func TestScheduleRunsAtOnceThenEveryIntervalPlusSplay(t *testing.T) {
+	s := started(t)
+	first := s.run
+	assert.True(t, first.run.first, "the first run gets the first-boot JSON")
+	assert.Equal(t, time.Hour, first.timeout, "chef.run_timeout")
+	start := s.now
+	s.advance(time.Minute)
+	s.ran(chef.ResultSuccess)
+	assert.Equal(t, start.Add(s.period()), *s.m.st.NextRun, "the next run is an interval plus the splay after the start of this one")
+
+	s.advance(s.period() - time.Minute - time.Second)
+	assert.Nil(t, s.run)
+	s.advance(time.Second)
+	require.NotNil(t, s.run)
+	assert.False(t, s.run.run.first, "later runs do without the first-boot JSON")
+}
+
+func TestScheduleSkipsARunWhileThePreviousIsGoing(t *testing.T) {
+	s := started(t)
+	first := s.run.run.id
+	s.advance(s.period())
+	assert.Equal(t, first, s.run.run.id, "no second run beside the first")
+	s.step("trigger", evTrigger{})
+	assert.Equal(t, first, s.run.run.id, "not on SIGUSR1 either")
+	s.ran(chef.ResultSuccess)
+	assert.Nil(t, s.run, "the skipped run is not made up for")
+}
+
+func TestScheduleRetriesAFailedRunSoonerWithBackoff(t *testing.T) {
+	s := started(t)
+	var delays []time.Duration
+	for range 7 {
+		s.ran(chef.ResultFailed)
+		d := s.m.st.NextRun.Sub(s.now)
+		delays = append(delays, d)
+		s.advance(d)
+		require.NotNil(t, s.run, "retried after %s", d)
+		assert.True(t, s.run.run.first, "until a first run succeeds, retries keep the first-boot JSON")
+	}
+	assert.Equal(t, time.Minute, delays[0], "delays: %v", delays)
+	for _, d := range delays {
+		assert.LessOrEqual(t, d, 30*time.Minute, "capped at the interval: %v", delays)
+	}
+	assert.Greater(t, delays[5], delays[0], "the delays grow: %v", delays)
+}
+
+func TestScheduleTreatsRebootRequestsAsSuccess(t *testing.T) {
+	s := started(t)
+	start := s.now
+	s.ran(chef.ResultOf(37))
+	assert.Equal(t, start.Add(s.period()), *s.m.st.NextRun, "a converge that needs a reboot is not retried")
+	assert.True(t, s.m.st.FirstRunDone)
+}
+
+func TestTriggerRunStartsARunNow(t *testing.T) {
+	s := started(t)
+	s.ran(chef.ResultSuccess)
+	s.advance(time.Minute)
+	s.step("trigger", evTrigger{})
+	require.NotNil(t, s.run, "SIGUSR1 starts a run at once")
+	assert.False(t, s.run.run.first)
+}
+
+func TestARestartKeepsTheSchedule(t *testing.T) {
+	s := started(t)
+	s.ran(chef.ResultSuccess)
+	next := *s.m.st.NextRun
+	s.advance(10 * time.Minute)
+	s.restart(func(int) int { return 0 })
+	s.booted()
+	assert.Nil(t, s.run, "a restart does not make a run")
+	assert.Equal(t, next, *s.m.st.NextRun, "the next run stays where it was")
+	s.advance(next.Sub(s.now) - time.Second)
+	assert.Nil(t, s.run)
+	s.advance(time.Second)
+	assert.NotNil(t, s.run, "and comes when it was due")
+}
+
+func TestATerminationWhileRegisteringStopsTheRegistrationAndRemovesWhatItMade(t *testing.T) {
+	s := newSim(t, simConfig())
+	s.booted()
+	require.True(t, s.registering)
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	assert.True(t, s.regStopped, "the registration is stopped")
+	s.registered(regClientOnly)
+	require.NotNil(t, s.dereg, "what the registration may have made is removed")
+	assert.False(t, s.dereg.leaving.Confirmed)
+	s.deregStep()
+	s.deregStep()
+	assert.False(t, s.client || s.node)
+	assert.Equal(t, PhaseDeregistered, s.m.phase())
+	assert.Nil(t, s.run, "no run on an instance that is going away")
+}
+
+func TestARunGoingAtTerminationFinishesWhileTheDeletesKeepTheirTime(t *testing.T) {
+	cfg := simConfig()
+	cfg.Chef.FinalRun = true
+	s := newSim(t, cfg)
+	s.booted()
+	s.registered(regDone)
+	first := s.run.run.id
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	assert.False(t, s.runEnding, "two minutes left: the run may finish")
+	s.advance(30 * time.Second)
+	s.ran(chef.ResultSuccess)
+	require.NotNil(t, s.run, "then the final run")
+	assert.NotEqual(t, first, s.run.run.id)
+	assert.True(t, s.run.run.final)
+	assert.Equal(t, time.Minute, s.run.timeout, "within what the notice leaves the deletes: 2m - 30s gone - 30s kept")
+	s.ran(chef.ResultSuccess)
+	require.NotNil(t, s.dereg, "then the deletes")
+}
+
+func TestARunThatWouldEatTheDeletesTimeIsEnded(t *testing.T) {
+	s := started(t)
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	s.advance(90 * time.Second)
+	assert.True(t, s.runEnding, "ended with 30s left for the deletes")
+	s.ran(chef.ResultSuccess)
+	require.NotNil(t, s.dereg)
+}
+
+func TestASpotNoticeInThePastStillGetsItsAttempt(t *testing.T) {
+	s := started(t)
+	s.ran(chef.ResultSuccess)
+	s.spot = &imds.SpotAction{Action: "terminate", Time: s.now.Add(-time.Minute)}
+	s.announce()
+	s.polled()
+	require.NotNil(t, s.dereg, "a deregistration starts however late")
+	assert.True(t, s.dereg.deadline.Before(s.now))
+}
+
+func TestEveryAutoScalingStateHasItsMeaningInTheMachine(t *testing.T) {
+	for state, want := range map[string]struct{ runs, deregisters bool }{
+		"InService": {runs: true}, "Standby": {runs: true}, "Detached": {runs: true}, "": {runs: true},
+		"Warmed:Running": {}, "Warmed:Stopped": {}, "Warmed:Hibernated": {},
+		"Terminated": {deregisters: true}, "Warmed:Terminated": {deregisters: true},
+	} {
+		t.Run(fmt.Sprintf("%q", state), func(t *testing.T) {
+			s := started(t)
+			s.ran(chef.ResultSuccess)
+			s.lifecycle = state
+			s.announce()
+			s.polled()
+			s.step("trigger", evTrigger{})
+			assert.Equal(t, want.runs, s.run != nil, "a run on request")
+			assert.Equal(t, want.deregisters, s.dereg != nil, "a deregistration")
+		})
+	}
+}
+
+func TestSplayIsFixedPerInstanceAndSpreadsAFleet(t *testing.T) {
+	assert.Equal(t, splayFor(simInstance, 5*time.Minute), splayFor(simInstance, 5*time.Minute), "a restart does not reshuffle")
+	seen := map[time.Duration]bool{}
+	for i := range 1000 {
+		d := splayFor(fmt.Sprintf("i-%017x", i), 5*time.Minute)
+		require.GreaterOrEqual(t, d, time.Duration(0))
+		require.Less(t, d, 5*time.Minute)
+		seen[d] = true
+	}
+	assert.Greater(t, len(seen), 250, "1000 instances spread over 300 possible seconds: %d distinct", len(seen))
+	assert.Zero(t, splayFor(simInstance, 0))
+}

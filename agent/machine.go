@@ -176,8 +176,8 @@ type failure struct {
 	human bool
 }
 
-// machine holds the facts and decides. See the comment at the top.
-type machine struct {
+// machineOptions are what a machine needs besides the state.
+type machineOptions struct {
 	log     *zap.Logger
 	metrics *metrics.Metrics
 	version string
@@ -188,9 +188,14 @@ type machine struct {
 	// started is when the agent started, the origin of the timeline
 	// metrics.
 	started  time.Time
+	clock    backoff.Clock
 	newRunID func(time.Time) string
 	retry    func(backoff.Policy) backoff.Policy
-	clock    backoff.Clock
+}
+
+// machine holds the facts and decides. See the comment at the top.
+type machine struct {
+	machineOptions
 
 	// st is the persisted part of the facts.
 	st State
@@ -218,47 +223,30 @@ type machine struct {
 	// pollStarted is when the poll going began, to tell a stuck one.
 	pollStarted   time.Time
 	deregistering bool
-	// deregTried counts this life's deregistrations: one a life (a
-	// restart resumes what one left), and stopTried one more when the
-	// agent stops.
-	deregTried     int
-	stopTried      bool
-	wasWarm        bool
-	stopping       bool
-	stopBy         time.Time
-	failure        *failure
-	ready          bool
-	exit           *actExit
-	exitSent       bool
-	shownPhase     Phase
-	shownStatus    string
-	said           map[string]bool
-	drift          repeatLog
-	bootFailures   repeatLog
-	regFailures    repeatLog
-	noticeFailures map[string]*repeatLog
+	// deregTried is true once this life made its deregistration (a
+	// restart resumes what one left), and stopTried once the stop made one
+	// more.
+	deregTried, stopTried bool
+	wasWarm               bool
+	stopping              bool
+	stopBy                time.Time
+	failure               *failure
+	ready                 bool
+	exit                  *actExit
+	exitSent              bool
+	shownPhase            Phase
+	shownStatus           string
+	said                  map[string]bool
+	drift                 repeatLog
+	bootFailures          repeatLog
+	regFailures           repeatLog
+	noticeFailures        map[string]*repeatLog
 	// res is what `once` reports.
 	res Result
 }
 
-// machineOptions are what a machine needs besides the state.
-type machineOptions struct {
-	log      *zap.Logger
-	metrics  *metrics.Metrics
-	version  string
-	cfg      config.Config
-	once     bool
-	started  time.Time
-	clock    backoff.Clock
-	newRunID func(time.Time) string
-	retry    func(backoff.Policy) backoff.Policy
-}
-
 func newMachine(o machineOptions, st State) *machine {
-	m := &machine{
-		log: o.log, metrics: o.metrics, version: o.version, cfg: o.cfg, once: o.once, started: o.started, clock: o.clock, newRunID: o.newRunID, retry: o.retry,
-		st: st, shownPhase: -1, said: map[string]bool{}, noticeFailures: map[string]*repeatLog{},
-	}
+	m := &machine{machineOptions: o, st: st, shownPhase: -1, said: map[string]bool{}, noticeFailures: map[string]*repeatLog{}}
 	m.bootRetry = backoff.New(m.retry(bootstrapRetry), o.clock)
 	m.regRetry = backoff.New(m.retry(bootstrapRetry), o.clock)
 	m.drift = repeatLog{log: m.log, msg: "hostname check failed", recovered: "hostname check works again"}
@@ -780,7 +768,7 @@ func (m *machine) nextTerminating(now time.Time) []action {
 		m.log.Warn("no time for a final chef-client run before deregistering", zap.Duration("left", left+deregisterReserve))
 		t.FinalRunDone = true
 	}
-	if m.deregTried > 0 {
+	if m.deregTried {
 		return nil
 	}
 	return m.startDeregister(now)
@@ -795,8 +783,7 @@ func (m *machine) startDeregister(now time.Time) []action {
 	}
 	t := m.st.Termination
 	nodeGone := d != nil && d.NodeDeleted
-	m.deregTried++
-	m.deregistering = true
+	m.deregTried, m.deregistering = true, true
 	m.st.Deregistration = &Deregistration{At: now.UTC(), Reason: t.Reason, InProgress: true, Deregistered: chef.Deregistered{NodeDeleted: nodeGone}}
 	m.log.Warn("the instance is terminating: deregistering from the Chef server", zap.String("reason", t.Reason),
 		zap.Time("deadline", t.Deadline), zap.String("node_name", m.st.NodeName))

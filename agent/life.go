@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -93,6 +94,12 @@ func (e *Engine) feedWatchdog(done <-chan struct{}) {
 	}
 }
 
+// workerEnd bounds the wait for a worker to end when its life does, and for
+// systemd to list the runs left going: every worker honours cancellation,
+// but a call that does not (a wedged file system) must not hold a reload or
+// a stop.
+const workerEnd = 10 * time.Second
+
 // lifeEnd is how a life ended.
 type lifeEnd struct {
 	// reload, when set, is the configuration of the next life; run and st
@@ -138,7 +145,13 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 	}, st)
 	defer func() {
 		cancel()
-		l.wg.Wait()
+		done := make(chan struct{})
+		go func() { l.wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-e.clock.After(workerEnd):
+			l.m.log.Warn("a worker of the life that ends is still going (a call that ignores cancellation); going on without it", zap.Duration("waited", workerEnd))
+		}
 	}()
 	if !once {
 		l.serveMetrics()
@@ -148,8 +161,11 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 	if carried != nil {
 		start.run = &carried.info
 		e.log.Info("the chef-client run going goes on through the reload", zap.String("run_id", carried.info.id))
-	} else if f, ok := e.runner.(follower); ok && !once {
-		switch id, found, err := f.Running(ctx); {
+	} else if f, ok := e.runner.(follower); ok {
+		lctx, cancelLook := context.WithTimeout(ctx, workerEnd)
+		id, found, err := f.Running(lctx)
+		cancelLook()
+		switch {
 		case err != nil:
 			e.log.Warn("could not look for a chef-client run left going", zap.Error(err))
 		case found:
@@ -179,11 +195,13 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 		// Saved before the actions are carried out: a registration is on
 		// disk as begun before its first request, so that a crash at any
 		// point leaves a state that knows what the server may hold.
-		l.save(now)
+		saved := l.save(now)
 		if nd, ok := ev.(evNodeDeleted); ok {
+			// Even unsaved: the client goes anyway, since deleting it
+			// matters more than a record a crash might lose.
 			close(nd.saved)
 		}
-		exit, ended := l.do(acts)
+		exit, ended := l.do(acts, saved)
 		l.keepHealth(now)
 		if ended {
 			l.stopRun()
@@ -217,8 +235,8 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 			e.notifier.Stopping()
 			ev = evStop{}
 		case next := <-reload:
-			if l.m.terminating() {
-				l.m.log.Info("configuration reload ignored: the instance is terminating")
+			if why := l.m.noReload(); why != "" {
+				l.m.log.Info("configuration reload ignored", zap.String("why", why))
 				ev = evTick{}
 				break
 			}
@@ -228,8 +246,9 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 }
 
 // do carries out the machine's actions. It reports the exit, if one of
-// them is.
-func (l *life) do(acts []action) (actExit, bool) {
+// them is. saved says whether the state the actions rely on is on disk: a
+// registration does not begin before its name is.
+func (l *life) do(acts []action, saved error) (actExit, bool) {
 	e := l.e
 	for _, a := range acts {
 		switch a := a.(type) {
@@ -242,11 +261,18 @@ func (l *life) do(acts []action) (actExit, bool) {
 				return evBooted{b: b}
 			})
 		case actRegister:
+			if saved != nil {
+				l.work(func(context.Context) event {
+					return evRegisterFailed{err: fmt.Errorf("the registration waits until the agent state can be saved: %w", saved)}
+				})
+				continue
+			}
 			stop := make(chan struct{})
 			l.stopRegister = sync.OnceFunc(func() { close(stop) })
+			log := l.m.log
 			l.work(func(ctx context.Context) event {
 				start := e.clock.Now()
-				reg, err := e.register(ctx, l.m.log, a.plan.cfg, a.plan.chef, stop)
+				reg, err := e.register(ctx, log, a.plan.cfg, a.plan.chef, stop)
 				if err != nil {
 					return evRegisterFailed{err: err}
 				}
@@ -270,19 +296,17 @@ func (l *life) do(acts []action) (actExit, bool) {
 				l.run.cancel(a.cause)
 			}
 		case actPoll:
-			l.work(func(ctx context.Context) event { return e.poll(ctx, l.md, a.plan) })
+			l.work(func(ctx context.Context) event { return e.poll(ctx, l.md, a) })
 		case actDeregister:
 			l.work(func(ctx context.Context) event {
-				a.leaving.OnNodeDeleted = func() {
+				return deregisterAll(ctx, e.root, e.clock, e.retryPolicy(registerRetry), a, func() {
 					saved := make(chan struct{})
 					l.send(evNodeDeleted{saved: saved})
 					select {
 					case <-saved:
 					case <-l.ctx.Done():
 					}
-				}
-				d, err := deregister(ctx, a.cfg, e.root, l.m.log, e.clock, e.retryPolicy(registerRetry), a.leaving, a.deadline)
-				return evDeregistered{d: d, err: err}
+				})
 			})
 		case actStatus:
 			e.notifier.Status(a.status)
@@ -316,15 +340,17 @@ func (l *life) stopRun() {
 	}
 }
 
-// save writes the state when it changed. A state that cannot be saved is
-// logged, not fatal: every step is safe to take again.
-func (l *life) save(now time.Time) {
+// save writes the state when it changed, and says why it could not. A
+// state that cannot be saved is logged, not fatal: every step is safe to
+// take again.
+func (l *life) save(now time.Time) error {
 	if err := l.store.save(l.m.st, now); err != nil {
 		l.saveFailed.fail(err)
-		return
+		return err
 	}
 	l.saveFailed.ok()
 	l.e.m.Changed()
+	return nil
 }
 
 // keepHealth moves the health on while the loop turns and no poll is
@@ -364,10 +390,10 @@ func (l *life) serveMetrics() {
 
 // poll is the poll worker: IMDS's notices first (a termination must not
 // wait for anything), then the host name, re-applied if it drifted.
-func (e *Engine) poll(ctx context.Context, md Metadata, p *plan) evPolled {
+func (e *Engine) poll(ctx context.Context, md Metadata, a actPoll) evPolled {
 	ev := evPolled{notices: md.Notices(ctx)}
-	if !p.name.IsZero() {
-		ev.changes, ev.driftErr = e.namer.Apply(ctx, p.name, policy(p.cfg))
+	if !a.noticesOnly && a.plan != nil && !a.plan.name.IsZero() {
+		ev.changes, ev.driftErr = e.namer.Apply(ctx, a.plan.name, policy(a.plan.cfg))
 	}
 	return ev
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -60,10 +61,14 @@ type (
 	// next, once the driver closed saved: the node's deletion is then on
 	// disk, so that a crash after the client's cannot leave a state that
 	// thinks its key still opens anything.
-	evNodeDeleted  struct{ saved chan struct{} }
+	evNodeDeleted struct{ saved chan struct{} }
+	// evDeregistered: the deregistration ended with d for the current
+	// node, err for anything left, and formerLeft the former nodes still on
+	// the server.
 	evDeregistered struct {
-		d   chef.Deregistered
-		err error
+		d          chef.Deregistered
+		err        error
+		formerLeft []string
 	}
 	// evTick: time passed (a timer the machine asked for, or a heartbeat).
 	evTick struct{}
@@ -108,10 +113,19 @@ type (
 	// request; the request going is answered, so that the registration
 	// reports what the server made.
 	actStopRegister struct{}
-	actPoll         struct{ plan *plan }
-	actDeregister   struct {
+	// actPoll reads IMDS's notices and, unless noticesOnly, checks the
+	// host name.
+	actPoll struct {
+		plan        *plan
+		noticesOnly bool
+	}
+	// actDeregister deletes the former nodes, then the current one
+	// (unless it is gone already).
+	actDeregister struct {
 		cfg      config.Config
-		leaving  chef.Leaving
+		log      *zap.Logger
+		current  *chef.Leaving
+		former   []string
 		deadline time.Time
 	}
 	actStatus struct{ status string }
@@ -144,9 +158,12 @@ type runInfo struct {
 // Timing of the termination and of a stop.
 const (
 	// deregisterReserve is the part of a termination notice's time kept
-	// for deleting the node and client: a chef-client run still going
-	// then is ended, and a final run gets the rest.
+	// for deleting the node and client.
 	deregisterReserve = 30 * time.Second
+	// endRunReserve is what a chef-client run going must leave of the
+	// notice when it is ended: its SIGTERM grace, and the deletions'
+	// reserve. A final run gets what is left before it.
+	endRunReserve = runGrace + deregisterReserve
 	// minFinalRun is the least time a final chef-client run is worth
 	// starting with.
 	minFinalRun = 30 * time.Second
@@ -230,17 +247,24 @@ type machine struct {
 	wasWarm               bool
 	stopping              bool
 	stopBy                time.Time
-	failure               *failure
-	ready                 bool
-	exit                  *actExit
-	exitSent              bool
-	shownPhase            Phase
-	shownStatus           string
-	said                  map[string]bool
-	drift                 repeatLog
-	bootFailures          repeatLog
-	regFailures           repeatLog
-	noticeFailures        map[string]*repeatLog
+	// stopPoll is true once the stop's own poll started, stopPolled once
+	// it ended.
+	stopPoll, stopPolled bool
+	// endCause is why the run going was ended; runLeft is true once a
+	// stop left it to its unit (it goes on, and may save the node).
+	endCause       error
+	runLeft        bool
+	failure        *failure
+	ready          bool
+	exit           *actExit
+	exitSent       bool
+	shownPhase     Phase
+	shownStatus    string
+	said           map[string]bool
+	drift          repeatLog
+	bootFailures   repeatLog
+	regFailures    repeatLog
+	noticeFailures map[string]*repeatLog
 	// res is what `once` reports.
 	res Result
 }
@@ -266,10 +290,7 @@ func (m *machine) step(now time.Time, ev event) []action {
 func (m *machine) apply(now time.Time, ev event) {
 	switch ev := ev.(type) {
 	case evStart:
-		if ev.run != nil {
-			r := *ev.run
-			m.run = &r
-		}
+		m.takeRun(ev.run)
 	case evIdentified:
 		m.identified = true
 		m.identify(ev.identity)
@@ -311,9 +332,9 @@ func (m *machine) apply(now time.Time, ev event) {
 		}
 	case evDeregistered:
 		m.deregistering = false
-		rec := deregistrationRecord(now, m.st.NodeName, m.st.Termination.Reason, m.st.Termination.Deadline, "the termination deadline", ev.d, ev.err)
+		rec := deregistrationRecord(now, m.st.NodeName, m.st.Termination.Reason, ev)
 		logDeregistration(m.log, m.metrics, m.st.NodeName, rec)
-		m.st.Deregistration = &rec
+		m.st.Deregistration, m.st.FormerNodes = &rec, ev.formerLeft
 	case evTrigger:
 		m.triggered(now)
 	case evStop:
@@ -324,13 +345,35 @@ func (m *machine) apply(now time.Time, ev event) {
 	}
 }
 
+// takeRun takes the run going at the start of a life, if any. The state
+// says what it was (the first-boot run, the final run) when it started it;
+// a run the state names that is not going any more ended with the agent (a
+// child process dies with it).
+func (m *machine) takeRun(run *runInfo) {
+	if run == nil {
+		m.st.Run = nil
+		return
+	}
+	r := *run
+	if g := m.st.Run; g != nil && g.ID == r.id {
+		r.first, r.final, r.started = g.First, g.Final, g.Started
+	}
+	m.run = &r
+}
+
 // identify takes the instance's identity. Another instance than the state
 // describes (an image baked from a configured machine without `bootagent
 // clean`) owns nothing of what the state says: the state starts afresh.
 func (m *machine) identify(id imds.Identity) {
 	m.log = m.log.With(zap.String("instance_id", id.InstanceID))
 	m.drift.log, m.bootFailures.log, m.regFailures.log = m.log, m.log, m.log
-	if m.st.InstanceID != id.InstanceID {
+	switch m.st.InstanceID {
+	case id.InstanceID:
+	case "":
+		// A first boot: what was noticed before IMDS named the instance
+		// (the stop's poll may come first) is this instance's.
+		m.st.InstanceID = id.InstanceID
+	default:
 		m.st = State{Version: stateVersion, InstanceID: id.InstanceID, Boot: m.st.Boot}
 	}
 	m.res.Identity = id
@@ -361,7 +404,7 @@ func (m *machine) booted(now time.Time, b booted) {
 	}
 	m.res.NodeName = p.chef.nodeName
 	if b.lifecycleErr != nil {
-		m.log.Warn("could not read the Auto Scaling lifecycle state; registering", zap.Error(b.lifecycleErr))
+		m.log.Warn("could not read the Auto Scaling lifecycle state; going on with the last one known", zap.String("lifecycle_state", m.notices().LifecycleState), zap.Error(b.lifecycleErr))
 	} else {
 		n := m.notices()
 		n.LifecycleState = b.lifecycle
@@ -417,14 +460,30 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 	if r == nil {
 		return
 	}
+	if ev.err != nil && m.stopping && !errors.Is(m.endCause, chef.ErrEndRun) {
+		// Left to its unit, which goes on without the agent.
+		m.runLeft = true
+	}
 	log := m.runLog(r.id)
+	if ev.err == nil || !m.stopping {
+		// A run that ended, or that could not start, is over: only the
+		// stop of the agent leaves one going (a unit, followed again by
+		// the next start).
+		m.st.Run = nil
+	}
+	if r.final && m.st.Termination != nil {
+		// Made, or failed to start: never tried again, so that the
+		// deletions keep their time.
+		m.st.Termination.FinalRunDone = true
+	}
 	if ev.err != nil {
 		if m.once {
 			m.failure = &failure{err: fmt.Errorf("chef-client run %s: %w", r.id, ev.err), human: true}
 			m.exit = &actExit{err: m.failure.err}
 			return
 		}
-		if m.stopping || m.plan == nil {
+		if m.stopping || m.plan == nil || m.st.Termination != nil {
+			log.Warn("chef-client run did not happen", zap.Error(ev.err))
 			return
 		}
 		m.due = now.Add(m.runBackoff().Next())
@@ -450,9 +509,6 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 	} else {
 		log.Info("chef-client run finished", fields...)
 	}
-	if r.final && m.st.Termination != nil {
-		m.st.Termination.FinalRunDone = true
-	}
 	if m.once {
 		m.res.FirstRun = &out
 		m.exit = &actExit{}
@@ -477,14 +533,18 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 
 func (m *machine) polled(now time.Time, ev evPolled) {
 	m.polling = false
+	if m.stopPoll {
+		m.stopPolled = true
+	}
 	for _, c := range ev.changes {
 		m.log.Warn("hostname drift corrected", zap.String("what", c.What), zap.String("old", c.Old), zap.String("new", c.New))
 		m.metrics.DriftCorrections.WithLabelValues(c.What).Inc()
 	}
-	if ev.driftErr != nil && !m.stopping {
-		m.drift.fail(ev.driftErr)
-	} else if ev.driftErr == nil {
+	switch {
+	case ev.driftErr == nil:
 		m.drift.ok()
+	case !m.stopping:
+		m.drift.fail(ev.driftErr)
 	}
 	for path, rl := range m.noticeFailures {
 		if _, failed := ev.notices.Failed[path]; !failed {
@@ -554,7 +614,7 @@ func (m *machine) noRun() string {
 		return "the agent is stopping"
 	case m.st.Termination != nil:
 		return "the instance is terminating"
-	case m.st.Deregistration.Complete():
+	case m.deregistered():
 		return "the instance is deregistered"
 	case m.plan == nil:
 		return "the bootstrap is not done"
@@ -566,6 +626,12 @@ func (m *machine) noRun() string {
 		return "the instance is in a warm pool"
 	}
 	return ""
+}
+
+// deregistered reports whether a deregistration took the node: no run and
+// no registration may make it again (one by hand may have left the client).
+func (m *machine) deregistered() bool {
+	return m.st.Deregistration != nil && m.st.Deregistration.NodeDeleted
 }
 
 // isRegistered reports whether this plan's node is registered, with its
@@ -611,7 +677,7 @@ func (m *machine) next(now time.Time) []action {
 	switch {
 	case m.st.Termination != nil:
 		return append(acts, m.nextTerminating(now)...)
-	case m.plan.chef == nil || m.st.Deregistration.Complete():
+	case m.plan.chef == nil || m.deregistered():
 		return acts
 	case !m.isRegistered():
 		return append(acts, m.nextRegistration(now)...)
@@ -629,11 +695,20 @@ func (m *machine) nextRegistration(now time.Time) []action {
 	}
 	node := m.plan.chef.nodeName
 	m.registering = true
-	// Recorded before the first request: a termination from now on
-	// removes whatever the registration got to make.
-	if m.st.NodeName != node {
+	if old := m.st.NodeName; old != "" && old != node {
+		// The node name changed (chef.node_name, or the name it is made
+		// of): a new node is registered with the same key, and the old
+		// one is remembered, to be removed at termination.
+		m.log.Warn("the node name changed: registering a new node; the old one stays on the Chef server until the instance terminates",
+			zap.String("node_name", node), zap.String("old_node_name", old),
+			zap.String("fix", fmt.Sprintf("knife node delete %s -y; knife client delete %s -y", old, old)))
+		if !slices.Contains(m.st.FormerNodes, old) {
+			m.st.FormerNodes = append(m.st.FormerNodes, old)
+		}
 		m.st.RegisteredAt = nil
 	}
+	// Recorded before the first request: a termination from now on
+	// removes whatever the registration got to make.
 	m.st.NodeName, m.st.ClientName = node, node
 	return []action{actRegister{plan: m.plan}}
 }
@@ -695,6 +770,7 @@ func (m *machine) period() time.Duration {
 func (m *machine) startRun(now time.Time, final bool, timeout time.Duration) action {
 	r := runInfo{id: m.newRunID(now), first: !m.st.FirstRunDone, final: final, started: now}
 	m.run = &r
+	m.st.Run = &RunGoing{ID: r.id, First: r.first, Final: r.final, Started: now.UTC()}
 	m.runLog(r.id).Info("chef-client run starting", zap.Bool("first_boot", r.first), zap.Bool("final", final))
 	return actRun{run: r, plan: m.plan, timeout: timeout}
 }
@@ -726,11 +802,32 @@ func (m *machine) nextTerminating(now time.Time) []action {
 		m.log.Info("stopping the registration: the instance is terminating", zap.String("node_name", m.st.NodeName))
 		return []action{actStopRegister{}}
 	}
+	ch := m.plan.cfg.Chef
+	if !m.mayDeregister() {
+		// A run going finishes: nothing needs its time.
+		switch {
+		case m.st.NodeName == "":
+			m.sayOnce("nothing-registered", func() {
+				m.log.Info("the instance is terminating; it was never registered, so nothing is left to remove", zap.String("reason", t.Reason))
+			})
+		case !ch.Enabled():
+			m.sayOnce("kept", func() {
+				m.log.Warn("the instance is terminating; no Chef server is configured any more (chef.server_url), so its node and client stay on the one it registered with",
+					zap.String("reason", t.Reason), zap.String("node_name", m.st.NodeName))
+			})
+		default:
+			m.sayOnce("kept", func() {
+				m.log.Warn("the instance is terminating; chef.deregister_on_termination is off, so its node and client stay on the Chef server",
+					zap.String("reason", t.Reason), zap.String("node_name", m.st.NodeName))
+			})
+		}
+		return nil
+	}
 	if m.run != nil {
 		if m.run.final || m.runEnding {
 			return nil
 		}
-		endBy := t.Deadline.Add(-deregisterReserve)
+		endBy := t.Deadline.Add(-endRunReserve)
 		log := m.runLog(m.run.id)
 		if now.Before(endBy) {
 			m.sayOnce("run-finishes", func() {
@@ -743,29 +840,13 @@ func (m *machine) nextTerminating(now time.Time) []action {
 		log.Warn("ending the chef-client run", zap.String("why", cause.Error()))
 		return []action{actEndRun{cause: cause}}
 	}
-	ch := m.plan.cfg.Chef
-	if !m.mayDeregister() {
-		switch {
-		case !ch.Enabled():
-		case m.st.NodeName == "":
-			m.sayOnce("nothing-registered", func() {
-				m.log.Info("the instance is terminating; it was never registered, so nothing is left to remove", zap.String("reason", t.Reason))
-			})
-		default:
-			m.sayOnce("kept", func() {
-				m.log.Warn("the instance is terminating; chef.deregister_on_termination is off, so its node and client stay on the Chef server",
-					zap.String("reason", t.Reason), zap.String("node_name", m.st.NodeName))
-			})
-		}
-		return nil
-	}
 	if ch.FinalRun && !t.FinalRunDone && m.isRegistered() {
-		left := t.Deadline.Sub(now) - deregisterReserve
+		left := t.Deadline.Sub(now) - endRunReserve
 		if left >= minFinalRun {
 			m.log.Info("a final chef-client run before deregistering", zap.Duration("within", left))
 			return []action{m.startRun(now, true, min(left, ch.RunTimeout.D()))}
 		}
-		m.log.Warn("no time for a final chef-client run before deregistering", zap.Duration("left", left+deregisterReserve))
+		m.log.Warn("no time for a final chef-client run before deregistering", zap.Duration("left", left+endRunReserve))
 		t.FinalRunDone = true
 	}
 	if m.deregTried {
@@ -777,21 +858,23 @@ func (m *machine) nextTerminating(now time.Time) []action {
 // startDeregister starts the deletion of the node and client, resuming one
 // an earlier life left unfinished, unless there is nothing (more) to do.
 func (m *machine) startDeregister(now time.Time) []action {
-	d := m.st.Deregistration
-	if m.deregistering || d.Complete() || (d != nil && d.Refused) {
+	d, t := m.st.Deregistration, m.st.Termination
+	// A refusal of this termination's deletions waits for a person; one of
+	// a deregistration by hand does not stop the termination's.
+	if m.deregistering || d.Complete() || (d != nil && d.Refused && d.Reason == t.Reason) {
 		return nil
 	}
-	t := m.st.Termination
+	var current *chef.Leaving
 	nodeGone := d != nil && d.NodeDeleted
+	if d == nil || !d.NodeDeleted || !d.ClientDeleted {
+		current = &chef.Leaving{Name: m.st.NodeName, KeyPath: m.plan.cfg.Chef.ClientKey, Confirmed: m.st.RegisteredAt != nil, NodeGone: nodeGone}
+	}
 	m.deregTried, m.deregistering = true, true
-	m.st.Deregistration = &Deregistration{At: now.UTC(), Reason: t.Reason, InProgress: true, Deregistered: chef.Deregistered{NodeDeleted: nodeGone}}
+	m.st.Deregistration = &Deregistration{At: now.UTC(), Reason: t.Reason, InProgress: true,
+		Deregistered: chef.Deregistered{NodeDeleted: nodeGone, ClientDeleted: current == nil}}
 	m.log.Warn("the instance is terminating: deregistering from the Chef server", zap.String("reason", t.Reason),
-		zap.Time("deadline", t.Deadline), zap.String("node_name", m.st.NodeName))
-	return []action{actDeregister{
-		cfg:      m.plan.cfg,
-		leaving:  chef.Leaving{Name: m.st.NodeName, KeyPath: m.plan.cfg.Chef.ClientKey, Confirmed: m.st.RegisteredAt != nil, NodeGone: nodeGone},
-		deadline: t.Deadline,
-	}}
+		zap.Time("deadline", t.Deadline), zap.String("node_name", m.st.NodeName), zap.Strings("former_nodes", m.st.FormerNodes))
+	return []action{actDeregister{cfg: m.plan.cfg, log: m.log, current: current, former: m.st.FormerNodes, deadline: t.Deadline}}
 }
 
 // nextStopping ends the life: a run going is stopped (a unit is left to
@@ -800,6 +883,20 @@ func (m *machine) startDeregister(now time.Time) []action {
 // exits once nothing it waits for is going, or the stop's grace is over.
 func (m *machine) nextStopping(now time.Time) []action {
 	var acts []action
+	if m.registering && !m.regStopping {
+		m.regStopping = true
+		acts = append(acts, actStopRegister{})
+	}
+	// IMDS has its say first: a termination announced since the last poll
+	// (the shutdown of an Auto Scaling termination follows it closely)
+	// decides whether the run going is ended and the node deleted.
+	if !m.stopPolled && !m.once && now.Before(m.stopBy) {
+		if !m.polling {
+			m.polling, m.pollStarted, m.stopPoll = true, now, true
+			acts = append(acts, actPoll{plan: m.plan, noticesOnly: true})
+		}
+		return acts
+	}
 	terminating := m.st.Termination != nil
 	if m.run != nil && !m.runEnding {
 		m.runEnding = true
@@ -807,16 +904,18 @@ func (m *machine) nextStopping(now time.Time) []action {
 		if terminating {
 			cause = fmt.Errorf("%w: the agent is stopping and the instance is terminating", chef.ErrEndRun)
 		}
+		m.endCause = cause
 		acts = append(acts, actEndRun{cause: cause})
-	}
-	if m.registering && !m.regStopping {
-		m.regStopping = true
-		acts = append(acts, actStopRegister{})
 	}
 	// A registration and a run going are waited for: what the
 	// registration made is then on the server, for the deregistration to
 	// remove, and no chef-client saves the node after it is deleted.
-	if terminating && !m.registering && m.run == nil && !m.stopTried && !m.deregistering && m.mayDeregister() {
+	if terminating && m.runLeft {
+		m.sayOnce("run-left", func() {
+			m.log.Warn("the instance is terminating, but a chef-client run goes on in its unit: the next start of the agent deregisters after it")
+		})
+	}
+	if terminating && !m.runLeft && !m.registering && m.run == nil && !m.stopTried && !m.deregistering && m.mayDeregister() {
 		// However this life's deregistration went, the stop of a
 		// terminating instance makes one more, since no other comes.
 		m.stopTried = true
@@ -857,7 +956,7 @@ func (m *machine) wake(now time.Time) time.Time {
 		}
 	}
 	if t := m.st.Termination; t != nil && m.run != nil {
-		at = append(at, t.Deadline.Add(-deregisterReserve))
+		at = append(at, t.Deadline.Add(-endRunReserve))
 	}
 	if m.stopping {
 		at = append(at, m.stopBy)
@@ -883,8 +982,18 @@ func (m *machine) stalled(now time.Time) bool {
 	return m.polling && now.Sub(m.pollStarted) > m.stallAfter()
 }
 
-// terminating reports whether the instance is going away.
-func (m *machine) terminating() bool { return m.st.Termination != nil }
+// noReload says why a reload is not taken now, or "": nothing a
+// configuration says matters to an instance that is going away, or to an
+// agent that is stopping.
+func (m *machine) noReload() string {
+	switch {
+	case m.st.Termination != nil:
+		return "the instance is terminating"
+	case m.stopping:
+		return "the agent is stopping"
+	}
+	return ""
+}
 
 // mayDeregister reports whether the node and client are to be deleted at
 // termination: something was registered (or begun), and the configuration
@@ -945,7 +1054,11 @@ func (m *machine) statusLine(p Phase) string {
 		return fmt.Sprintf("deregistered: node and client %s deleted; the instance is terminating", node)
 	case PhaseFailed:
 		if d != nil && len(d.LeftBehind) > 0 {
-			return "terminating: deregistration incomplete, left on the Chef server: " + strings.Join(d.LeftBehind, ", ")
+			what := "deregistration incomplete, left on the Chef server: " + strings.Join(d.LeftBehind, ", ")
+			if t != nil {
+				return "terminating: " + what
+			}
+			return what + " (" + d.Reason + ")"
 		}
 		return retrying
 	case PhaseTerminating:

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -9,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -25,11 +27,12 @@ import (
 )
 
 // sim plays the machine against scripted peers, on a clock it moves
-// itself: an IMDS whose notices it sets, a Chef server that holds a client
-// and a node (or is down), chef-client runs that end when it says. Each
-// worker the machine starts is held until the simulation completes it.
-// Nothing sleeps and nothing runs concurrently, so any interleaving of
-// events can be played, and replayed.
+// itself: an IMDS whose notices it sets, a Chef server that holds clients
+// and nodes by name (or is down), chef-client runs that end when it says,
+// in a transient unit that outlives the agent or as a child process that
+// does not. Each worker the machine starts is held until the simulation
+// completes it. Nothing sleeps and nothing runs concurrently, so any
+// interleaving of events can be played, and replayed.
 type sim struct {
 	t    testing.TB
 	now  time.Time
@@ -46,7 +49,8 @@ type sim struct {
 	observe func(from, to Phase)
 
 	// The world.
-	client, node, key    bool
+	clients, nodes       map[string]bool
+	key                  bool
 	serverDown           bool
 	lifecycle            string
 	spot                 *imds.SpotAction
@@ -55,14 +59,20 @@ type sim struct {
 	firstRunSucceeded    bool
 	endedRuns            map[string]bool
 	completedOnDisk      bool
+	// unit is true when chef-client runs in transient units, which outlive
+	// the agent; orphan is a run whose unit goes on unfollowed.
+	unit   bool
+	orphan *actRun
 
 	// Work in flight in this process.
 	booting, registering, polling bool
 	regStopped                    bool
 	run                           *actRun
 	runEnding                     bool
+	endCause                      error
 	dereg                         *actDeregister
-	deregNodeDone                 bool
+	deregNodeDone, formerDone     bool
+	formerLeft                    []string
 	exited                        bool
 	ready                         int
 }
@@ -85,11 +95,18 @@ func simConfig() config.Config {
 
 func newSim(t testing.TB, cfg config.Config) *sim {
 	t.Helper()
-	p, err := decide(cfg, config.UserData{Format: "none"}, gathered{identity: imds.Identity{InstanceID: simInstance, Region: "eu-west-1"}}, "/")
-	require.NoError(t, err)
-	s := &sim{t: t, now: time.Date(2026, 11, 25, 8, 0, 0, 0, time.UTC), cfg: cfg, plan: p, lifecycle: "InService", endedRuns: map[string]bool{}, metrics: metrics.New()}
+	s := &sim{t: t, now: time.Date(2026, 11, 25, 8, 0, 0, 0, time.UTC), lifecycle: "InService",
+		clients: map[string]bool{}, nodes: map[string]bool{}, endedRuns: map[string]bool{}, metrics: metrics.New()}
+	s.configure(cfg)
 	s.newLife(State{Version: stateVersion}, nil)
 	return s
+}
+
+// configure makes cfg the configuration the next life starts with.
+func (s *sim) configure(cfg config.Config) {
+	p, err := decide(cfg, config.UserData{Format: "none"}, gathered{identity: imds.Identity{InstanceID: simInstance, Region: "eu-west-1"}}, "/")
+	require.NoError(s.t, err)
+	s.cfg, s.plan = cfg, p
 }
 
 // noJitter makes every retry policy exact, so that a seed replays.
@@ -104,7 +121,7 @@ func (s *sim) newLife(st State, run *runInfo) {
 		retry:    noJitter,
 	}, st)
 	s.exited, s.ready = false, 0
-	s.booting, s.registering, s.polling, s.regStopped, s.dereg, s.deregNodeDone = false, false, false, false, nil, false
+	s.booting, s.registering, s.polling, s.regStopped, s.dereg = false, false, false, false, nil
 	s.step("start", evStart{run: run})
 }
 
@@ -134,16 +151,22 @@ func (s *sim) step(what string, ev event) []action {
 			if s.m.st.Termination != nil && !a.run.final {
 				s.fail("chef-client run %s starts after the termination was noticed", a.run.id)
 			}
+			if s.run != nil || s.orphan != nil {
+				s.fail("chef-client run %s starts beside another", a.run.id)
+			}
 			s.run, s.runEnding = &a, false
 		case actEndRun:
-			s.runEnding = true
+			s.runEnding, s.endCause = true, a.cause
 		case actPoll:
 			s.polling = true
 		case actDeregister:
 			if s.completedOnDisk {
 				s.fail("a completed deregistration starts again")
 			}
-			s.dereg, s.deregNodeDone = &a, a.leaving.NodeGone
+			if s.orphan != nil || s.run != nil {
+				s.fail("the deregistration starts while chef-client runs, which may save the node again")
+			}
+			s.dereg, s.deregNodeDone, s.formerDone, s.formerLeft = &a, a.current == nil || a.current.NodeGone, false, nil
 		case actReady:
 			s.ready++
 			if s.ready > 1 {
@@ -176,9 +199,12 @@ func (s *sim) onDisk() State {
 	return st
 }
 
+// held reports whether the server holds anything under name.
+func (s *sim) held(name string) bool { return s.clients[name] || s.nodes[name] }
+
 // check holds the invariants: the phase of a terminating instance is
 // never an ordinary one again, and the state on disk never claims more
-// than happened.
+// than happened, nor knows less than the server holds.
 func (s *sim) check() {
 	s.t.Helper()
 	if s.m.st.Termination != nil {
@@ -193,23 +219,33 @@ func (s *sim) check() {
 	}
 	s.checked = s.disk
 	st := s.onDisk()
-	if st.Termination != nil {
-		if !s.terminationAnnounced {
-			s.fail("a termination recorded that IMDS never announced")
+	if st.Termination != nil && !s.terminationAnnounced {
+		s.fail("a termination recorded that IMDS never announced")
+	}
+	for name := range s.clients {
+		if s.held(name) && name != st.NodeName && !slices.Contains(st.FormerNodes, name) {
+			s.fail("the server holds %s, which the state does not know", name)
+		}
+	}
+	for name := range s.nodes {
+		if s.held(name) && name != st.NodeName && !slices.Contains(st.FormerNodes, name) {
+			s.fail("the server holds node %s, which the state does not know", name)
 		}
 	}
 	d := st.Deregistration
 	if d.Complete() {
 		s.completedOnDisk = true
-		if s.client || s.node {
-			s.fail("deregistered on disk, but the server holds client %t node %t", s.client, s.node)
+		for name := range s.clients {
+			if s.held(name) {
+				s.fail("deregistered on disk, but the server holds %s", name)
+			}
 		}
 	}
-	if d != nil && d.NodeDeleted && s.node {
+	if d != nil && d.NodeDeleted && s.nodes[st.NodeName] {
 		s.fail("the node is deleted on disk, but on the server")
 	}
-	if st.RegisteredAt != nil && d == nil && (!s.client || !s.node) {
-		s.fail("registered on disk, but the server holds client %t node %t", s.client, s.node)
+	if st.RegisteredAt != nil && d == nil && (!s.clients[st.NodeName] || !s.nodes[st.NodeName]) {
+		s.fail("registered on disk, but the server holds client %t node %t", s.clients[st.NodeName], s.nodes[st.NodeName])
 	}
 	if st.FirstRunDone && !s.firstRunSucceeded {
 		s.fail("the first run is done on disk, but none succeeded")
@@ -242,26 +278,33 @@ const (
 // registered completes the registration as how says.
 func (s *sim) registered(how int) {
 	s.registering = false
+	name := s.m.st.NodeName
 	switch {
 	case s.serverDown:
 		s.step("registration failed", evRegisterFailed{err: errors.New("POST /clients: HTTP 503")})
 	case how == regDone:
 		// Stopped or not: the request going when it was asked to stop
 		// may have been the last.
-		s.client, s.node = true, true
+		s.clients[name], s.nodes[name] = true, true
 		s.step("registered", evRegistered{reg: chef.Registered{ClientCreated: true, NodeCreated: true}})
-	case how == regNameTaken && !s.client:
+	case how == regNameTaken && !s.clients[name]:
 		s.step("registration refused", evRegisterFailed{err: fmt.Errorf("register client: %w", chef.ErrNameTaken)})
 	default:
-		s.client = true
+		s.clients[name] = true
 		s.step("registration failed after the client", evRegisterFailed{err: fmt.Errorf("save node: %w", chef.ErrStopped)})
 	}
 }
 
-// ran ends the run going with result.
+// ran ends the run going with result. A run the agent stopped following
+// (it stops, and the run is a unit) goes on, unfollowed.
 func (s *sim) ran(result chef.Result) {
 	r := s.run
 	s.run = nil
+	if s.runEnding && s.unit && !errors.Is(s.endCause, chef.ErrEndRun) {
+		s.orphan = r
+		s.step("run left to its unit", evRunEnded{err: context.Canceled})
+		return
+	}
 	if s.runEnding {
 		result = chef.ResultInterrupted
 	}
@@ -270,6 +313,13 @@ func (s *sim) ran(result chef.Result) {
 		s.firstRunSucceeded = true
 	}
 	s.step("run "+string(result), evRunEnded{out: chef.Outcome{ID: r.run.id, Start: r.run.started, Result: result}})
+}
+
+// runFailedToStart ends the run going before it ran: chef-client missing,
+// the unit refused.
+func (s *sim) runFailedToStart() {
+	s.run = nil
+	s.step("run failed to start", evRunEnded{err: errors.New("start chef-client: no such file or directory")})
 }
 
 func (s *sim) reading() imds.Reading {
@@ -293,31 +343,46 @@ func (s *sim) polled() {
 	s.step("polled", evPolled{notices: s.reading()})
 }
 
-// deregStep makes the next deletion of the deregistration going: the node,
-// then the client. With the server down it gives up, as it does at the
-// deadline.
+// deregStep makes the next deletions of the deregistration going: the
+// former nodes, then the current node, then its client. With the server
+// down it gives up, as it does at the deadline.
 func (s *sim) deregStep() {
-	l := s.dereg.leaving
-	if s.serverDown {
+	a := s.dereg
+	ended := func(what string, d chef.Deregistered, err error) {
 		s.dereg = nil
-		s.step("deregistration gave up", evDeregistered{d: chef.Deregistered{NodeDeleted: s.deregNodeDone}, err: errors.New("DELETE: HTTP 503")})
-		return
+		s.step(what, evDeregistered{d: d, err: err, formerLeft: s.formerLeft})
 	}
-	if !l.Confirmed && !s.client {
+	if !s.formerDone {
+		s.formerDone = true
+		for _, name := range a.former {
+			if s.serverDown {
+				s.formerLeft = append(s.formerLeft, name)
+				continue
+			}
+			s.clients[name], s.nodes[name] = false, false
+		}
+		if len(a.former) > 0 {
+			s.trace = append(s.trace, fmt.Sprintf("former nodes %v deleted, %v left", a.former, s.formerLeft))
+			return
+		}
+	}
+	l := a.current
+	switch {
+	case l == nil:
+		ended("former nodes deregistered", chef.Deregistered{NodeDeleted: true, ClientDeleted: true}, nil)
+	case s.serverDown:
+		ended("deregistration gave up", chef.Deregistered{NodeDeleted: s.deregNodeDone}, errors.New("DELETE: HTTP 503"))
+	case !l.Confirmed && !s.clients[l.Name]:
 		// The server never had the key: nothing of the node is there.
-		s.node = false
-		s.dereg = nil
-		s.step("nothing to deregister", evDeregistered{d: chef.Deregistered{NodeDeleted: true, ClientDeleted: true}})
-		return
-	}
-	if !s.deregNodeDone {
-		s.node, s.deregNodeDone = false, true
+		s.nodes[l.Name] = false
+		ended("nothing to deregister", chef.Deregistered{NodeDeleted: true, ClientDeleted: true, NothingThere: true}, nil)
+	case !s.deregNodeDone:
+		s.nodes[l.Name], s.deregNodeDone = false, true
 		s.step("node deleted", evNodeDeleted{})
-		return
+	default:
+		s.clients[l.Name] = false
+		ended("deregistered", chef.Deregistered{NodeDeleted: true, ClientDeleted: true}, nil)
 	}
-	s.client = false
-	s.dereg = nil
-	s.step("deregistered", evDeregistered{d: chef.Deregistered{NodeDeleted: true, ClientDeleted: true}})
 }
 
 func (s *sim) advance(d time.Duration) {
@@ -328,18 +393,23 @@ func (s *sim) advance(d time.Duration) {
 // abandon drops the work in flight, as the end of a process or a life
 // does; what the workers got to do on the server stays done.
 func (s *sim) abandon(pick func(int) int) {
+	name := s.m.st.NodeName
 	if s.registering && !s.serverDown && pick(2) == 0 {
-		s.client = true
+		s.clients[name] = true
 		if pick(2) == 0 {
-			s.node = true
+			s.nodes[name] = true
 		}
 	}
 	// The client goes only after the node's deletion is saved.
-	if s.dereg != nil && !s.serverDown && pick(2) == 0 {
-		if s.deregNodeDone {
-			s.client = false
-		} else {
-			s.node = false
+	if a := s.dereg; a != nil && !s.serverDown && pick(2) == 0 {
+		switch {
+		case !s.formerDone && len(a.former) > 0:
+			s.clients[a.former[0]], s.nodes[a.former[0]] = false, false
+		case a.current == nil:
+		case s.deregNodeDone:
+			s.clients[a.current.Name] = false
+		default:
+			s.nodes[a.current.Name] = false
 		}
 	}
 }
@@ -350,22 +420,25 @@ func (s *sim) abandon(pick func(int) int) {
 func (s *sim) restart(pick func(int) int) {
 	s.abandon(pick)
 	var follow *runInfo
-	if s.run != nil {
-		if pick(2) == 0 {
-			follow = &runInfo{id: s.run.run.id, started: s.run.run.started}
-		} else {
-			s.endedRuns[s.run.run.id] = true
-			s.run = nil
-		}
+	switch {
+	case s.orphan != nil:
+		s.run, s.orphan = s.orphan, nil
+		follow = &runInfo{id: s.run.run.id, started: s.run.run.started}
+	case s.run != nil && s.unit:
+		follow = &runInfo{id: s.run.run.id, started: s.run.run.started}
+	case s.run != nil:
+		s.endedRuns[s.run.run.id] = true
+		s.run = nil
 	}
+	s.runEnding = false
 	s.newLife(s.onDisk(), follow)
 }
 
 // reload is a new life in the same process: the in-memory state, and the
 // run going carried into it. The daemon ignores a reload while the
-// instance is terminating.
+// instance is terminating or the agent stopping.
 func (s *sim) reload(pick func(int) int) {
-	if s.m.terminating() {
+	if s.m.noReload() != "" {
 		return
 	}
 	s.abandon(pick)
@@ -385,11 +458,13 @@ func interleave(t testing.TB, pick func(int) int, steps int, observe func(from, 
 	cfg := simConfig()
 	cfg.Chef.FinalRun = pick(4) == 0
 	s := newSim(t, cfg)
+	s.unit = pick(2) == 0
 	s.observe = observe
 	lifecycles := []string{"InService", "Standby", "Detached", "Warmed:Running", "Warmed:Stopped", "Warmed:Hibernated", "Terminated", "Warmed:Terminated", ""}
 	paths := []string{"autoscaling/target-lifecycle-state", "spot/instance-action", "events/maintenance/scheduled", ""}
 	for range steps {
 		if s.exited {
+			s.trace = append(s.trace, "restart")
 			s.restart(pick)
 			continue
 		}
@@ -410,6 +485,13 @@ func interleave(t testing.TB, pick func(int) int, steps int, observe func(from, 
 			{s.run != nil, func() {
 				results := []chef.Result{chef.ResultSuccess, chef.ResultFailed, chef.ResultRebootNeeded}
 				s.ran(results[pick(len(results))])
+			}},
+			{s.run != nil && !s.runEnding && pick(6) == 0, s.runFailedToStart},
+			{s.orphan != nil, func() {
+				// The unit's run ends unfollowed.
+				s.endedRuns[s.orphan.run.id] = true
+				s.orphan = nil
+				s.trace = append(s.trace, "unfollowed run ended")
 			}},
 			{s.polling, s.polled},
 			{s.dereg != nil, s.deregStep},
@@ -439,6 +521,15 @@ func interleave(t testing.TB, pick func(int) int, steps int, observe func(from, 
 			}},
 			{true, func() { s.step("trigger", evTrigger{}) }},
 			{true, func() { s.trace = append(s.trace, "reload"); s.reload(pick) }},
+			{pick(6) == 0, func() {
+				// A new node name (chef.node_name, or the name it is made
+				// of), taken by a reload.
+				next := s.cfg
+				next.Chef.NodeName = fmt.Sprintf("web-%d", pick(3))
+				s.configure(next)
+				s.trace = append(s.trace, "reload as "+next.Chef.NodeName)
+				s.reload(pick)
+			}},
 			{pick(4) == 0, func() { s.trace = append(s.trace, "restart"); s.restart(pick) }},
 			{pick(8) == 0, func() { s.step("stop", evStop{}) }},
 		}
@@ -465,14 +556,29 @@ func (s *sim) announce() {
 	}
 }
 
+// anything reports whether the server holds anything of the instance.
+func (s *sim) anything() bool {
+	for name := range s.clients {
+		if s.held(name) {
+			return true
+		}
+	}
+	for name := range s.nodes {
+		if s.held(name) {
+			return true
+		}
+	}
+	return false
+}
+
 // settle lets the work in flight end with the server answering and
 // IMDS's notices read, then stops the agent, and checks what is left.
 func (s *sim) settle() {
 	s.serverDown, s.failPath = false, ""
-	for range 200 {
+	for range 300 {
 		switch {
 		case s.exited:
-			if s.terminated() && s.client {
+			if s.terminated() && s.anything() && s.cfg.Chef.DeregisterOnTermination {
 				// The instance is terminating and the agent has stopped: an
 				// agent that starts again (a reboot before the end) picks up
 				// what is left.
@@ -481,6 +587,9 @@ func (s *sim) settle() {
 			}
 			s.checkLeft()
 			return
+		case s.orphan != nil:
+			s.endedRuns[s.orphan.run.id] = true
+			s.orphan = nil
 		case s.booting:
 			s.booted()
 		case s.registering:
@@ -507,8 +616,8 @@ func (s *sim) checkLeft() {
 	if !s.terminationAnnounced || !s.cfg.Chef.DeregisterOnTermination {
 		return
 	}
-	if s.client || s.node {
-		s.fail("terminated, but the server holds client %t node %t", s.client, s.node)
+	if s.anything() {
+		s.fail("terminated, but the server holds clients %v nodes %v", s.clients, s.nodes)
 	}
 }
 
@@ -680,10 +789,10 @@ func TestATerminationWhileRegisteringStopsTheRegistrationAndRemovesWhatItMade(t 
 	assert.True(t, s.regStopped, "the registration is stopped")
 	s.registered(regClientOnly)
 	require.NotNil(t, s.dereg, "what the registration may have made is removed")
-	assert.False(t, s.dereg.leaving.Confirmed)
+	assert.False(t, s.dereg.current.Confirmed)
 	s.deregStep()
 	s.deregStep()
-	assert.False(t, s.client || s.node)
+	assert.False(t, s.anything())
 	assert.Equal(t, PhaseDeregistered, s.m.phase())
 	assert.Nil(t, s.run, "no run on an instance that is going away")
 }
@@ -704,7 +813,7 @@ func TestARunGoingAtTerminationFinishesWhileTheDeletesKeepTheirTime(t *testing.T
 	require.NotNil(t, s.run, "then the final run")
 	assert.NotEqual(t, first, s.run.run.id)
 	assert.True(t, s.run.run.final)
-	assert.Equal(t, time.Minute, s.run.timeout, "within what the notice leaves the deletes: 2m - 30s gone - 30s kept")
+	assert.Equal(t, 30*time.Second, s.run.timeout, "within what the notice leaves: 2m - 30s gone - 30s for its SIGTERM grace - 30s for the deletes")
 	s.ran(chef.ResultSuccess)
 	require.NotNil(t, s.dereg, "then the deletes")
 }
@@ -714,8 +823,10 @@ func TestARunThatWouldEatTheDeletesTimeIsEnded(t *testing.T) {
 	s.lifecycle = "Terminated"
 	s.announce()
 	s.polled()
-	s.advance(90 * time.Second)
-	assert.True(t, s.runEnding, "ended with 30s left for the deletes")
+	s.advance(59 * time.Second)
+	assert.False(t, s.runEnding, "a minute and a second left: the run may finish")
+	s.advance(time.Second)
+	assert.True(t, s.runEnding, "ended with 30s for its SIGTERM grace and 30s for the deletes")
 	s.ran(chef.ResultSuccess)
 	require.NotNil(t, s.dereg)
 }
@@ -760,4 +871,132 @@ func TestSplayIsFixedPerInstanceAndSpreadsAFleet(t *testing.T) {
 	}
 	assert.Greater(t, len(seen), 250, "1000 instances spread over 300 possible seconds: %d distinct", len(seen))
 	assert.Zero(t, splayFor(simInstance, 0))
+}
+
+func TestAFinalRunThatCannotStartIsNotTriedAgain(t *testing.T) {
+	cfg := simConfig()
+	cfg.Chef.FinalRun = true
+	s := newSim(t, cfg)
+	s.booted()
+	s.registered(regDone)
+	s.ran(chef.ResultSuccess)
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	require.NotNil(t, s.run, "the final run")
+	require.True(t, s.run.run.final)
+	s.runFailedToStart()
+	assert.Nil(t, s.run, "not started again")
+	require.NotNil(t, s.dereg, "the deletes come next, with the notice's time")
+	assert.Nil(t, s.m.st.Run, "no run is going")
+}
+
+func TestAStopAsksIMDSBeforeItEndsTheRun(t *testing.T) {
+	s := started(t)
+	s.unit = true
+	s.polled()
+	// The Auto Scaling termination comes just before the shutdown, after
+	// the last poll.
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.step("stop", evStop{})
+	assert.False(t, s.runEnding, "the run's end waits for IMDS")
+	require.True(t, s.polling, "the stop's own poll")
+	s.polled()
+	require.True(t, s.runEnding)
+	assert.ErrorIs(t, s.endCause, chef.ErrEndRun, "the run's unit is stopped, not left going")
+	assert.Nil(t, s.dereg, "the deletes wait for the run to end")
+	s.ran(chef.ResultSuccess)
+	require.NotNil(t, s.dereg)
+	s.deregStep()
+	s.deregStep()
+	assert.False(t, s.anything())
+	assert.True(t, s.exited)
+}
+
+func TestARunLeftToItsUnitIsNotRacedByTheDeletes(t *testing.T) {
+	s := started(t)
+	s.unit = true
+	s.polled()
+	s.step("stop", evStop{})
+	s.polled()
+	require.True(t, s.runEnding)
+	s.ran(chef.ResultSuccess)
+	require.NotNil(t, s.orphan, "the unit goes on, unfollowed")
+	// The bootstrap's lifecycle read says Terminated after the stop's
+	// poll: too late to end the unit this life.
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.noticed()
+	assert.Nil(t, s.dereg, "no deletes while chef-client may save the node")
+	assert.True(t, s.exited)
+}
+
+// noticed hands the machine what IMDS says now, as the bootstrap's own
+// read of the lifecycle state does.
+func (s *sim) noticed() {
+	n := s.m.notices()
+	n.LifecycleState = s.lifecycle
+	s.m.noticed(s.now, n)
+	s.step("lifecycle read", evTick{})
+}
+
+func TestARenamedNodeIsRemovedAtTerminationToo(t *testing.T) {
+	s := started(t)
+	s.ran(chef.ResultSuccess)
+	next := s.cfg
+	next.Chef.NodeName = "web02"
+	s.configure(next)
+	s.reload(func(int) int { return 1 })
+	s.booted()
+	require.True(t, s.registering, "the new name is registered")
+	assert.Equal(t, []string{"web01"}, s.m.st.FormerNodes, "the old one is remembered")
+	s.registered(regDone)
+	assert.True(t, s.clients["web01"] && s.clients["web02"])
+	assert.Nil(t, s.run, "the schedule goes on: no run for the new name")
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	require.NotNil(t, s.dereg)
+	assert.Equal(t, []string{"web01"}, s.dereg.former)
+	for s.dereg != nil {
+		s.deregStep()
+	}
+	assert.False(t, s.anything(), "neither name is left")
+	assert.Empty(t, s.m.st.FormerNodes)
+	assert.Equal(t, PhaseDeregistered, s.m.phase())
+}
+
+func TestARefusedDeregistrationByHandDoesNotStopTheTerminations(t *testing.T) {
+	s := started(t)
+	s.ran(chef.ResultSuccess)
+	// `bootagent deregister` with no agent running: the node went, the
+	// server refused the client (403).
+	st := s.onDisk()
+	s.nodes["web01"] = false
+	st.Deregistration = &Deregistration{Reason: "bootagent deregister", Deregistered: chef.Deregistered{NodeDeleted: true},
+		LeftBehind: []string{"client web01"}, Refused: true, Error: "delete client: the Chef server refused the deletion"}
+	s.m.st = st
+	s.save()
+	s.restart(func(int) int { return 1 })
+	s.booted()
+	assert.Equal(t, PhaseFailed, s.m.phase())
+	assert.Equal(t, "deregistration incomplete, left on the Chef server: client web01 (bootagent deregister)", s.m.st.Status)
+	s.advance(time.Hour)
+	s.step("trigger", evTrigger{})
+	assert.Nil(t, s.run, "no chef-client run remakes the node")
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	require.NotNil(t, s.dereg, "the termination tries again")
+	for s.dereg != nil {
+		s.deregStep()
+	}
+	assert.False(t, s.anything())
+}
+
+func TestAReloadWhileStoppingIsIgnored(t *testing.T) {
+	s := started(t)
+	s.step("stop", evStop{})
+	assert.Equal(t, "the agent is stopping", s.m.noReload())
 }

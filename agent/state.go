@@ -78,7 +78,9 @@ func (p *Phase) UnmarshalText(b []byte) error {
 // State is what the agent knows of this instance, kept in
 // /var/lib/bootagent/state.json. Each fact is saved only once the step it
 // records is done, so after a crash the state never claims more than was
-// done. The facts that decide what the agent does (registered, a
+// done; the one intent saved ahead is a registration's node name, before
+// its first request, so that the state always knows what the server may
+// hold. The facts that decide what the agent does (registered, a
 // termination noticed, a deregistration and what it left) are read back
 // at every start; Phase, Status, Error and Bootstrapped are derived from
 // the facts, for `bootagent status` and scripts, and never read back.
@@ -91,8 +93,9 @@ type State struct {
 	// Error is why the agent failed, or why its last attempt did.
 	Error string `json:"error,omitempty"`
 	// Bootstrapped is true once this boot's host name is applied and the
-	// instance is registered (or registration is off, or waits for the
-	// warm pool): what READY=1 means.
+	// instance is registered (or registration is off, waits for the warm
+	// pool, or is over: the instance is terminating or deregistered): what
+	// READY=1 means.
 	Bootstrapped   bool   `json:"bootstrapped"`
 	Hostname       string `json:"hostname,omitempty"`
 	HostnameSource string `json:"hostname_source,omitempty"`
@@ -103,12 +106,19 @@ type State struct {
 	// ClientName is the Chef client, which is the node's name.
 	ClientName   string     `json:"client_name,omitempty"`
 	RegisteredAt *time.Time `json:"registered_at,omitempty"`
+	// FormerNodes are nodes (and clients) this instance registered under
+	// another name before, with the same key: the node name changed. They
+	// are removed at termination too.
+	FormerNodes []string `json:"former_nodes,omitempty"`
 	// FirstRunDone is true once a chef-client run with the first-boot JSON
 	// succeeded; later runs go without it.
 	FirstRunDone bool          `json:"first_run_done"`
 	Boot         Boot          `json:"boot"`
 	LastRun      *chef.Outcome `json:"last_run,omitempty"`
 	NextRun      *time.Time    `json:"next_run,omitempty"`
+	// Run is the chef-client run going, if any, so that a restart that
+	// finds its unit still running follows it as what it is.
+	Run *RunGoing `json:"run,omitempty"`
 	// Notices is what IMDS last announced: Auto Scaling lifecycle, spot
 	// interruption, rebalance, scheduled maintenance.
 	Notices *imds.Notices `json:"notices,omitempty"`
@@ -121,6 +131,16 @@ type State struct {
 	// PID is the agent process that wrote the state last.
 	PID     int       `json:"pid,omitempty"`
 	Updated time.Time `json:"updated"`
+}
+
+// RunGoing is a chef-client run the agent started and has not seen end.
+type RunGoing struct {
+	ID string `json:"id"`
+	// First runs with the first-boot JSON; Final is the last run before
+	// the deregistration.
+	First   bool      `json:"first,omitempty"`
+	Final   bool      `json:"final,omitempty"`
+	Started time.Time `json:"started"`
 }
 
 // Termination is what the agent knows of the instance's end.
@@ -153,8 +173,11 @@ type Deregistration struct {
 	Refused bool `json:"refused,omitempty"`
 }
 
-// Complete reports whether the node and client are both gone.
-func (d *Deregistration) Complete() bool { return d != nil && d.NodeDeleted && d.ClientDeleted }
+// Complete reports whether the deregistration ended with nothing of the
+// instance left on the server.
+func (d *Deregistration) Complete() bool {
+	return d != nil && !d.InProgress && d.NodeDeleted && d.ClientDeleted && len(d.LeftBehind) == 0
+}
 
 // Boot is this boot's timeline.
 type Boot struct {

@@ -66,26 +66,64 @@ func terminationReason(n imds.Notices) string {
 	return "Auto Scaling target lifecycle state " + n.LifecycleState
 }
 
-// deregistrationRecord is what the state keeps of a deregistration that
-// ended with d and err; deadline names the deadline it had, for the error.
-func deregistrationRecord(now time.Time, name, reason string, deadline time.Time, deadlineName string, d chef.Deregistered, err error) Deregistration {
-	rec := Deregistration{At: now.UTC(), Reason: reason, Deregistered: d, LeftBehind: d.LeftBehind(name)}
-	if err == nil {
-		return rec
+// deregistrationRecord is what the state keeps of a deregistration of
+// name that ended as ev says.
+func deregistrationRecord(now time.Time, name, reason string, ev evDeregistered) Deregistration {
+	rec := Deregistration{At: now.UTC(), Reason: reason, Deregistered: ev.d, LeftBehind: ev.d.LeftBehind(name)}
+	for _, former := range ev.formerLeft {
+		rec.LeftBehind = append(rec.LeftBehind, "node "+former, "client "+former)
 	}
-	rec.Refused = errors.Is(err, chef.ErrDeleteRefused) || errors.Is(err, chef.ErrKeyRefused)
-	if !rec.Refused {
-		err = fmt.Errorf("%s (%s) left no time to ask the Chef server again: %w", deadlineName, deadline.UTC().Format(time.RFC3339), err)
+	if ev.err != nil {
+		rec.Refused = errors.Is(ev.err, chef.ErrDeleteRefused) || errors.Is(ev.err, chef.ErrKeyRefused)
+		rec.Error = ev.err.Error()
 	}
-	rec.Error = err.Error()
 	return rec
+}
+
+// deregisterAll is the deregistration worker: the former nodes, then the
+// current one (when not gone already), each until the deadline. A request
+// that is still failing when the deadline leaves no time for another says
+// so in its error.
+func deregisterAll(ctx context.Context, root string, clock backoff.Clock, policy backoff.Policy, a actDeregister, nodeDeleted func()) evDeregistered {
+	var ev evDeregistered
+	var errs []error
+	within := func(err error) error {
+		var api *chef.APIError
+		if errors.As(err, &api) && api.Retryable() {
+			return fmt.Errorf("the deadline (%s) left no time to ask the Chef server again: %w", a.deadline.UTC().Format(time.RFC3339), err)
+		}
+		return err
+	}
+	for _, name := range a.former {
+		if _, err := deregister(ctx, a.cfg, root, a.log, clock, policy, chef.Leaving{Name: name, KeyPath: a.cfg.Chef.ClientKey}, a.deadline); err != nil {
+			ev.formerLeft = append(ev.formerLeft, name)
+			errs = append(errs, within(err))
+		}
+	}
+	ev.d = chef.Deregistered{NodeDeleted: true, ClientDeleted: true}
+	if a.current != nil {
+		l := *a.current
+		l.OnNodeDeleted = nodeDeleted
+		d, err := deregister(ctx, a.cfg, root, a.log, clock, policy, l, a.deadline)
+		ev.d = d
+		if err != nil {
+			errs = append(errs, within(err))
+		}
+	}
+	ev.err = errors.Join(errs...)
+	return ev
 }
 
 // logDeregistration tells an operator how a deregistration ended, and
 // what to remove by hand if it left something.
 func logDeregistration(log *zap.Logger, m *metrics.Metrics, name string, rec Deregistration) {
 	log = log.With(zap.String("node_name", name))
-	if rec.Error == "" {
+	switch {
+	case rec.Error == "" && rec.NothingThere:
+		m.Deregistrations.WithLabelValues("deleted").Inc()
+		log.Info("deregistered: the Chef server never held this node, so nothing was deleted")
+		return
+	case rec.Error == "":
 		m.Deregistrations.WithLabelValues("deleted").Inc()
 		log.Info("deregistered: node and client deleted from the Chef server", zap.Int("retries", rec.Retries))
 		return
@@ -137,15 +175,20 @@ func Deregister(ctx context.Context, root string, cfg config.Config, log *zap.Lo
 	if !ok {
 		deadline = clock.Now().Add(chef.DefaultDeregisterTimeout)
 	}
-	l := chef.Leaving{Name: st.NodeName, KeyPath: cfg.Chef.ClientKey, Confirmed: true, NodeGone: st.Deregistration != nil && st.Deregistration.NodeDeleted}
-	d, err := deregister(ctx, cfg, root, log, clock, registerRetry, l, deadline)
-	rec := deregistrationRecord(clock.Now(), st.NodeName, reason, deadline, "the --timeout", d, err)
+	d := st.Deregistration
+	a := actDeregister{cfg: cfg, log: log, former: st.FormerNodes, deadline: deadline}
+	if d == nil || !d.NodeDeleted || !d.ClientDeleted {
+		a.current = &chef.Leaving{Name: st.NodeName, KeyPath: cfg.Chef.ClientKey, Confirmed: true, NodeGone: d != nil && d.NodeDeleted}
+	}
+	ev := deregisterAll(ctx, root, clock, registerRetry, a, nil)
+	rec := deregistrationRecord(clock.Now(), st.NodeName, reason, ev)
 	logDeregistration(log, metrics.New(), st.NodeName, rec)
+	err = ev.err
 	if lockErr != nil {
 		log.Info("an agent is running: deregistered without recording it in its state")
 		return rec, err
 	}
-	st.Deregistration = &rec
+	st.Deregistration, st.FormerNodes = &rec, ev.formerLeft
 	if serr := (&store{root: root}).save(st, clock.Now()); serr != nil {
 		log.Warn("could not save the agent state", zap.Error(serr))
 	}

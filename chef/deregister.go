@@ -27,7 +27,10 @@ var ErrKeyRefused = errors.New("the Chef server no longer accepts the node's key
 type Deregistered struct {
 	NodeDeleted   bool `json:"node_deleted"`
 	ClientDeleted bool `json:"client_deleted"`
-	Retries       int  `json:"retries"`
+	// NothingThere is true when the server never held the node: a
+	// registration that ended before it made the client.
+	NothingThere bool `json:"nothing_there,omitempty"`
+	Retries      int  `json:"retries"`
 }
 
 // LeftBehind lists what is still on the server.
@@ -70,7 +73,7 @@ func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered
 		// The key is written before the first request of a registration:
 		// without it, nothing reached the server.
 		r.Log.Info("the registration never reached the Chef server: nothing to remove", zap.String("node_name", l.Name))
-		return Deregistered{NodeDeleted: true, ClientDeleted: true}, nil
+		return Deregistered{NodeDeleted: true, ClientDeleted: true, NothingThere: true}, nil
 	}
 	if err != nil {
 		return out, fmt.Errorf("deregister %q: read the node's key: %w", l.Name, err)
@@ -116,7 +119,7 @@ func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered
 	if !l.NodeGone {
 		switch err := del("node", "nodes/"+l.Name); {
 		case errors.Is(err, errGone):
-			return Deregistered{NodeDeleted: true, ClientDeleted: true}, nil
+			return Deregistered{NodeDeleted: true, ClientDeleted: true, NothingThere: !l.Confirmed}, nil
 		case err != nil:
 			return out, fmt.Errorf("delete node %q: %w", l.Name, err)
 		}

@@ -188,6 +188,9 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 	beat := e.clock.After(beatEvery)
 	var timer <-chan time.Time
 	var timerAt time.Time
+	// reloadTo is the configuration of a reload that waits for the life to
+	// end (for a registration going to answer).
+	var reloadTo *config.Config
 	ev := event(start)
 	for {
 		now := e.clock.Now()
@@ -206,6 +209,15 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 		if ended {
 			l.stopRun()
 			return lifeEnd{st: l.m.st, res: l.m.res, err: exit.err}
+		}
+		if reloadTo != nil && l.m.noReload() != "" {
+			// The instance began to terminate (or the agent to stop) while
+			// the reload waited: the reload is dropped.
+			l.m.log.Info("configuration reload ignored", zap.String("why", l.m.noReload()))
+			reloadTo = nil
+		}
+		if reloadTo != nil && l.m.reloadable() {
+			return lifeEnd{reload: reloadTo, run: l.run, st: l.m.st}
 		}
 		if at := l.m.wake(now); !at.Equal(timerAt) {
 			timerAt, timer = at, nil
@@ -240,7 +252,7 @@ func (e *Engine) live(ctx context.Context, cfg config.Config, st State, carried 
 				ev = evTick{}
 				break
 			}
-			return lifeEnd{reload: &next, run: l.run, st: l.m.st}
+			reloadTo, ev = &next, evReload{}
 		}
 	}
 }

@@ -76,6 +76,9 @@ type (
 	evTrigger struct{}
 	// evStop: the agent is asked to stop (SIGTERM).
 	evStop struct{}
+	// evReload: a reload ends this life once the registration going (if
+	// any) has answered.
+	evReload struct{}
 )
 
 func (evStart) isEvent()          {}
@@ -92,6 +95,7 @@ func (evDeregistered) isEvent()   {}
 func (evTick) isEvent()           {}
 func (evTrigger) isEvent()        {}
 func (evStop) isEvent()           {}
+func (evReload) isEvent()         {}
 
 // action is what the machine asks its driver to do.
 type action interface{ isAction() }
@@ -171,6 +175,8 @@ const (
 	// of a run: chef-client's SIGTERM grace and a margin, well inside
 	// systemd's default TimeoutStopSec of 90s.
 	stopGrace = runGrace + 10*time.Second
+	// stopDeletes is the part of the stop's grace kept for the deletions.
+	stopDeletes = 10 * time.Second
 	// pollBudget is the most a poll's requests take when IMDS does not
 	// answer them (four notices, each bounded by the client's timeouts).
 	pollBudget = 5 * time.Second
@@ -252,8 +258,10 @@ type machine struct {
 	stopPoll, stopPolled bool
 	// endCause is why the run going was ended; runLeft is true once a
 	// stop left it to its unit (it goes on, and may save the node).
-	endCause       error
-	runLeft        bool
+	endCause error
+	runLeft  bool
+	// reloading is true once a reload waits for the life to end.
+	reloading      bool
 	failure        *failure
 	ready          bool
 	exit           *actExit
@@ -341,6 +349,8 @@ func (m *machine) apply(now time.Time, ev event) {
 		if !m.stopping {
 			m.stopping, m.stopBy = true, now.Add(stopGrace)
 		}
+	case evReload:
+		m.reloading = true
 	case evTick:
 	}
 }
@@ -409,6 +419,15 @@ func (m *machine) booted(now time.Time, b booted) {
 		n := m.notices()
 		n.LifecycleState = b.lifecycle
 		m.noticed(now, n)
+	}
+	if m.st.NodeName == "" && b.keyPresent {
+		// The node's key is there, but the state names no node (it was
+		// damaged, or lost): a registration may have made the node this
+		// plan names, with that key. Taken as begun, it is completed, or
+		// removed at termination.
+		m.log.Warn("the node's key is on disk, but the state names no node (damaged or lost?): taking the configured one as registered before",
+			zap.String("node_name", p.chef.nodeName))
+		m.st.NodeName, m.st.ClientName = p.chef.nodeName, p.chef.nodeName
 	}
 	if m.notices().Warmed() && !m.isRegistered() {
 		m.res.Warmed = m.notices().LifecycleState
@@ -658,6 +677,14 @@ func (m *machine) next(now time.Time) []action {
 	if m.stopping {
 		return m.nextStopping(now)
 	}
+	if m.reloading && m.registering && !m.regStopping {
+		// A request cut off might still be carried out by the server,
+		// unknown to the next life: the registration is asked to stop
+		// before its next request, and its answer is waited for.
+		m.regStopping = true
+		m.log.Info("stopping the registration: a reload waits for its answer", zap.String("node_name", m.st.NodeName))
+		return []action{actStopRegister{}}
+	}
 	if m.plan == nil {
 		if m.booting || now.Before(m.bootAt) {
 			return nil
@@ -686,7 +713,7 @@ func (m *machine) next(now time.Time) []action {
 }
 
 func (m *machine) nextRegistration(now time.Time) []action {
-	if m.registering || m.notices().Warmed() || now.Before(m.regAt) {
+	if m.registering || m.reloading || m.notices().Warmed() || now.Before(m.regAt) {
 		return nil
 	}
 	if m.wasWarm {
@@ -824,7 +851,9 @@ func (m *machine) nextTerminating(now time.Time) []action {
 		return nil
 	}
 	if m.run != nil {
-		if m.run.final || m.runEnding {
+		// The final run's timeout ends it in time, unless the deadline
+		// moved closer since (a spot notice after an Auto Scaling one).
+		if m.runEnding {
 			return nil
 		}
 		endBy := t.Deadline.Add(-endRunReserve)
@@ -836,11 +865,12 @@ func (m *machine) nextTerminating(now time.Time) []action {
 			return nil
 		}
 		m.runEnding = true
-		cause := fmt.Errorf("%w: the instance terminates at %s and deregistering needs the time left", chef.ErrEndRun, t.Deadline.Format(time.RFC3339))
+		cause := &chef.EndRun{Why: "the instance terminates at " + t.Deadline.Format(time.RFC3339) + " and deregistering needs the time left",
+			By: t.Deadline.Add(-deregisterReserve)}
 		log.Warn("ending the chef-client run", zap.String("why", cause.Error()))
 		return []action{actEndRun{cause: cause}}
 	}
-	if ch.FinalRun && !t.FinalRunDone && m.isRegistered() {
+	if ch.FinalRun && !t.FinalRunDone && m.isRegistered() && !m.deregistered() {
 		left := t.Deadline.Sub(now) - endRunReserve
 		if left >= minFinalRun {
 			m.log.Info("a final chef-client run before deregistering", zap.Duration("within", left))
@@ -867,9 +897,12 @@ func (m *machine) startDeregister(now time.Time) []action {
 	var current *chef.Leaving
 	nodeGone := d != nil && d.NodeDeleted
 	if d == nil || !d.NodeDeleted || !d.ClientDeleted {
-		current = &chef.Leaving{Name: m.st.NodeName, KeyPath: m.plan.cfg.Chef.ClientKey, Confirmed: m.st.RegisteredAt != nil, NodeGone: nodeGone}
+		current = &chef.Leaving{Name: m.st.NodeName, KeyPath: m.plan.cfg.Chef.ClientKey, Confirmed: m.st.RegisteredAt != nil, NodeGone: nodeGone,
+			Resumed: d != nil && d.InProgress}
 	}
 	m.deregTried, m.deregistering = true, true
+	// No final run comes after the deletions, whatever ends them.
+	t.FinalRunDone = true
 	m.st.Deregistration = &Deregistration{At: now.UTC(), Reason: t.Reason, InProgress: true,
 		Deregistered: chef.Deregistered{NodeDeleted: nodeGone, ClientDeleted: current == nil}}
 	m.log.Warn("the instance is terminating: deregistering from the Chef server", zap.String("reason", t.Reason),
@@ -902,7 +935,8 @@ func (m *machine) nextStopping(now time.Time) []action {
 		m.runEnding = true
 		cause := errStopping
 		if terminating {
-			cause = fmt.Errorf("%w: the agent is stopping and the instance is terminating", chef.ErrEndRun)
+			// The deletions that follow keep the end of the stop's grace.
+			cause = &chef.EndRun{Why: "the agent is stopping and the instance is terminating", By: m.stopBy.Add(-stopDeletes)}
 		}
 		m.endCause = cause
 		acts = append(acts, actEndRun{cause: cause})
@@ -981,6 +1015,10 @@ func (m *machine) stallAfter() time.Duration { return 3*m.cfg.IMDS.PollInterval.
 func (m *machine) stalled(now time.Time) bool {
 	return m.polling && now.Sub(m.pollStarted) > m.stallAfter()
 }
+
+// reloadable reports whether a reload that was asked for may end the life
+// now: no registration is going.
+func (m *machine) reloadable() bool { return m.reloading && !m.registering && m.noReload() == "" }
 
 // noReload says why a reload is not taken now, or "": nothing a
 // configuration says matters to an instance that is going away, or to an

@@ -75,6 +75,7 @@ type sim struct {
 	formerLeft                    []string
 	exited                        bool
 	ready                         int
+	reloading                     bool
 }
 
 const simInstance = "i-0123456789abcdef0"
@@ -120,7 +121,7 @@ func (s *sim) newLife(st State, run *runInfo) {
 		newRunID: func(time.Time) string { s.runs++; return fmt.Sprintf("run-%d", s.runs) },
 		retry:    noJitter,
 	}, st)
-	s.exited, s.ready = false, 0
+	s.exited, s.ready, s.reloading = false, 0, false
 	s.booting, s.registering, s.polling, s.regStopped, s.dereg = false, false, false, false, nil
 	s.step("start", evStart{run: run})
 }
@@ -177,6 +178,7 @@ func (s *sim) step(what string, ev event) []action {
 		}
 	}
 	s.check()
+	s.reloaded()
 	return acts
 }
 
@@ -435,13 +437,24 @@ func (s *sim) restart(pick func(int) int) {
 }
 
 // reload is a new life in the same process: the in-memory state, and the
-// run going carried into it. The daemon ignores a reload while the
-// instance is terminating or the agent stopping.
-func (s *sim) reload(pick func(int) int) {
+// run going carried into it, once a registration going has answered. The
+// daemon ignores a reload while the instance is terminating or the agent
+// stopping.
+func (s *sim) reload() {
 	if s.m.noReload() != "" {
 		return
 	}
-	s.abandon(pick)
+	s.reloading = true
+	s.step("reload asked", evReload{})
+}
+
+// reloaded starts the new life a reload waits for, once it may.
+func (s *sim) reloaded() {
+	if !s.reloading || !s.m.reloadable() {
+		return
+	}
+	s.reloading = false
+	s.trace = append(s.trace, "reloaded")
 	var carried *runInfo
 	if s.run != nil {
 		r := s.run.run
@@ -520,7 +533,7 @@ func interleave(t testing.TB, pick func(int) int, steps int, observe func(from, 
 				s.advance([]time.Duration{time.Second, 10 * time.Second, 45 * time.Second, 3 * time.Minute, 40 * time.Minute}[pick(5)])
 			}},
 			{true, func() { s.step("trigger", evTrigger{}) }},
-			{true, func() { s.trace = append(s.trace, "reload"); s.reload(pick) }},
+			{true, s.reload},
 			{pick(6) == 0, func() {
 				// A new node name (chef.node_name, or the name it is made
 				// of), taken by a reload.
@@ -528,7 +541,7 @@ func interleave(t testing.TB, pick func(int) int, steps int, observe func(from, 
 				next.Chef.NodeName = fmt.Sprintf("web-%d", pick(3))
 				s.configure(next)
 				s.trace = append(s.trace, "reload as "+next.Chef.NodeName)
-				s.reload(pick)
+				s.reload()
 			}},
 			{pick(4) == 0, func() { s.trace = append(s.trace, "restart"); s.restart(pick) }},
 			{pick(8) == 0, func() { s.step("stop", evStop{}) }},
@@ -947,7 +960,7 @@ func TestARenamedNodeIsRemovedAtTerminationToo(t *testing.T) {
 	next := s.cfg
 	next.Chef.NodeName = "web02"
 	s.configure(next)
-	s.reload(func(int) int { return 1 })
+	s.reload()
 	s.booted()
 	require.True(t, s.registering, "the new name is registered")
 	assert.Equal(t, []string{"web01"}, s.m.st.FormerNodes, "the old one is remembered")
@@ -999,4 +1012,24 @@ func TestAReloadWhileStoppingIsIgnored(t *testing.T) {
 	s := started(t)
 	s.step("stop", evStop{})
 	assert.Equal(t, "the agent is stopping", s.m.noReload())
+}
+
+func TestAFinalRunIsEndedWhenTheDeadlineComesCloser(t *testing.T) {
+	cfg := simConfig()
+	cfg.Chef.FinalRun = true
+	s := newSim(t, cfg)
+	s.booted()
+	s.registered(regDone)
+	s.ran(chef.ResultSuccess)
+	s.lifecycle = "Terminated"
+	s.announce()
+	s.polled()
+	require.True(t, s.run != nil && s.run.run.final, "the final run, with two minutes' notice")
+	s.spot = &imds.SpotAction{Action: "terminate", Time: s.now.Add(70 * time.Second)}
+	s.polled()
+	assert.False(t, s.runEnding)
+	s.advance(10 * time.Second)
+	assert.True(t, s.runEnding, "ended a minute before the spot notice's time")
+	s.ran(chef.ResultSuccess)
+	require.NotNil(t, s.dereg, "then the deletes, with their time")
 }

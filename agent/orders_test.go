@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -240,4 +242,104 @@ func TestEveryAutoScalingTargetStateHasItsMeaning(t *testing.T) {
 		d.lifecycle.Store("Warmed:Terminated")
 		d.deregistered(t)
 	})
+}
+
+// The orders below broke the redesign itself, found by an adversarial pass
+// against the real peers.
+
+func TestAStateThatCannotBeSavedDuringTheDeletesGivesNoFalseAlarm(t *testing.T) {
+	d := newDaemon(t, "InService")
+	d.registered(t)
+	testenv.Eventually(t, 20*time.Second, func() bool { return d.state(t).FirstRunDone }, "the first run ends")
+	dir := filepath.Join(d.root, stateDir)
+	var once sync.Once
+	d.chef.set("DELETE /nodes/web01", func(w http.ResponseWriter, r *http.Request) {
+		d.chef.forward(w, r)
+		// From now on no state can be saved, as with a full disk.
+		once.Do(func() {
+			require.NoError(t, os.Rename(dir, dir+".away"))
+			require.NoError(t, os.WriteFile(dir, nil, 0o644))
+		})
+	})
+	d.lifecycle.Store("Terminated")
+	testenv.Eventually(t, 20*time.Second, func() bool { n, c := d.exists(t); return !n && !c }, "node and client deleted")
+	testenv.Eventually(t, 10*time.Second, func() bool { return d.logged("deregistered: node and client deleted from the Chef server") > 0 }, "the deletes end")
+	d.stop(t)
+	// The disk holds what was saved last: a deregistration in progress.
+	require.NoError(t, os.Remove(dir))
+	require.NoError(t, os.Rename(dir+".away", dir))
+	require.True(t, d.state(t).Deregistration.InProgress)
+	d.start(t)
+	testenv.Eventually(t, 20*time.Second, func() bool { return d.state(t).Phase == PhaseDeregistered }, "the resumed deregistration ends")
+	assert.Zero(t, d.logged("deregistration incomplete: remove what is left by hand"), "no false alarm: the key opens nothing because both are gone")
+	assert.Equal(t, 0, StatusCode(d.state(t)))
+}
+
+func TestADamagedStateAtATerminatingRestartStillDeregisters(t *testing.T) {
+	d := newDaemon(t, "InService")
+	d.registered(t)
+	testenv.Eventually(t, 20*time.Second, func() bool { return d.state(t).FirstRunDone }, "the first run ends")
+	d.stop(t)
+	require.NoError(t, os.WriteFile(filepath.Join(d.root, statePath), []byte(`{"version": 1, "instance_id": "i-0123`), 0o644))
+	d.lifecycle.Store("Terminated")
+	d.start(t)
+	d.deregistered(t)
+	assert.Equal(t, 1, d.logged("the node's key is on disk, but the state names no node (damaged or lost?): taking the configured one as registered before"))
+}
+
+func TestARestartAfterTheStopsDeregistrationMakesNoFinalRun(t *testing.T) {
+	d := newDaemon(t, "InService", func(c *config.Config) { c.Chef.FinalRun = true })
+	testenv.Eventually(t, 20*time.Second, func() bool { return d.state(t).FirstRunDone }, "the first run ends")
+	d.slowRuns(t, 5*time.Second)
+	d.engine.TriggerRun()
+	testenv.Eventually(t, 10*time.Second, func() bool { return len(d.runs(t)) == 2 }, "a run is going")
+	d.lifecycle.Store("Terminated")
+	testenv.Eventually(t, 10*time.Second, func() bool { return d.state(t).Termination != nil }, "the termination is noticed")
+	d.stop(t)
+	require.True(t, d.state(t).Deregistration.Complete(), "the stop deregistered")
+	d.start(t)
+	d.polls(t, 5)
+	assert.Zero(t, d.logged("chef-client run starting"), "no chef-client run once the node and client are deleted")
+	assert.Len(t, d.runs(t), 2)
+}
+
+func TestAReloadDuringARegistrationWaitsForItsAnswer(t *testing.T) {
+	d := newDaemon(t, "Warmed:Running")
+	testenv.Eventually(t, 10*time.Second, func() bool { return d.state(t).Phase == PhaseWarmPool }, "named in the warm pool")
+	held, release, deleted := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var holding, deleting sync.Once
+	d.chef.set("POST /clients", func(w http.ResponseWriter, r *http.Request) {
+		holding.Do(func() { close(held) })
+		<-release
+		// The server carries the request out, whatever the agent does.
+		d.chef.forward(w, r.WithContext(context.Background()))
+	})
+	d.chef.set("DELETE /nodes/web01", func(w http.ResponseWriter, r *http.Request) {
+		d.chef.forward(w, r)
+		deleting.Do(func() { close(deleted) })
+	})
+	d.lifecycle.Store("InService")
+	<-held
+	d.engine.Reload(*d.cfg)
+	d.lifecycle.Store("Terminated")
+	// The server answers the client's creation once the agent deletes what
+	// it thinks is there, or once it stops the registration and waits.
+	go func() {
+		stopped := make(chan struct{})
+		go func() {
+			testenv.Eventually(t, 20*time.Second, func() bool {
+				return d.logs.FilterMessageSnippet("stopping the registration").Len() > 0
+			}, "the registration is stopped")
+			close(stopped)
+		}()
+		select {
+		case <-deleted:
+		case <-stopped:
+		}
+		close(release)
+	}()
+	testenv.Eventually(t, 20*time.Second, func() bool { dr := d.state(t).Deregistration; return dr != nil && !dr.InProgress }, "the deregistration ends")
+	n, c := d.exists(t)
+	assert.False(t, n || c, "nothing of the terminated instance is left on the Chef server")
+	assert.Equal(t, PhaseDeregistered, d.state(t).Phase)
 }

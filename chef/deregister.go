@@ -56,6 +56,11 @@ type Leaving struct {
 	Confirmed bool
 	// NodeGone is true when an earlier attempt deleted the node already.
 	NodeGone bool
+	// Resumed is true when an earlier attempt was cut short (a crash, a
+	// restart) at a point its record does not say: it may have deleted the
+	// client, which it deletes only once the node is gone. A key that then
+	// opens nothing says both are.
+	Resumed bool
 	// OnNodeDeleted, when set, is told as soon as the node is gone, before
 	// the client is deleted, so that the progress can be recorded.
 	OnNodeDeleted func()
@@ -86,7 +91,7 @@ func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered
 	defer func() { out.Retries = reg.Retries }()
 	// keyWorked is true once the server accepted the key: a 401 after that
 	// means the client is gone, not that the key is wrong.
-	keyWorked := l.NodeGone
+	keyWorked := l.NodeGone || l.Resumed
 	del := func(kind, path string) error {
 		return r.retry(ctx, &reg, func(ctx context.Context) error {
 			err := node.do(ctx, http.MethodDelete, path, nil, nil)
@@ -119,7 +124,7 @@ func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered
 	if !l.NodeGone {
 		switch err := del("node", "nodes/"+l.Name); {
 		case errors.Is(err, errGone):
-			return Deregistered{NodeDeleted: true, ClientDeleted: true, NothingThere: !l.Confirmed}, nil
+			return Deregistered{NodeDeleted: true, ClientDeleted: true, NothingThere: !l.Confirmed && !l.Resumed}, nil
 		case err != nil:
 			return out, fmt.Errorf("delete node %q: %w", l.Name, err)
 		}

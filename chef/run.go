@@ -120,6 +120,29 @@ type Outcome struct {
 // cause says why, in the log.
 var ErrEndRun = errors.New("the chef-client run is to end")
 
+// EndRun is an ErrEndRun cause with a time: the run gets SIGKILL no later
+// than By, however long its grace, so that what must follow it (the
+// deletions of a terminating instance) keeps its time.
+type EndRun struct {
+	Why string
+	By  time.Time
+}
+
+func (e *EndRun) Error() string { return ErrEndRun.Error() + ": " + e.Why }
+
+// Is makes an EndRun an ErrEndRun.
+func (e *EndRun) Is(target error) bool { return target == ErrEndRun }
+
+// graceFor is how long a run whose context ended for cause may take to end
+// after SIGTERM: its grace, or less when the cause says by when.
+func graceFor(cause error, grace time.Duration, now time.Time) time.Duration {
+	var e *EndRun
+	if errors.As(cause, &e) && !e.By.IsZero() {
+		return max(0, min(grace, e.By.Sub(now)))
+	}
+	return grace
+}
+
 // Runner runs chef-client to the end and says how it ended. An error means
 // the run could not be started or followed.
 type Runner interface {
@@ -181,9 +204,10 @@ wait:
 		case <-ctx.Done():
 			if signalled == "" {
 				signalled = ResultInterrupted
-				log.Warn("stopping chef-client; sending SIGTERM to its process group", zap.String("why", context.Cause(ctx).Error()))
+				grace := graceFor(context.Cause(ctx), spec.Grace, clock.Now())
+				log.Warn("stopping chef-client; sending SIGTERM to its process group", zap.String("why", context.Cause(ctx).Error()), zap.Duration("grace", grace))
 				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-				kill = clock.After(spec.Grace)
+				kill = clock.After(grace)
 			}
 			ctx = context.Background() // Only once.
 		case <-kill:

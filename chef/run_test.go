@@ -157,3 +157,20 @@ func TestProcessRunnerFailsToStartAMissingCommand(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "start /nonexistent/chef-client -c x")
 }
+
+func TestProcessRunnerKillsByTheTimeAnEndRunSays(t *testing.T) {
+	clock := testenv.NewManualClock()
+	r := ProcessRunner{Log: zaptest.NewLogger(t), Clock: clock}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	done, grandchild := runInBackground(t, r, ctx, `trap "" TERM; sleep 600 & echo $! > "$1"; wait`)
+	testenv.Eventually(t, 5*time.Second, func() bool { return clock.Waiters() == 1 }, "the run timeout is set")
+
+	cancel(&EndRun{Why: "the instance terminates", By: clock.Now().Add(10 * time.Second)})
+	testenv.Eventually(t, 5*time.Second, func() bool { return clock.Waiters() == 2 }, "SIGTERM is sent and the kill set")
+	clock.Advance(10 * time.Second)
+	out := <-done
+	assert.Equal(t, syscall.SIGKILL.String(), out.Signal, "killed 10 s after SIGTERM, not the 30 s grace")
+	assert.Equal(t, ResultInterrupted, out.Result)
+	testenv.Eventually(t, 5*time.Second, func() bool { return !pidAlive(grandchild) }, "SIGKILL reached the grandchild")
+	assert.ErrorIs(t, &EndRun{}, ErrEndRun)
+}

@@ -154,10 +154,22 @@ func (u *UnitRunner) stop(out Outcome, why error) (Outcome, error) {
 	if _, err := u.conn.StopUnitContext(sctx, out.Unit, "replace", done); err != nil {
 		return out, fmt.Errorf("stop unit %s: %w", out.Unit, err)
 	}
-	select {
-	case <-done:
-	case <-sctx.Done():
-		return out, fmt.Errorf("stop unit %s: %w", out.Unit, sctx.Err())
+	// The unit's TimeoutStopSec is the run's grace; a cause that says by
+	// when the run must be over shortens it.
+	killAt := time.After(graceFor(why, stopWait, time.Now()))
+	for stopped := false; !stopped; {
+		select {
+		case <-done:
+			stopped = true
+		case <-killAt:
+			u.log.Warn("chef-client's unit outlived the time it had; sending SIGKILL to it", zap.String("unit", out.Unit))
+			if err := u.conn.KillUnitWithTarget(sctx, out.Unit, sddbus.All, int32(syscall.SIGKILL)); err != nil {
+				u.log.Warn("could not kill chef-client's unit", zap.String("unit", out.Unit), zap.Error(err))
+			}
+			killAt = nil
+		case <-sctx.Done():
+			return out, fmt.Errorf("stop unit %s: %w", out.Unit, sctx.Err())
+		}
 	}
 	props, err := u.conn.GetUnitTypePropertiesContext(sctx, out.Unit, "Service")
 	if err != nil {

@@ -886,7 +886,9 @@ func TestSplayIsFixedPerInstanceAndSpreadsAFleet(t *testing.T) {
 	assert.Zero(t, splayFor(simInstance, 0))
 }
 
-func TestAFinalRunThatCannotStartIsNotTriedAgain(t *testing.T) {
+// terminatedWithAFinalRun is a registered instance with chef.final_run,
+// converged, whose Auto Scaling termination was just noticed.
+func terminatedWithAFinalRun(t *testing.T) *sim {
 	cfg := simConfig()
 	cfg.Chef.FinalRun = true
 	s := newSim(t, cfg)
@@ -896,6 +898,11 @@ func TestAFinalRunThatCannotStartIsNotTriedAgain(t *testing.T) {
 	s.lifecycle = "Terminated"
 	s.announce()
 	s.polled()
+	return s
+}
+
+func TestAFinalRunThatCannotStartIsNotTriedAgain(t *testing.T) {
+	s := terminatedWithAFinalRun(t)
 	require.NotNil(t, s.run, "the final run")
 	require.True(t, s.run.run.final)
 	s.runFailedToStart()
@@ -1015,15 +1022,7 @@ func TestAReloadWhileStoppingIsIgnored(t *testing.T) {
 }
 
 func TestAFinalRunIsEndedWhenTheDeadlineComesCloser(t *testing.T) {
-	cfg := simConfig()
-	cfg.Chef.FinalRun = true
-	s := newSim(t, cfg)
-	s.booted()
-	s.registered(regDone)
-	s.ran(chef.ResultSuccess)
-	s.lifecycle = "Terminated"
-	s.announce()
-	s.polled()
+	s := terminatedWithAFinalRun(t)
 	require.True(t, s.run != nil && s.run.run.final, "the final run, with two minutes' notice")
 	s.spot = &imds.SpotAction{Action: "terminate", Time: s.now.Add(70 * time.Second)}
 	s.polled()

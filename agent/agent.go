@@ -272,6 +272,9 @@ type Result struct {
 	// sits in an Auto Scaling warm pool: named, but not registered until it
 	// goes into service.
 	Warmed string `json:"warmed,omitempty"`
+	// Terminating is why the instance is going away, when IMDS says so
+	// already: nothing is registered.
+	Terminating string `json:"terminating,omitempty"`
 	// FirstRun is the chef-client run `once` made.
 	FirstRun *chef.Outcome `json:"first_run,omitempty"`
 	Steps    []Step        `json:"steps"`

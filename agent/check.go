@@ -141,7 +141,12 @@ func (r Result) WriteText(w io.Writer) error {
 	for _, c := range r.Changes {
 		fmt.Fprintf(tw, "  changed %s\t%q -> %q\n", c.What, c.Old, c.New)
 	}
-	if r.NodeName != "" {
+	switch {
+	case r.NodeName != "" && r.Terminating != "":
+		fmt.Fprintf(tw, "chef node\t%s not registered: the instance is terminating (%s)\n", r.NodeName, r.Terminating)
+	case r.NodeName != "" && r.Warmed != "":
+		fmt.Fprintf(tw, "chef node\t%s not registered yet: the instance is in a warm pool (%s)\n", r.NodeName, r.Warmed)
+	case r.NodeName != "":
 		fmt.Fprintf(tw, "chef node\t%s (client created: %t, node created: %t)\n", r.NodeName, r.Registered.ClientCreated, r.Registered.NodeCreated)
 	}
 	if f := r.FirstRun; f != nil {

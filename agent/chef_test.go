@@ -204,3 +204,20 @@ func TestRunConvergesAtOnceAndOnSIGUSR1(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done)
 }
+
+func TestOnceOnAnInstanceAlreadyTerminatingRegistersNothing(t *testing.T) {
+	s := newChefSetup(t, "")
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{Command: []string{"asglifecycle", "--asg-termination-delay-sec", "0"}, UserData: []byte("hostname=web01\n")}, s.root,
+		func(c *config.Config) {
+			c.Chef.ServerURL = s.goiardi.URL
+			c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin"), "--record", s.record}
+		})
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err, "nothing to do is no failure")
+	assert.Equal(t, "Auto Scaling target lifecycle state Terminated", res.Terminating)
+	assert.Empty(t, s.goiardi.Clients(t)["web01"], "no node for an instance that is going away")
+	assert.Empty(t, s.runs(t))
+	var out strings.Builder
+	require.NoError(t, res.WriteText(&out))
+	assert.Contains(t, out.String(), "web01 not registered: the instance is terminating (Auto Scaling target lifecycle state Terminated)")
+}

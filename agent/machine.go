@@ -805,6 +805,9 @@ func (m *machine) startRun(now time.Time, final bool, timeout time.Duration) act
 func (m *machine) nextOnce(now time.Time) []action {
 	switch {
 	case m.plan.chef == nil || m.notices().Warmed() || m.st.Termination != nil:
+		if t := m.st.Termination; t != nil && !m.isRegistered() {
+			m.res.Terminating = t.Reason
+		}
 		m.exit = &actExit{}
 		return m.next(now)
 	case !m.isRegistered():

@@ -50,7 +50,10 @@ cat >"$work/aemm.json" <<JSON
  "dynamic": {"values": {"instance-identity-document": {"instanceId": "i-0de70c0ffee000001", "region": "eu-west-1",
    "availabilityZone": "eu-west-1a", "accountId": "123456789012", "instanceType": "m7g.large", "imageId": "ami-0123456789abcdef0"}}}}
 JSON
-(cd "$work" && HOME=$work exec "$mock" -n 127.0.0.1 -p "$port" -I -c "$work/aemm.json" >"$work/aemm.log" 2>&1) &
+# The emulator announces a termination, a spot interruption and a rebalance
+# at once unless told otherwise; a day's delay keeps this instance in service.
+(cd "$work" && HOME=$work exec "$mock" -n 127.0.0.1 -p "$port" -I -c "$work/aemm.json" \
+	-d 86400 --asg-termination-delay-sec 86400 --rebalance-delay-sec 86400 >"$work/aemm.log" 2>&1) &
 mock_pid=$!
 trap 'kill $mock_pid 2>/dev/null' EXIT
 # The Chef server, with authentication on; its validator key is what an

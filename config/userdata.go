@@ -67,6 +67,12 @@ type decoder struct {
 
 var (
 	gzipMagic = []byte{0x1f, 0x8b}
+	// utf8BOM is the byte-order mark some Windows editors and PowerShell
+	// write first. It means nothing in UTF-8 text, so one is dropped from
+	// each document and part before its form is recognised: otherwise
+	// "#cloud-config" or "{" is not what comes first, and the user-data
+	// would be ignored without a word.
+	utf8BOM = []byte{0xef, 0xbb, 0xbf}
 	// keyValueRE matches the start of a key=value line.
 	keyValueRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*[ \t]*=`)
 	// cloudInitForms are the first lines of user-data meant for cloud-init
@@ -80,6 +86,7 @@ func (d *decoder) decode(data []byte, where string, depth int) (string, error) {
 	if depth > maxNesting {
 		return "", &InvalidError{Source: where, Reason: fmt.Sprintf("gzip and MIME nest deeper than %d levels", maxNesting)}
 	}
+	data = bytes.TrimPrefix(data, utf8BOM)
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
 	switch {
 	case len(trimmed) == 0:
@@ -235,6 +242,7 @@ func (d *decoder) decodeEntity(h textproto.MIMEHeader, body []byte, where string
 		body = inner
 		where += " (gzip)"
 	}
+	body = bytes.TrimPrefix(body, utf8BOM)
 	switch ctype {
 	case "text/cloud-config":
 		return ctype, d.decodeCloudConfig(body, where+" #cloud-config")

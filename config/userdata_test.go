@@ -303,3 +303,35 @@ func TestApplyUserDataFollowsAnchorsIntoTheBootagentBlock(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{"role[base]"}, cfg.Chef.RunList)
 }
+
+// bom is the UTF-8 byte-order mark some Windows editors put first.
+const bom = "\xef\xbb\xbf"
+
+func TestApplyUserDataStripsAByteOrderMark(t *testing.T) {
+	b64 := base64.StdEncoding.EncodeToString([]byte(bom + "hostname=web01\n"))
+	part := func(ctype, body string) []byte {
+		return []byte("Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: " + ctype + "\n\n" + body + "\n--b--\n")
+	}
+	tests := []struct {
+		name string
+		data []byte
+	}{
+		{"key=value", []byte(bom + "hostname=web01\n")},
+		{"JSON", []byte(bom + `{"hostname": "web01"}`)},
+		{"#cloud-config", []byte(bom + "#cloud-config\nhostname: web01\n")},
+		{"MIME headers", []byte(bom + "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/x-bootagent\n\nhostname=web01\n--b--\n")},
+		{"a text/x-bootagent part", part("text/x-bootagent", bom+"hostname=web01")},
+		{"a JSON text/x-bootagent part", part("text/x-bootagent", bom+`{"hostname": "web01"}`)},
+		{"a text/cloud-config part", part("text/cloud-config", bom+"#cloud-config\nhostname: web01")},
+		{"a text/plain part", part("text/plain", bom+"#cloud-config\nhostname: web01")},
+		{"a base64 part", []byte("Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/x-bootagent\nContent-Transfer-Encoding: base64\n\n" + b64 + "\n--b--\n")},
+		{"gzip", testenv.Gzip(t, bom+"#cloud-config\nhostname: web01\n")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, info, err := ApplyUserData(Default(), tt.data)
+			require.NoError(t, err)
+			assert.Equal(t, "web01", cfg.Hostname.Name, "hostname.name (format %q, ignored %v)", info.Format, info.Ignored)
+		})
+	}
+}

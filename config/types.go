@@ -52,13 +52,22 @@ func parseDuration(s string) (time.Duration, error) {
 // and every value is one JSON can carry, so it always marshals.
 type Object map[string]any
 
-// UnmarshalYAML decodes a mapping and checks that JSON can carry it.
+// attributesKey is the one key that holds an Object, in the config file
+// and in cloud-init's chef block alike; errors name paths under it.
+const attributesKey = "chef.initial_attributes"
+
+// UnmarshalYAML decodes a mapping, with its aliases and merge keys, and
+// checks that JSON can carry it.
 func (o *Object) UnmarshalYAML(n *yaml.Node) error {
-	var raw any
-	if err := n.Decode(&raw); err != nil {
+	resolved, err := new(resolver).node(n, attributesKey)
+	if err != nil {
 		return err
 	}
-	obj, err := toObject(raw, "")
+	var raw any
+	if err := resolved.Decode(&raw); err != nil {
+		return err
+	}
+	obj, err := toObject(raw, attributesKey)
 	if err != nil {
 		return fmt.Errorf("line %d: %w", n.Line, err)
 	}
@@ -98,7 +107,7 @@ func cloneJSON(v any) any {
 const maxAttributeDepth = 32
 
 // toObject checks that v is a mapping with string keys all the way down and
-// converts YAML's types to JSON's.
+// converts YAML's types to JSON's. path names v in errors.
 func toObject(v any, path string) (Object, error) {
 	if v == nil {
 		return nil, nil
@@ -135,7 +144,7 @@ func toJSONValue(v any, path string, depth int) (any, error) {
 	case map[string]any:
 		out := make(map[string]any, len(t))
 		for k, e := range t {
-			c, err := toJSONValue(e, path+"."+k, depth+1)
+			c, err := toJSONValue(e, childPath(path, k), depth+1)
 			if err != nil {
 				return nil, err
 			}
@@ -149,7 +158,7 @@ func toJSONValue(v any, path string, depth int) (any, error) {
 			if !ok {
 				return nil, fmt.Errorf("attribute key %v at %s is not a string", k, orTop(path))
 			}
-			c, err := toJSONValue(e, path+"."+ks, depth+1)
+			c, err := toJSONValue(e, childPath(path, ks), depth+1)
 			if err != nil {
 				return nil, err
 			}
@@ -175,7 +184,7 @@ func orTop(path string) string {
 	if path == "" {
 		return "the top"
 	}
-	return path[1:]
+	return path
 }
 
 func jsonKind(v any) string {

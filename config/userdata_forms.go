@@ -107,16 +107,16 @@ func (d *decoder) decodeKeyValue(data []byte, where string) error {
 		k = strings.ToLower(strings.TrimSpace(k))
 		src += " key " + k
 		if prev, dup := seen[k]; dup {
-			return &InvalidError{Source: src, Reason: fmt.Sprintf("%s is already set on line %d; keep one", k, prev)}
+			return placeError(where, src, givenTwice(k, n, prev))
 		}
 		seen[k] = n
 		spec, ok := flatKeys[k]
 		if !ok {
 			return &InvalidError{Source: src, Reason: fmt.Sprintf("unknown key %q (known: %s)", k, knownFlatKeys())}
 		}
-		val, err := parseFlatString(unquote(strings.TrimSpace(v)), spec.kind)
+		val, err := parseFlatString(unquote(strings.TrimSpace(v)), spec.kind, k, n)
 		if err != nil {
-			return &InvalidError{Source: src, Reason: err.Error()}
+			return placeError(where, src, err)
 		}
 		doc.add(k, val, src)
 	}
@@ -141,15 +141,19 @@ func truncate(s string) string {
 	return s[:limit] + "..."
 }
 
-// parseFlatString turns a key=value value into the kind its key takes.
-func parseFlatString(v string, kind valueKind) (any, error) {
+// parseFlatString turns the value of key on a key=value line into the kind
+// the key takes.
+func parseFlatString(v string, kind valueKind, key string, line int) (any, error) {
 	switch kind {
 	case kindBool:
 		return parseBool(v)
 	case kindList:
 		return splitList(v), nil
 	case kindObject:
-		return parseJSONObject([]byte(v))
+		if err := checkJSONKeys([]byte(v), key, line); err != nil {
+			return nil, err
+		}
+		return parseJSONObject([]byte(v), key)
 	default:
 		return v, nil
 	}
@@ -177,7 +181,9 @@ func splitList(v string) []string {
 	return out
 }
 
-func parseJSONObject(data []byte) (Object, error) {
+// parseJSONObject decodes the JSON object that is the value of the key at
+// path; keys given twice are checked by the caller, which knows the lines.
+func parseJSONObject(data []byte, path string) (Object, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
 	var v any
@@ -187,7 +193,7 @@ func parseJSONObject(data []byte) (Object, error) {
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, errors.New("text after the JSON object")
 	}
-	obj, err := toObject(v, "")
+	obj, err := toObject(v, path)
 	if err != nil {
 		return nil, err
 	}
@@ -195,6 +201,84 @@ func parseJSONObject(data []byte) (Object, error) {
 		return Object{}, nil
 	}
 	return obj, nil
+}
+
+// placeError makes err, found at the key that src names, an InvalidError; a
+// keyError names its own line and key within the document where.
+func placeError(where, src string, err error) error {
+	var ke *keyError
+	if errors.As(err, &ke) {
+		return &InvalidError{Source: ke.place(where), Reason: ke.reason}
+	}
+	return &InvalidError{Source: src, Reason: err.Error()}
+}
+
+// errStopWalk ends checkJSONKeys early, on what the decoder refuses anyway.
+var errStopWalk = errors.New("stop")
+
+// checkJSONKeys refuses a key given twice in one object of the JSON text
+// data, at any depth, where encoding/json lets the last one win. path names
+// the value data holds, and line is the line it starts on.
+func checkJSONKeys(data []byte, path string, line int) error {
+	w := jsonKeys{dec: json.NewDecoder(bytes.NewReader(data)), data: data, line: line}
+	w.dec.UseNumber()
+	if err := w.value(path, 0); !errors.Is(err, errStopWalk) {
+		return err
+	}
+	return nil
+}
+
+// jsonKeys walks the tokens of a JSON text, counting lines as it goes.
+type jsonKeys struct {
+	dec  *json.Decoder
+	data []byte
+	off  int64 // how far lines are counted
+	line int   // the line at off
+}
+
+func (w *jsonKeys) lineNow() int {
+	off := w.dec.InputOffset()
+	w.line += bytes.Count(w.data[w.off:off], []byte("\n"))
+	w.off = off
+	return w.line
+}
+
+func (w *jsonKeys) value(path string, depth int) error {
+	tok, err := w.dec.Token()
+	if err != nil || depth > maxAttributeDepth {
+		return errStopWalk // a syntax error, or nesting toObject refuses
+	}
+	switch tok {
+	case json.Delim('{'):
+		first := map[string]int{}
+		for w.dec.More() {
+			tok, err := w.dec.Token()
+			if err != nil {
+				return errStopWalk
+			}
+			k, _ := tok.(string)
+			line, kpath := w.lineNow(), childPath(path, k)
+			if prev, dup := first[k]; dup {
+				return givenTwice(kpath, line, prev)
+			}
+			first[k] = line
+			if err := w.value(kpath, depth+1); err != nil {
+				return err
+			}
+		}
+	case json.Delim('['):
+		for i := 0; w.dec.More(); i++ {
+			if err := w.value(fmt.Sprintf("%s[%d]", path, i), depth+1); err != nil {
+				return err
+			}
+		}
+	default:
+		return nil
+	}
+	if _, err := w.dec.Token(); err != nil { // the closing } or ]
+		return errStopWalk
+	}
+	return nil
 }
 
 // decodeJSON reads a JSON object with the same keys as key=value user-data.
@@ -211,6 +295,9 @@ func (d *decoder) decodeJSON(data []byte, where string) error {
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return &InvalidError{Source: where, Reason: "text after the JSON object; give exactly one object"}
 	}
+	if err := checkJSONKeys(data, "", 1); err != nil {
+		return placeError(where, where, err)
+	}
 	keys := make([]string, 0, len(top))
 	for k := range top {
 		keys = append(keys, k)
@@ -223,7 +310,7 @@ func (d *decoder) decodeJSON(data []byte, where string) error {
 		if !ok {
 			return &InvalidError{Source: src, Reason: fmt.Sprintf("unknown key %q (known: %s)", k, knownFlatKeys())}
 		}
-		val, err := parseJSONValue(top[k], spec.kind)
+		val, err := parseJSONValue(top[k], spec.kind, k)
 		if err != nil {
 			return &InvalidError{Source: src, Reason: err.Error()}
 		}
@@ -242,7 +329,7 @@ func jsonError(data []byte, err error) string {
 	return err.Error()
 }
 
-func parseJSONValue(raw json.RawMessage, kind valueKind) (any, error) {
+func parseJSONValue(raw json.RawMessage, kind valueKind, key string) (any, error) {
 	switch kind {
 	case kindBool:
 		var b bool
@@ -265,7 +352,7 @@ func parseJSONValue(raw json.RawMessage, kind valueKind) (any, error) {
 		}
 		return splitList(s), nil
 	case kindObject:
-		return parseJSONObject(raw)
+		return parseJSONObject(raw, key)
 	default:
 		var s string
 		if err := json.Unmarshal(raw, &s); err != nil {
@@ -324,14 +411,22 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 	if root.Kind != yaml.MappingNode {
 		return &InvalidError{Source: where, Reason: fmt.Sprintf("line %d: want a mapping of keys", root.Line)}
 	}
+	// The top level and the chef block are resolved one level at a
+	// time: the values bootagent does not read are cloud-init's, and
+	// are not expanded.
+	r := new(resolver)
+	top, err := r.pairs(root, "")
+	if err != nil {
+		return placeError(where, where, err)
+	}
 	var (
 		names     naming
 		as        []assignment
 		bootagent *yaml.Node
 		others    []string
 	)
-	for i := 0; i+1 < len(root.Content); i += 2 {
-		k, v := root.Content[i], root.Content[i+1]
+	for i := 0; i+1 < len(top); i += 2 {
+		k, v := top[i], deref(top[i+1])
 		src := fmt.Sprintf("%s line %d key %s", where, k.Line, k.Value)
 		switch k.Value {
 		case "hostname", "fqdn":
@@ -361,7 +456,7 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 			}
 			as = append(as, assignment{"hostname.manage_etc_hosts", b, src})
 		case "chef":
-			chef, ignored, err := cloudChef(v, where)
+			chef, ignored, err := cloudChef(r, v, where)
 			if err != nil {
 				return err
 			}
@@ -389,16 +484,20 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 	return nil
 }
 
-func cloudChef(n *yaml.Node, where string) ([]assignment, []string, error) {
+func cloudChef(r *resolver, n *yaml.Node, where string) ([]assignment, []string, error) {
 	if n.Kind != yaml.MappingNode {
 		return nil, nil, &InvalidError{Source: fmt.Sprintf("%s line %d key chef", where, n.Line), Reason: "want a mapping"}
+	}
+	chef, err := r.pairs(n, "chef")
+	if err != nil {
+		return nil, nil, placeError(where, where, err)
 	}
 	var (
 		as      []assignment
 		ignored []string
 	)
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		k, v := n.Content[i], n.Content[i+1]
+	for i := 0; i+1 < len(chef); i += 2 {
+		k, v := chef[i], deref(chef[i+1])
 		src := fmt.Sprintf("%s line %d key chef.%s", where, k.Line, k.Value)
 		spec, ok := cloudChefKeys[k.Value]
 		if !ok {
@@ -407,7 +506,7 @@ func cloudChef(n *yaml.Node, where string) ([]assignment, []string, error) {
 		}
 		val, err := cloudChefValue(k.Value, v, spec.kind)
 		if err != nil {
-			return nil, nil, &InvalidError{Source: src, Reason: err.Error()}
+			return nil, nil, placeError(where, src, err)
 		}
 		if k.Value == "validation_cert" && val == "system" {
 			// cloud-init's "system": the validator is already on disk
@@ -447,6 +546,10 @@ func cloudChefValue(name string, v *yaml.Node, kind valueKind) (any, error) {
 	case kind == kindObject:
 		var obj Object
 		if err := v.Decode(&obj); err != nil {
+			var ke *keyError
+			if errors.As(err, &ke) {
+				return nil, ke // placed by the caller, with its own line
+			}
 			return nil, errors.New(cleanYAMLError(err, true))
 		}
 		if obj == nil {
@@ -495,11 +598,14 @@ func (d *decoder) applyBootagentBlock(n *yaml.Node, where string) error {
 	if n.Kind != yaml.MappingNode {
 		return &InvalidError{Source: fmt.Sprintf("%s line %d", where, n.Line), Reason: "want a mapping with the config file's keys"}
 	}
-	expanded, err := expandAliases(n, new(int))
+	// Resolved here, keys given twice are named with the lines of the
+	// user-data, which the YAML that is marshalled for the strict decoder
+	// has lost.
+	resolved, err := new(resolver).node(n, "")
 	if err != nil {
-		return &InvalidError{Source: where, Reason: err.Error()}
+		return placeError(where, where, err)
 	}
-	data, err := yaml.Marshal(expanded)
+	data, err := yaml.Marshal(resolved)
 	if err != nil {
 		return &InvalidError{Source: where, Reason: err.Error()}
 	}
@@ -507,7 +613,7 @@ func (d *decoder) applyBootagentBlock(n *yaml.Node, where string) error {
 		return err
 	}
 	set := map[string]string{}
-	recordLines(n, "", where, set)
+	recordLines(resolved, "", where, set)
 	keys := make([]string, 0, len(set))
 	for k := range set {
 		keys = append(keys, k)
@@ -521,31 +627,4 @@ func (d *decoder) applyBootagentBlock(n *yaml.Node, where string) error {
 		d.info.Keys = appendUnique(d.info.Keys, k)
 	}
 	return nil
-}
-
-// maxBlockNodes bounds the bootagent block once its aliases are expanded; a
-// real block has a few dozen nodes, and a bound stops alias bombs.
-const maxBlockNodes = 10000
-
-// expandAliases copies n with every alias replaced by what it names, so that
-// the block can be decoded on its own even when it uses anchors defined
-// elsewhere in the document.
-func expandAliases(n *yaml.Node, count *int) (*yaml.Node, error) {
-	if *count++; *count > maxBlockNodes {
-		return nil, fmt.Errorf("more than %d YAML nodes once aliases are expanded (excessive aliasing)", maxBlockNodes)
-	}
-	if n.Kind == yaml.AliasNode {
-		return expandAliases(n.Alias, count)
-	}
-	out := *n
-	out.Anchor = ""
-	out.Content = make([]*yaml.Node, len(n.Content))
-	for i, c := range n.Content {
-		e, err := expandAliases(c, count)
-		if err != nil {
-			return nil, err
-		}
-		out.Content[i] = e
-	}
-	return &out, nil
 }

@@ -222,7 +222,7 @@ func TestApplyUserDataRefusesBadInput(t *testing.T) {
 		{"key=value with invalid UTF-8", []byte("hostname=web\xff01\n"), "user-data (key=value): not valid UTF-8"},
 		{"key=value with an unknown key", []byte("hostnme=web01\n"), `user-data (key=value) line 1 key hostnme: unknown key "hostnme"`},
 		{"key=value with a line that is not key=value", []byte("hostname=web01\nthis is not\n"), `line 2: "this is not" is not key=value`},
-		{"key=value with a key given twice", []byte("hostname=a\nhostname=b\n"), "hostname is already set on line 1"},
+		{"key=value with a key given twice", []byte("hostname=a\nhostname=b\n"), "user-data (key=value) line 2 key hostname: given twice (first on line 1); keep one"},
 		{"key=value with a bad boolean", []byte("prefer_fqdn=maybe\n"), `key prefer_fqdn: "maybe" is not true or false`},
 		{"key=value with attributes that are not JSON", []byte("chef_initial_attributes={a:1}\n"), "key chef_initial_attributes: not a JSON object"},
 		{"JSON with a syntax error names the line", []byte("{\n\"hostname\": \"a\",\n}"), "user-data (JSON): line 3: invalid character '}'"},
@@ -334,4 +334,75 @@ func TestApplyUserDataStripsAByteOrderMark(t *testing.T) {
 			assert.Equal(t, "web01", cfg.Hostname.Name, "hostname.name (format %q, ignored %v)", info.Format, info.Ignored)
 		})
 	}
+}
+
+func TestApplyUserDataRefusesAKeyGivenTwice(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+		want string
+	}{
+		{"at the top of JSON", "{\"hostname\": \"a\",\n \"hostname\": \"b\"}", "user-data (JSON) line 2 key hostname: given twice (first on line 1); keep one"},
+		{"in JSON attributes", "{\"chef_initial_attributes\": {\"app\": {\"port\": 1,\n \"port\": 2}}}", "user-data (JSON) line 2 key chef_initial_attributes.app.port: given twice (first on line 1)"},
+		{"in JSON attributes inside a list", `{"chef_initial_attributes": {"l": [{"a": 1, "a": 2}]}}`, "key chef_initial_attributes.l[0].a: given twice"},
+		{"in key=value attributes", "hostname=a\nchef_initial_attributes={\"a\": 1, \"a\": 2}\n", "user-data (key=value) line 2 key chef_initial_attributes.a: given twice (first on line 2)"},
+		{"at the top of cloud-config", "#cloud-config\nhostname: a\npackages: [x]\nhostname: b\n", "user-data #cloud-config line 4 key hostname: given twice (first on line 2); keep one"},
+		{"in the chef block", "#cloud-config\nchef:\n  run_list: [a]\n  run_list: [b]\n", "user-data #cloud-config line 4 key chef.run_list: given twice (first on line 3)"},
+		{"in cloud-config attributes", "#cloud-config\nchef:\n  initial_attributes:\n    app:\n      port: 1\n      port: 2\n", "user-data #cloud-config line 6 key chef.initial_attributes.app.port: given twice (first on line 5)"},
+		{"in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    interval: 10m\n    interval: 20m\n", "user-data #cloud-config bootagent block line 5 key chef.interval: given twice (first on line 4)"},
+		{"as a section of the bootagent block", "#cloud-config\nbootagent:\n  chef: {interval: 10m}\n  chef: {splay: 1m}\n", "bootagent block line 4 key chef: given twice (first on line 3)"},
+		{"in a MIME part", "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/x-bootagent\n\n{\"domain\": \"a\", \"domain\": \"b\"}\n--b--\n", "user-data part 1 (JSON) line 1 key domain: given twice"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := ApplyUserData(Default(), []byte(tt.data))
+			require.Error(t, err)
+			assert.ErrorIs(t, err, ErrInvalid)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
+}
+
+func TestApplyUserDataHonoursYAMLMergeKeys(t *testing.T) {
+	t.Run("at the top, an explicit key winning", func(t *testing.T) {
+		cfg, info, err := ApplyUserData(Default(), []byte("#cloud-config\nx-base: &base {hostname: web01, prefer_fqdn_over_hostname: false}\n<<: *base\nhostname: web02\n"))
+		require.NoError(t, err)
+		assert.Equal(t, "web02", cfg.Hostname.Name, "the explicit key wins over the merged one")
+		assert.False(t, cfg.Hostname.PreferFQDN, "the merged key applies")
+		assert.NotContains(t, strings.Join(info.Ignored, " "), "<<")
+	})
+	t.Run("in the chef block, earlier maps winning in a list", func(t *testing.T) {
+		cfg, _, err := ApplyUserData(Default(), []byte("#cloud-config\nx-a: &a {environment: prod, run_list: ['role[a]']}\nx-b: &b {environment: staging, node_name: n1}\nchef:\n  <<: [*a, *b]\n  node_name: n2\n"))
+		require.NoError(t, err)
+		assert.Equal(t, "prod", cfg.Chef.Environment, "the earlier merged map wins")
+		assert.Equal(t, []string{"role[a]"}, cfg.Chef.RunList)
+		assert.Equal(t, "n2", cfg.Chef.NodeName, "the explicit key wins")
+	})
+	t.Run("in attributes, nested", func(t *testing.T) {
+		cfg, _, err := ApplyUserData(Default(), []byte("#cloud-config\nx-app: &app {port: 80, workers: 2}\nchef:\n  initial_attributes:\n    app:\n      <<: *app\n      port: 8080\n"))
+		require.NoError(t, err)
+		assert.Equal(t, map[string]any{"port": 8080, "workers": 2}, cfg.Chef.InitialAttributes["app"])
+	})
+	t.Run("in the bootagent block, naming where each key came from", func(t *testing.T) {
+		cfg, info, err := ApplyUserData(Default(), []byte("#cloud-config\nx-chef: &chef {interval: 10m, splay: 1m}\nbootagent:\n  chef:\n    <<: *chef\n    splay: 2m\n"))
+		require.NoError(t, err)
+		assert.Equal(t, "10m0s", cfg.Chef.Interval.String())
+		assert.Equal(t, "2m0s", cfg.Chef.Splay.String())
+		assert.Equal(t, []string{"chef.interval", "chef.splay"}, info.Keys)
+		assert.Equal(t, "user-data #cloud-config bootagent block line 2", cfg.Source("chef.interval"))
+	})
+	t.Run("a merge key takes only mappings", func(t *testing.T) {
+		_, _, err := ApplyUserData(Default(), []byte("#cloud-config\nchef:\n  <<: [a, b]\n"))
+		require.ErrorIs(t, err, ErrInvalid)
+		assert.Contains(t, err.Error(), "user-data #cloud-config line 3 key chef.<<: a merge key takes a mapping or a list of mappings")
+	})
+	t.Run("merges are bounded", func(t *testing.T) {
+		bomb := "#cloud-config\nx0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8}\n"
+		for i := 1; i < 9; i++ {
+			bomb += fmt.Sprintf("x%d: &m%d {<<: [*m%d, *m%d, *m%d, *m%d, *m%d, *m%d, *m%d, *m%d, *m%d]}\n", i, i, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1)
+		}
+		_, _, err := ApplyUserData(Default(), []byte(bomb+"chef:\n  <<: *m8\n"))
+		require.ErrorIs(t, err, ErrInvalid)
+		assert.Contains(t, err.Error(), "excessive aliasing")
+	})
 }

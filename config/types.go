@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"strconv"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -128,7 +129,15 @@ func toJSONValue(v any, path string, depth int) (any, error) {
 		return nil, fmt.Errorf("attributes nest deeper than %d levels at %s", maxAttributeDepth, path)
 	}
 	switch t := v.(type) {
-	case nil, bool, string, json.Number:
+	case nil, bool, string:
+		return t, nil
+	case json.Number:
+		// A number beyond what a float holds, such as 1e999, is
+		// Infinity to Ruby's JSON, which reads first-boot.json, and to
+		// most other readers of the node, so it is refused here.
+		if f, _ := strconv.ParseFloat(t.String(), 64); math.IsInf(f, 0) {
+			return nil, fmt.Errorf("%s is %s, not a finite number; give a finite one, or quote it if it is text", orTop(path), t)
+		}
 		return t, nil
 	case float64:
 		if math.IsNaN(t) || math.IsInf(t, 0) {

@@ -598,9 +598,9 @@ func (d *decoder) applyBootagentBlock(n *yaml.Node, where string) error {
 	if n.Kind != yaml.MappingNode {
 		return &InvalidError{Source: fmt.Sprintf("%s line %d", where, n.Line), Reason: "want a mapping with the config file's keys"}
 	}
-	// Resolved here, keys given twice are named with the lines of the
-	// user-data, which the YAML that is marshalled for the strict decoder
-	// has lost.
+	// Resolved here, keys given twice and numbers that are not finite are
+	// named with the lines of the user-data, which the YAML that is
+	// marshalled for the strict decoder has lost.
 	resolved, err := new(resolver).node(n, "")
 	if err != nil {
 		return placeError(where, where, err)

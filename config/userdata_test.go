@@ -406,3 +406,34 @@ func TestApplyUserDataHonoursYAMLMergeKeys(t *testing.T) {
 		assert.Contains(t, err.Error(), "excessive aliasing")
 	})
 }
+
+func TestApplyUserDataRefusesNumbersThatAreNotFinite(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+		want string
+	}{
+		{"JSON 1e999", `{"chef_initial_attributes": {"app": {"big": 1e999}}}`, "user-data (JSON) key chef_initial_attributes: chef_initial_attributes.app.big is 1e999, not a finite number"},
+		{"JSON -1e999 in a list", `{"chef_initial_attributes": {"l": [1, -1e999]}}`, "chef_initial_attributes.l[1] is -1e999, not a finite number"},
+		{"key=value 1e999", "chef_initial_attributes={\"big\": 1E400}\n", "user-data (key=value) line 1 key chef_initial_attributes: chef_initial_attributes.big is 1E400, not a finite number"},
+		{"YAML .inf", "#cloud-config\nchef:\n  initial_attributes:\n    big: .inf\n", "user-data #cloud-config line 4 key chef.initial_attributes.big: .inf is not a finite number"},
+		{"YAML -.Inf", "#cloud-config\nchef:\n  initial_attributes: {big: -.Inf}\n", "key chef.initial_attributes.big: -.Inf is not a finite number"},
+		{"YAML .nan", "#cloud-config\nchef:\n  initial_attributes:\n    app: {x: .NaN}\n", "line 4 key chef.initial_attributes.app.x: .NaN is not a finite number"},
+		{"YAML 1e999", "#cloud-config\nchef:\n  initial_attributes:\n    big: 1e999\n", "line 4 key chef.initial_attributes.big: 1e999 is not a finite number"},
+		{"YAML 1.0e+999", "#cloud-config\nchef:\n  initial_attributes:\n    big: 1.0e+999\n", "line 4 key chef.initial_attributes.big: 1.0e+999 is not a finite number"},
+		{"YAML in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    initial_attributes:\n      big: 1e999\n", "user-data #cloud-config bootagent block line 5 key chef.initial_attributes.big: 1e999 is not a finite number"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := ApplyUserData(Default(), []byte(tt.data))
+			require.Error(t, err)
+			assert.ErrorIs(t, err, ErrInvalid)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
+	t.Run("quoted, it is text", func(t *testing.T) {
+		cfg, _, err := ApplyUserData(Default(), []byte("#cloud-config\nchef:\n  initial_attributes:\n    big: '1e999'\n    small: 1e-999\n"))
+		require.NoError(t, err)
+		assert.Equal(t, "1e999", cfg.Chef.InitialAttributes["big"])
+	})
+}

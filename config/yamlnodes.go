@@ -2,6 +2,9 @@ package config
 
 import (
 	"fmt"
+	"math"
+	"regexp"
+	"strconv"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -52,9 +55,9 @@ const maxBlockNodes = 10000
 // cloud-init, reads it: an alias stands for what it names, and a merge key
 // (<<) copies in the keys of a mapping, or of a list of mappings, that the
 // mapping does not give itself, earlier mappings of a list winning over
-// later ones (YAML 1.1's merge type). It is stricter than both in one
-// way: a key given twice in one mapping is an error, not the last one
-// winning.
+// later ones (YAML 1.1's merge type). It is stricter than both in two
+// ways: a key given twice in one mapping is an error, not the last one
+// winning, and so is a number that is not finite.
 type resolver struct {
 	nodes int
 }
@@ -190,6 +193,10 @@ func (r *resolver) node(n *yaml.Node, path string) (*yaml.Node, error) {
 			}
 			out.Content[i] = e
 		}
+	case yaml.ScalarNode:
+		if err := checkFinite(n, path); err != nil {
+			return nil, err
+		}
 	}
 	return &out, nil
 }
@@ -203,4 +210,33 @@ func (r *resolver) key(k *yaml.Node, path string) (*yaml.Node, error) {
 	out := *k
 	out.Anchor = ""
 	return &out, nil
+}
+
+// numberRE matches what the YAML library reads as a float when it fits
+// one.
+var numberRE = regexp.MustCompile(`^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$`)
+
+// checkFinite refuses a number that is not finite: .inf and .nan, which
+// JSON cannot carry (first-boot.json and the Chef node are JSON), and a
+// number too large for a float, such as 1e999. The YAML library leaves that
+// one a string, but it was written as a number, and PyYAML reads 1.0e+999
+// as infinity, which Ruby's JSON would make of it too; so it is refused
+// rather than guessed at. Quoted, any of them is text.
+func checkFinite(n *yaml.Node, path string) error {
+	notFinite := &keyError{line: n.Line, path: path, reason: fmt.Sprintf("%s is not a finite number (JSON cannot carry it); give a finite one, or quote it if it is text", n.Value)}
+	switch n.ShortTag() {
+	case "!!float":
+		var f float64
+		if err := n.Decode(&f); err == nil && (math.IsInf(f, 0) || math.IsNaN(f)) {
+			return notFinite
+		}
+	case "!!str":
+		if n.Style != 0 || !numberRE.MatchString(n.Value) {
+			return nil // quoted or tagged: text
+		}
+		if f, _ := strconv.ParseFloat(n.Value, 64); math.IsInf(f, 0) {
+			return notFinite
+		}
+	}
+	return nil
 }

@@ -49,7 +49,9 @@ var (
 	fleetTick = flag.Duration("fleet.progress", 10*time.Second, "how often a storm logs how far it got")
 )
 
-const userData = "hostname: web\ndomain: fleet.internal\n"
+// userData names every instance web.fleet.internal (the node names differ
+// by instance ID).
+const userData = "#cloud-config\nhostname: web\nfqdn: web.fleet.internal\n"
 
 // noBackoff is an agent without backoff or jitter: every retry one second
 // after the failure (or when Retry-After says), the same for the whole

@@ -23,6 +23,22 @@ type Goiardi struct {
 	Admin *gochef.Client
 	// Addr is the host:port it listens on.
 	Addr string
+	// Process is goiardi's process: whether it is still running.
+	*Process
+	logPath string
+}
+
+// adminTimeout bounds each request of the admin client, in seconds: goiardi
+// answers in milliseconds, even under a storm.
+const adminTimeout = 60
+
+// Log returns what goiardi printed so far.
+func (g *Goiardi) Log() string {
+	data, err := os.ReadFile(g.logPath)
+	if err != nil {
+		return fmt.Sprintf("(goiardi's log: %v)", err)
+	}
+	return string(data)
 }
 
 // StartGoiardi runs goiardi on a free loopback port until the test ends.
@@ -55,30 +71,28 @@ func startGoiardi(t testing.TB, extra []string) *Goiardi {
 		t.Fatal(err)
 	}
 	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start goiardi: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-		log.Close()
-	})
-	WaitListening(t, addr, 15*time.Second, exited)
+	// Registered first, so that it runs after the process is killed.
+	t.Cleanup(func() { log.Close() })
+	proc := startProcess(t, cmd)
+	WaitListening(t, addr, 15*time.Second, proc.Exited())
 
 	scheme := "http"
 	if len(extra) > 0 {
 		scheme = "https"
 	}
-	g := &Goiardi{URL: scheme + "://" + addr, Addr: addr, ValidatorName: "chef-validator", ValidatorKey: filepath.Join(dir, "chef-validator.pem")}
+	g := &Goiardi{
+		URL: scheme + "://" + addr, Addr: addr, ValidatorName: "chef-validator", ValidatorKey: filepath.Join(dir, "chef-validator.pem"),
+		Process: proc, logPath: log.Name(),
+	}
 	adminKey, err := os.ReadFile(filepath.Join(dir, "admin.pem"))
 	if err != nil {
 		t.Fatalf("goiardi wrote no admin key: %v", err)
 	}
 	// The admin client is the test's view of the server; it need not check
 	// the test's own certificate.
-	g.Admin, err = gochef.NewClient(&gochef.Config{Name: "admin", Key: string(adminKey), BaseURL: g.URL + "/", AuthenticationVersion: gochef.AuthVersion13, SkipSSL: true})
+	// A server that stops answering fails the request after adminTimeout
+	// instead of holding the test.
+	g.Admin, err = gochef.NewClient(&gochef.Config{Name: "admin", Key: string(adminKey), BaseURL: g.URL + "/", AuthenticationVersion: gochef.AuthVersion13, SkipSSL: true, Timeout: adminTimeout})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -42,6 +42,8 @@ type IMDSConfig struct {
 type IMDS struct {
 	// URL is the endpoint to give the agent: http://127.0.0.1:PORT.
 	URL string
+	// Process is the emulator's process: whether it is still running.
+	*Process
 
 	mu  sync.Mutex
 	log bytes.Buffer
@@ -91,19 +93,14 @@ func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "HOME="+dir)
 	cmd.Stdout, cmd.Stderr = m, m
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", bin, err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
+	// Registered first, so that it runs after the process is killed.
 	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
 		if t.Failed() {
 			t.Logf("IMDS emulator log:\n%s", tail(m.Log(), 40))
 		}
 	})
-	WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second, exited)
+	m.Process = startProcess(t, cmd)
+	WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second, m.Exited())
 	return m
 }
 

@@ -1,0 +1,169 @@
+package fleet
+
+import (
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/bootagent/bootagent/internal/testenv"
+)
+
+// crashAt puts a front before a peer that kills the peer when the n-th
+// request reaches it, as a crash under the storm does (the IMDS emulator's
+// "concurrent map read and map write"); that request and every one after
+// find nobody.
+func crashAt(t *testing.T, target string, n int, kill func()) string {
+	t.Helper()
+	u, err := url.Parse(target)
+	require.NoError(t, err)
+	p := httputil.NewSingleHostReverseProxy(u)
+	p.ErrorLog = log.New(io.Discard, "", 0)
+	var seen atomic.Int64
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if seen.Add(1) == int64(n) {
+			kill()
+		}
+		p.ServeHTTP(w, r)
+	}))
+	t.Cleanup(front.Close)
+	return front.URL
+}
+
+// TestAStormStopsWhenAPeerDies kills a peer in the middle of a small storm
+// and checks that the harness says so at once, with how far the agents
+// got, instead of waiting for agents that can never converge.
+func TestAStormStopsWhenAPeerDies(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	require.NoError(t, syscall.Sethostname([]byte("localhost")))
+	defer func(n int) { *fleetSize = n }(*fleetSize)
+	// Each agent needs more than one request of each peer to converge,
+	// so a peer gone at the fourth leaves some agents behind for good.
+	*fleetSize = 3
+	const crashRequest = 4
+	// What the storm may take if the death goes unnoticed: far more
+	// than noticing takes, far less than the test binary's -timeout.
+	const within = 2 * time.Minute
+
+	for _, tc := range []struct {
+		name, peer string
+		front      func(emu *testenv.IMDS, g *testenv.Goiardi) peers
+	}{
+		{
+			name: "the IMDS emulator crashes", peer: "the IMDS emulator died",
+			front: func(emu *testenv.IMDS, g *testenv.Goiardi) peers {
+				return peers{imds: emu, imdsURL: crashAt(t, emu.URL, crashRequest, emu.Kill), chef: g, chefURL: g.URL}
+			},
+		},
+		{
+			name: "goiardi crashes", peer: "goiardi died",
+			front: func(emu *testenv.IMDS, g *testenv.Goiardi) peers {
+				return peers{imds: emu, imdsURL: emu.URL, chef: g, chefURL: crashAt(t, g.URL, crashRequest, g.Kill)}
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			emu := testenv.StartIMDS(t, testenv.IMDSConfig{UserData: []byte(userData)})
+			g := testenv.StartGoiardi(t)
+			began := time.Now()
+			_, err := runStorm(t, tc.front(emu, g), storm{name: tc.name, backoff: &noBackoff}, within)
+			require.Error(t, err, "a storm whose peer died cannot converge")
+			t.Logf("the harness said, after %s:\n%v", time.Since(began).Round(time.Millisecond), err)
+			assert.Less(t, time.Since(began), within, "the harness noticed the death, not its own deadline")
+			assert.Contains(t, err.Error(), tc.peer)
+			assert.Contains(t, err.Error(), "exited: signal: killed", "the diagnosis says how the peer ended")
+			assert.Regexp(t, `agent-000\d: \w+: `, err.Error(), "the diagnosis shows the agents behind")
+		})
+	}
+}
+
+// TestTheTokenFrontLetsATokenRequestThroughAlone holds a read at the
+// emulator and asks for a token behind it: the token request must wait
+// for the read to end, since the emulator's token map has no lock.
+func TestTheTokenFrontLetsATokenRequestThroughAlone(t *testing.T) {
+	readIn, releaseRead, putIn := make(chan struct{}), make(chan struct{}), make(chan struct{}, 1)
+	var reading, overlapped atomic.Bool
+	emu := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut {
+			overlapped.Store(reading.Load())
+			putIn <- struct{}{}
+			return
+		}
+		reading.Store(true)
+		close(readIn)
+		<-releaseRead
+		reading.Store(false)
+	}))
+	defer emu.Close()
+	f := newTokenFront(t, emu.URL)
+	front := httptest.NewServer(f)
+	defer front.Close()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { _ = imdsGet(http.DefaultClient, front.URL, "token") })
+	<-readIn
+	wg.Go(func() { _, _ = imdsToken(http.DefaultClient, front.URL) })
+	// The token request either reaches the emulator beside the read, or
+	// waits at the front: then no new read gets in.
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		if len(putIn) > 0 {
+			return true
+		}
+		if f.mu.TryRLock() {
+			f.mu.RUnlock()
+			return false
+		}
+		return true
+	}, "the token request neither reached the emulator nor waited at the front")
+	close(releaseRead)
+	<-putIn
+	assert.False(t, overlapped.Load(), "the token request reached the emulator while a read was going")
+}
+
+func imdsToken(c *http.Client, base string) (string, error) {
+	req, err := http.NewRequest(http.MethodPut, base+"/latest/api/token", nil)
+	if err != nil {
+		return "", err
+	}
+	req.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "21600")
+	res, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err == nil && res.StatusCode != http.StatusOK {
+		err = fmt.Errorf("PUT /latest/api/token: %s", res.Status)
+	}
+	return string(body), err
+}
+
+func imdsGet(c *http.Client, base, token string) error {
+	req, err := http.NewRequest(http.MethodGet, base+"/latest/meta-data/instance-id", nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("X-aws-ec2-metadata-token", token)
+	res, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer res.Body.Close()
+	_, err = io.Copy(io.Discard, res.Body)
+	if err == nil && res.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET /latest/meta-data/instance-id: %s", res.Status)
+	}
+	return err
+}

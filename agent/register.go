@@ -35,11 +35,6 @@ const (
 // throttling server's Retry-After still holds it off for longer.
 var registerRetry = backoff.Policy{Initial: time.Second, Max: 20 * time.Second, Jitter: 0.5}
 
-// registerAttempts bounds the attempts of one registration request before
-// the registration fails (about five minutes with registerRetry); the
-// daemon then retries it.
-const registerAttempts = 24
-
 // clientRBKeys maps client.rb settings to the config keys they come from.
 var clientRBKeys = map[string]string{
 	"chef_server_url": "chef.server_url",
@@ -140,7 +135,7 @@ func registrar(cfg config.Config, root string, log *zap.Logger, clock backoff.Cl
 	if ch.TrustedCerts != "" {
 		server.CAFile = filepath.Join(root, ch.TrustedCerts)
 	}
-	return &chef.Registrar{Server: server, Log: log, Backoff: policy, MaxAttempts: registerAttempts, Clock: clock}
+	return &chef.Registrar{Server: server, Log: log, Backoff: policy, Budget: ch.RequestBudget.D(), Clock: clock}
 }
 
 // register is the registration worker: it makes the instance a node and

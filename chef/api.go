@@ -1,13 +1,18 @@
 package chef
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/url"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -30,15 +35,27 @@ type ServerOptions struct {
 	Timeout time.Duration
 }
 
-// requestTimeout bounds one request to the Chef server: generous for a
-// loaded server, short enough that a dead connection does not hold a
-// registration or a deregistration for long.
+// requestTimeout bounds one attempt at a request to the Chef server:
+// generous for a loaded server, short enough that a dead connection does
+// not hold a registration or a deregistration for long. The retries of one
+// request are bounded by the registrar's budget as a whole.
 const requestTimeout = 30 * time.Second
 
+// maxAnswer bounds every answer the agent reads from the Chef server. The
+// largest it reads is a node, which Chef Infra Server itself keeps under
+// 1 MB (erchef's max_request_size); a longer answer is refused, not read
+// on into memory.
+const maxAnswer = 4 << 20
+
+// excerptLen bounds how much of an answer an error quotes.
+const excerptLen = 200
+
 // api is the Chef server API as one client identity (the validator or the
-// node), with go-chef/chef signing every request.
+// node): go-chef/chef signs every request, and the agent sends it and reads
+// the answer itself, within its bounds.
 type api struct {
-	c *gochef.Client
+	c    *gochef.Client
+	http *http.Client
 }
 
 func newAPI(o ServerOptions, name string, key []byte) (*api, error) {
@@ -62,11 +79,11 @@ func newAPI(o ServerOptions, name string, key []byte) (*api, error) {
 	if err != nil {
 		return nil, fmt.Errorf("client %q for the Chef server: %w", name, err)
 	}
-	return &api{c: c}, nil
+	return &api{c: c, http: client}, nil
 }
 
 // newHTTPClient is the HTTP client for the Chef server: the trusted CAs,
-// verification as configured, a bound on each request.
+// verification as configured, a bound on each request, and no redirects.
 func newHTTPClient(o ServerOptions) (*http.Client, error) {
 	tlsConfig := &tls.Config{InsecureSkipVerify: !o.SSLVerify} //nolint:gosec // Only when chef.ssl_verify is false, which the agent logs.
 	if o.CAFile != "" {
@@ -89,32 +106,47 @@ func newHTTPClient(o ServerOptions) (*http.Client, error) {
 	if timeout == 0 {
 		timeout = requestTimeout
 	}
-	return &http.Client{Transport: transport, Timeout: timeout}, nil
+	return &http.Client{
+		Transport: transport,
+		Timeout:   timeout,
+		// Chef's API needs no redirect, and following one would send the
+		// signed headers and the body wherever the answer points (another
+		// host, or https to http). The 3xx comes back as the answer, which
+		// do reports with its Location.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}, nil
 }
 
 // APIError is a failed Chef server request.
 type APIError struct {
 	Method string
-	Path   string
+	// URL is the request's, without query.
+	URL string
 	// Status is the HTTP status, or 0 when no answer came.
 	Status int
-	// Message is the server's own explanation, when it gave one.
+	// Message is the server's own explanation, or an excerpt of its
+	// answer, when it gave one.
 	Message    string
 	retryAfter time.Duration
-	Err        error
+	// unusable is true for a success whose answer could not be read or
+	// decoded; the server may answer properly next time.
+	unusable bool
+	Err      error
 }
 
 func (e *APIError) Error() string {
 	switch {
 	case e.untrusted():
 		return fmt.Sprintf("%s %s: the Chef server's certificate is not trusted (%v); give the CA that signed it in chef.trusted_certs, or fix the server's certificate",
-			e.Method, e.Path, e.Err)
+			e.Method, e.URL, e.Err)
 	case e.Status == 0:
-		return fmt.Sprintf("%s %s: %v", e.Method, e.Path, e.Err)
+		return fmt.Sprintf("%s %s: %v", e.Method, e.URL, e.Err)
+	case e.Err != nil:
+		return fmt.Sprintf("%s %s: HTTP %d: %v", e.Method, e.URL, e.Status, e.Err)
 	case e.Message != "":
-		return fmt.Sprintf("%s %s: HTTP %d: %s", e.Method, e.Path, e.Status, e.Message)
+		return fmt.Sprintf("%s %s: HTTP %d: %s", e.Method, e.URL, e.Status, e.Message)
 	default:
-		return fmt.Sprintf("%s %s: HTTP %d", e.Method, e.Path, e.Status)
+		return fmt.Sprintf("%s %s: HTTP %d", e.Method, e.URL, e.Status)
 	}
 }
 
@@ -124,14 +156,20 @@ func (e *APIError) Unwrap() error { return e.Err }
 func (e *APIError) RetryAfter() time.Duration { return e.retryAfter }
 
 // Retryable reports whether asking again can help: no answer, throttling,
-// or a server error. A 4xx is an answer that will not change, and neither
-// is a certificate this machine does not trust.
+// a server error, or a success whose answer came broken. A 4xx is an
+// answer that will not change, and neither is a certificate this machine
+// does not trust, a redirect, or an answer over the size the agent reads.
 func (e *APIError) Retryable() bool {
-	if e.untrusted() {
+	switch {
+	case e.untrusted(), errors.Is(e.Err, ErrAnswerTooLarge):
 		return false
+	default:
+		return e.Status == 0 || e.unusable || e.Status == http.StatusTooManyRequests || e.Status >= 500
 	}
-	return e.Status == 0 || e.Status == http.StatusTooManyRequests || e.Status >= 500
 }
+
+// ErrAnswerTooLarge is an answer over maxAnswer.
+var ErrAnswerTooLarge = fmt.Errorf("the answer is larger than %d MiB", maxAnswer>>20)
 
 // untrusted reports whether the request failed on the server's
 // certificate.
@@ -152,8 +190,9 @@ func StatusOf(err error) int {
 	return 0
 }
 
-// do sends one signed request; body, when not nil, is sent as JSON, and a
-// JSON answer is decoded into out when not nil.
+// do sends one signed request; body, when not nil, is sent as JSON. A
+// success must answer JSON: decoded into out when out is not nil (a JSON
+// object then), or empty.
 func (a *api) do(ctx context.Context, method, path string, body, out any) error {
 	_, err := a.doHeader(ctx, method, path, body, out)
 	return err
@@ -162,38 +201,110 @@ func (a *api) do(ctx context.Context, method, path string, body, out any) error 
 // doHeader is do that also returns the answer's headers, when there was an
 // answer.
 func (a *api) doHeader(ctx context.Context, method, path string, body, out any) (http.Header, error) {
-	var req *http.Request
-	var err error
+	var r io.Reader
 	if body != nil {
-		r, jerr := gochef.JSONReader(body)
-		if jerr != nil {
-			return nil, fmt.Errorf("%s %s: %w", method, path, jerr)
+		jr, err := gochef.JSONReader(body)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", method, a.url(path), err)
 		}
-		req, err = a.c.NewRequest(method, path, r)
-	} else {
-		req, err = a.c.NewRequest(method, path, nil)
+		r = jr
 	}
+	req, err := a.c.NewRequest(method, path, r)
 	if err != nil {
-		return nil, fmt.Errorf("%s %s: sign request: %w", method, path, err)
+		return nil, fmt.Errorf("%s %s: sign request: %w", method, a.url(path), err)
 	}
-	res, err := a.c.Do(req.WithContext(ctx), out)
-	var header http.Header
-	if res != nil {
-		// go-chef has read the body; closing returns the connection.
-		res.Body.Close()
-		header = res.Header
+	e := &APIError{Method: method, URL: req.URL.Redacted()}
+	res, err := a.http.Do(req.WithContext(ctx))
+	if err != nil {
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err // e names the method and URL already
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("no answer in time (%w)", err)
+		}
+		e.Err = err
+		return nil, e
 	}
-	if err == nil {
-		return header, nil
+	defer res.Body.Close()
+	e.Status = res.StatusCode
+	data, err := io.ReadAll(io.LimitReader(res.Body, maxAnswer+1))
+	switch {
+	case len(data) > maxAnswer:
+		e.Err = ErrAnswerTooLarge
+		return res.Header, e
+	case err != nil:
+		e.Err, e.unusable = fmt.Errorf("the answer broke off: %w", err), true
+		return res.Header, e
 	}
-	e := &APIError{Method: method, Path: "/" + path, Err: err}
-	var cerr *gochef.ErrorResponse
-	if errors.As(err, &cerr) && res != nil {
-		e.Status = res.StatusCode
-		e.Message = cerr.StatusMsg()
+	switch {
+	case res.StatusCode >= 300 && res.StatusCode < 400:
+		where := res.Header.Get("Location")
+		if loc, err := res.Location(); err == nil {
+			where = loc.Redacted()
+		}
+		e.Err = fmt.Errorf("the server redirected to %s; bootagent follows no redirect from the Chef server, whose API needs none: set chef.server_url to the URL it answers at", where)
+		return res.Header, e
+	case res.StatusCode < 200 || res.StatusCode >= 300:
+		e.Message = serverMessage(res, data)
 		e.retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), time.Now())
+		return res.Header, e
 	}
-	return header, e
+	if err := decodeAnswer(data, out); err != nil {
+		e.Err, e.unusable = err, true
+		return res.Header, e
+	}
+	return res.Header, nil
+}
+
+// url is the URL of a request to path, for errors.
+func (a *api) url(path string) string {
+	u, err := url.Parse(path)
+	if err != nil {
+		return path
+	}
+	return a.c.BaseURL.ResolveReference(u).Redacted()
+}
+
+// decodeAnswer checks a success's answer: a JSON object decoded into out,
+// or, when out is nil, empty or any JSON.
+func decodeAnswer(data []byte, out any) error {
+	if out == nil {
+		if len(bytes.TrimSpace(data)) == 0 || json.Valid(data) {
+			return nil
+		}
+		return fmt.Errorf("the answer is not JSON: %s", excerpt(data))
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("the answer is not JSON of the shape expected (%v): %s", err, excerpt(data))
+	}
+	return nil
+}
+
+// serverMessage is what a failure's answer says: the Chef server's own
+// "error" messages when it gave them, else the start of the answer.
+func serverMessage(res *http.Response, data []byte) string {
+	res.Body = io.NopCloser(bytes.NewReader(data))
+	var cerr *gochef.ErrorResponse
+	if errors.As(gochef.CheckResponse(res), &cerr) && strings.TrimSpace(cerr.StatusMsg()) != "" {
+		return excerpt([]byte(cerr.StatusMsg()))
+	}
+	return excerpt(data)
+}
+
+// pemBlock matches a PEM block, or the start of one cut off.
+var pemBlock = regexp.MustCompile(`(?s)-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)`)
+
+// excerpt quotes the start of an answer in an error: one line, at most
+// excerptLen characters, with any PEM block (a key a broken server might
+// echo) left out.
+func excerpt(data []byte) string {
+	s := pemBlock.ReplaceAllString(strings.ToValidUTF8(string(data), "?"), "[PEM block left out]")
+	s = strings.Join(strings.Fields(s), " ")
+	if r := []rune(s); len(r) > excerptLen {
+		s = string(r[:excerptLen]) + "..."
+	}
+	return s
 }
 
 // parseRetryAfter reads a Retry-After header: seconds, or an HTTP date.

@@ -71,10 +71,13 @@ type Registrar struct {
 	Log    *zap.Logger
 	// Backoff shapes retries of requests that can succeed on retry.
 	Backoff backoff.Policy
-	// MaxAttempts bounds the attempts of one request; 0 means no bound.
-	MaxAttempts int
+	// Budget bounds the time one request is tried for, its retries and
+	// their waits included; 0 is DefaultBudget. A server that takes the
+	// connection and never answers ends the request at the budget too.
+	Budget time.Duration
 	// Deadline, when set, bounds the retries instead: a request is tried
-	// at least once, and again only while a retry can start before it.
+	// at least once, however late, and again only while a retry can start
+	// before it.
 	Deadline time.Time
 	// Stop, when closed, ends the work with ErrStopped before its next
 	// request. A request going is not cut off: its answer says what the
@@ -144,9 +147,18 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	}
 
 	err = r.retry(ctx, &out, func(ctx context.Context) error {
-		err := validator.do(ctx, http.MethodPost, "clients", map[string]string{"name": reg.NodeName, "public_key": pub}, nil)
+		var created struct {
+			URI string `json:"uri"`
+		}
+		err := validator.do(ctx, http.MethodPost, "clients", map[string]string{"name": reg.NodeName, "public_key": pub}, &created)
 		switch StatusOf(err) {
 		case 0:
+			if err == nil && created.URI == "" {
+				// Every Chef server answers a created client with its URI;
+				// an answer without one is not the server's.
+				return &APIError{Method: http.MethodPost, URL: validator.url("clients"), Status: http.StatusCreated, unusable: true,
+					Err: errors.New("the answer does not name the client it created (no uri)")}
+			}
 			if err == nil {
 				out.ClientCreated = true
 			}
@@ -183,8 +195,14 @@ func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration,
 	return out, nil
 }
 
+// DefaultBudget is how long one request to the Chef server is tried for
+// when the registrar names no budget: long enough to ride out a server
+// restart, short enough that a first boot fails well inside the unit's
+// TimeoutStartSec, and says why.
+const DefaultBudget = 5 * time.Minute
+
 // retry runs op with the registrar's backoff, retrying only what can
-// succeed on retry.
+// succeed on retry, within the budget or until the deadline.
 func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.Context) error) error {
 	b := backoff.New(r.Backoff, r.Clock)
 	// The waits between attempts end when Stop closes; the requests
@@ -200,11 +218,27 @@ func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.
 			}
 		}()
 	}
+	budget := r.Budget
+	if budget <= 0 {
+		budget = DefaultBudget
+	}
+	end, budgeted := r.Deadline, r.Deadline.IsZero()
+	if budgeted {
+		end = r.Clock.Now().Add(budget)
+	}
 	attempt := func(context.Context) error {
 		if r.stopped() {
 			return backoff.Permanent(ErrStopped)
 		}
-		err := op(ctx)
+		actx := ctx
+		if budgeted {
+			// The last attempt ends with the budget, however long the
+			// server keeps it waiting.
+			var cancel context.CancelFunc
+			actx, cancel = context.WithTimeout(ctx, end.Sub(r.Clock.Now()))
+			defer cancel()
+		}
+		err := op(actx)
 		var e *APIError
 		if errors.As(err, &e) && !e.Retryable() {
 			return backoff.Permanent(err)
@@ -215,16 +249,22 @@ func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.
 		out.Retries++
 		r.Log.Warn("Chef server request failed; retrying", zap.Error(err), zap.Duration("retry_in", delay))
 	}
-	var err error
-	if !r.Deadline.IsZero() {
-		err = b.RetryUntil(waitCtx, r.Deadline, attempt, onRetry)
-	} else {
-		err = b.Retry(waitCtx, r.MaxAttempts, attempt, onRetry)
-	}
-	if err != nil && r.stopped() && !errors.Is(err, ErrStopped) {
+	err := b.RetryUntil(waitCtx, end, attempt, onRetry)
+	switch {
+	case err != nil && r.stopped() && !errors.Is(err, ErrStopped):
 		err = fmt.Errorf("%w: %w", ErrStopped, err)
+	case budgeted && retryable(err) && ctx.Err() == nil:
+		// What could pass did not pass within the budget.
+		err = fmt.Errorf("%w (tried for %s: chef.request_budget)", err, budget)
 	}
 	return err
+}
+
+// retryable reports whether err is a failed request that asking again can
+// help.
+func retryable(err error) bool {
+	var e *APIError
+	return errors.As(err, &e) && e.Retryable()
 }
 
 // stopped reports whether Stop is closed.

@@ -24,11 +24,11 @@ import (
 
 func newRegistrar(t *testing.T, url string, clock backoff.Clock) *Registrar {
 	return &Registrar{
-		Server:      ServerOptions{URL: url, AuthProtocol: "1.3", SSLVerify: true},
-		Log:         zaptest.NewLogger(t),
-		Backoff:     backoff.Policy{Initial: time.Second, Max: 30 * time.Second, Jitter: 0.5},
-		MaxAttempts: 10,
-		Clock:       clock,
+		Server:  ServerOptions{URL: url, AuthProtocol: "1.3", SSLVerify: true},
+		Log:     zaptest.NewLogger(t),
+		Backoff: backoff.Policy{Initial: time.Second, Max: 30 * time.Second, Jitter: 0.5},
+		Budget:  time.Hour,
+		Clock:   clock,
 	}
 }
 

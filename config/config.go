@@ -113,8 +113,11 @@ type Chef struct {
 	Interval             Duration `yaml:"interval" json:"interval"`
 	Splay                Duration `yaml:"splay" json:"splay"`
 	RunTimeout           Duration `yaml:"run_timeout" json:"run_timeout"`
-	SSLVerify            bool     `yaml:"ssl_verify" json:"ssl_verify"`
-	TrustedCerts         string   `yaml:"trusted_certs" json:"trusted_certs"`
+	// RequestBudget is how long one request to the Chef server is tried
+	// for, retries included, before the pass fails.
+	RequestBudget Duration `yaml:"request_budget" json:"request_budget"`
+	SSLVerify     bool     `yaml:"ssl_verify" json:"ssl_verify"`
+	TrustedCerts  string   `yaml:"trusted_certs" json:"trusted_certs"`
 	// DeregisterOnTermination removes the node and client from the Chef
 	// server when IMDS announces that the instance is being terminated.
 	DeregisterOnTermination bool `yaml:"deregister_on_termination" json:"deregister_on_termination"`
@@ -127,6 +130,11 @@ type Chef struct {
 	// and never printed.
 	ValidationCert string `yaml:"-" json:"-"`
 }
+
+// maxRequestBudget keeps a registration that fails its first request
+// inside the unit's TimeoutStartSec=15min, with room for the wait for IMDS:
+// the pass fails, and says why, before systemd gives up on the start.
+const maxRequestBudget = 10 * time.Minute
 
 // Enabled reports whether the Chef steps run: only when a server is named.
 func (c Chef) Enabled() bool { return c.ServerURL != "" }
@@ -170,6 +178,7 @@ func Default() Config {
 			Interval:             Duration(30 * time.Minute),
 			Splay:                Duration(5 * time.Minute),
 			RunTimeout:           Duration(time.Hour),
+			RequestBudget:        Duration(5 * time.Minute),
 			SSLVerify:            true,
 			// Stale nodes are the first complaint of Chef users in Auto
 			// Scaling groups, so cleaning up is the default.
@@ -413,6 +422,9 @@ func (c Config) validateChef() []error {
 	}
 	if ch.RunTimeout.D() < time.Second {
 		errs = append(errs, c.invalid("chef.run_timeout", "%s is too short", ch.RunTimeout.D()))
+	}
+	if b := ch.RequestBudget.D(); b < time.Second || b > maxRequestBudget {
+		errs = append(errs, c.invalid("chef.request_budget", "%s is out of range; use 1s to %s", b, maxRequestBudget))
 	}
 	for _, k := range []struct{ key, path string }{
 		{"chef.validation_key", ch.ValidationKey},

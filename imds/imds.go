@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	sdk "github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+	"github.com/aws/smithy-go"
 	"github.com/aws/smithy-go/middleware"
 	smithyhttp "github.com/aws/smithy-go/transport/http"
 	"go.uber.org/zap"
@@ -123,21 +124,44 @@ func (c limitedClient) Do(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	resp.Body = &limitedBody{rc: resp.Body, left: maxResponse}
+	resp.Body = &limitedBody{rc: resp.Body, left: maxResponse, length: resp.ContentLength}
 	return resp, nil
 }
 
 // ErrTooLarge is returned for an answer larger than the agent reads.
 var ErrTooLarge = errors.New("IMDS answer is larger than 1 MiB")
 
+// TooLargeError is an answer larger than the agent reads, with its size
+// when known, so that an operator can see how far over it is.
+type TooLargeError struct {
+	// Size is the answer's length in bytes, or -1 when it went on past
+	// what the agent would count.
+	Size int64
+}
+
+func (e *TooLargeError) Error() string {
+	if e.Size < 0 {
+		return fmt.Sprintf("the answer is more than %d bytes, more than the %d bootagent reads", maxCounted, maxResponse-1)
+	}
+	return fmt.Sprintf("the answer is %d bytes, more than the %d bootagent reads", e.Size, maxResponse-1)
+}
+
+// Is makes errors.Is(err, ErrTooLarge) true.
+func (e *TooLargeError) Is(target error) bool { return target == ErrTooLarge }
+
+// maxCounted bounds how far an oversized answer is read on (and thrown
+// away) to learn its size when IMDS did not send Content-Length.
+const maxCounted = 64 << 20
+
 type limitedBody struct {
-	rc   io.ReadCloser
-	left int64
+	rc     io.ReadCloser
+	left   int64
+	length int64
 }
 
 func (b *limitedBody) Read(p []byte) (int, error) {
 	if b.left <= 0 {
-		return 0, ErrTooLarge
+		return 0, b.tooLarge()
 	}
 	if int64(len(p)) > b.left {
 		p = p[:b.left]
@@ -145,9 +169,21 @@ func (b *limitedBody) Read(p []byte) (int, error) {
 	n, err := b.rc.Read(p)
 	b.left -= int64(n)
 	if b.left <= 0 && err == nil {
-		return n, ErrTooLarge
+		return n, b.tooLarge()
 	}
 	return n, err
+}
+
+// tooLarge is the error for an answer that went past maxResponse.
+func (b *limitedBody) tooLarge() error {
+	if b.length > 0 {
+		return &TooLargeError{Size: b.length}
+	}
+	rest, err := io.CopyN(io.Discard, b.rc, maxCounted)
+	if err == nil {
+		return &TooLargeError{Size: -1}
+	}
+	return &TooLargeError{Size: maxResponse + rest}
 }
 
 func (b *limitedBody) Close() error { return b.rc.Close() }
@@ -220,7 +256,10 @@ type Error struct {
 	Token bool
 	// Timeout is true when IMDS did not answer in time.
 	Timeout bool
-	Err     error
+	// Malformed is true when IMDS answered with something that is not the
+	// document asked for.
+	Malformed bool
+	Err       error
 }
 
 func (e *Error) Error() string {
@@ -237,6 +276,10 @@ func (e *Error) Error() string {
 		fmt.Fprintf(&b, "the IMDSv2 token request failed with HTTP %d", e.Status)
 	case e.Token:
 		b.WriteString("the IMDSv2 token request failed")
+	case errors.As(e.Err, new(*TooLargeError)):
+		// Its message says all there is.
+	case e.Malformed:
+		b.WriteString("the answer is not an instance identity document (JSON)")
 	case e.Status != 0:
 		fmt.Fprintf(&b, "HTTP %d", e.Status)
 	case e.Timeout:
@@ -244,8 +287,18 @@ func (e *Error) Error() string {
 	default:
 		b.WriteString("no answer")
 	}
-	hopLimit := e.Token && e.Timeout // its message says all there is
-	if e.Err != nil && !hopLimit {
+	switch tl := new(*TooLargeError); {
+	case e.Token && e.Timeout:
+		// The hop-limit message says all there is.
+	case errors.As(e.Err, tl):
+		b.WriteString((*tl).Error())
+	case e.Malformed:
+		fmt.Fprintf(&b, ": %s", rootCause(e.Err))
+		var de *smithy.DeserializationError
+		if errors.As(e.Err, &de) && len(de.Snapshot) > 0 {
+			fmt.Fprintf(&b, "; it begins %q", excerpt(de.Snapshot))
+		}
+	case e.Err != nil:
 		fmt.Fprintf(&b, ": %v", e.Err)
 	}
 	return b.String()
@@ -263,6 +316,8 @@ func (e *Error) Reason() string {
 		return fmt.Sprintf("token request refused with HTTP %d", e.Status)
 	case e.Token:
 		return "token request failed: " + rootCause(e.Err)
+	case e.Malformed:
+		return "not an identity document"
 	case e.Status != 0:
 		return fmt.Sprintf("HTTP %d", e.Status)
 	case e.Timeout:
@@ -273,7 +328,8 @@ func (e *Error) Reason() string {
 }
 
 // Kind names the failure for metrics: token_timeout, token_refused,
-// throttled, http_5xx, http_4xx, timeout, too_large or connection.
+// throttled, http_5xx, http_4xx, timeout, too_large, malformed or
+// connection.
 func (e *Error) Kind() string {
 	switch {
 	case e.Token && e.Timeout:
@@ -282,6 +338,8 @@ func (e *Error) Kind() string {
 		return "token_refused"
 	case errors.Is(e.Err, ErrTooLarge):
 		return "too_large"
+	case e.Malformed:
+		return "malformed"
 	case e.Status == http.StatusTooManyRequests:
 		return "throttled"
 	case e.Status >= 500:
@@ -297,10 +355,11 @@ func (e *Error) Kind() string {
 
 // retryable reports whether asking again can help: no answer, a timeout,
 // throttling, a server error, or a token that expired (401, after which the
-// SDK fetches a new one). A 403 or 404 will not change by asking again.
+// SDK fetches a new one). A 403 or 404 will not change by asking again,
+// and neither will an answer that is too large or not what was asked for.
 func (e *Error) retryable() bool {
 	switch {
-	case errors.Is(e.Err, ErrTooLarge):
+	case errors.Is(e.Err, ErrTooLarge), e.Malformed:
 		return false
 	case e.Status == 0, e.Status == http.StatusTooManyRequests, e.Status == http.StatusUnauthorized, e.Status >= 500:
 		return true
@@ -339,6 +398,10 @@ func classify(path string, err error, tf *tokenFailure) *Error {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded) {
 		e.Timeout = true
+	}
+	var de *smithy.DeserializationError
+	if errors.As(err, &de) && !e.Timeout && !errors.Is(err, ErrTooLarge) && !errors.As(err, new(net.Error)) {
+		e.Malformed = true
 	}
 	return e
 }
@@ -554,6 +617,15 @@ func (c *Client) UserData(ctx context.Context) ([]byte, error) {
 		data = []byte{}
 	}
 	return data, nil
+}
+
+// excerpt quotes the start of an answer in an error, on one line.
+func excerpt(data []byte) string {
+	s := strings.Join(strings.Fields(strings.ToValidUTF8(string(data), "?")), " ")
+	if r := []rune(s); len(r) > 80 {
+		s = string(r[:80]) + "..."
+	}
+	return s
 }
 
 // String describes the endpoint, for logs.

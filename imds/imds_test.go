@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -367,4 +368,29 @@ func TestWaitEndsWithTheContext(t *testing.T) {
 	c := newClient(t, f.start(t), func(o *Options) { o.Clock = clock })
 	_, _, err := c.Wait(ctx, 0)
 	require.True(t, errors.Is(err, context.Canceled), "got %v", err)
+}
+
+func TestOversizedUserDataSaysItsSize(t *testing.T) {
+	f := &fakeIMDS{userData: func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(2<<20))
+		fmt.Fprint(w, strings.Repeat("a", 2<<20))
+	}}
+	_, err := newClient(t, f.start(t)).UserData(context.Background())
+	var tl *TooLargeError
+	require.ErrorAs(t, err, &tl)
+	assert.Equal(t, int64(2<<20), tl.Size)
+	assert.Contains(t, err.Error(), "IMDS /latest/user-data: the answer is 2097152 bytes, more than the 1048576 bootagent reads")
+}
+
+func TestAnIdentityDocumentThatIsNotJSONIsNamedForWhatItIs(t *testing.T) {
+	f := &fakeIMDS{identity: func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprint(w, "<html>captive portal</html>")
+	}}
+	_, _, err := newClient(t, f.start(t)).Wait(context.Background(), 0)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "IMDS /latest/dynamic/instance-identity/document: the answer is not an instance identity document (JSON)")
+	assert.NotContains(t, err.Error(), "no answer")
+	var e *Error
+	require.ErrorAs(t, err, &e)
+	assert.Equal(t, "malformed", e.Kind())
 }

@@ -93,6 +93,11 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	}
 
 	raw, err := md.UserData(ctx)
+	if tl := new(*imds.TooLargeError); errors.As(err, tl) {
+		// No retry makes it smaller: it is bad input, as a file of that
+		// size given to `userdata check` is.
+		return b, &config.InvalidError{Source: "user-data", Reason: (*tl).Error() + " (EC2 itself takes at most 16 KiB)"}
+	}
 	if err != nil {
 		return b, fmt.Errorf("read user-data: %w", err)
 	}
@@ -104,7 +109,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	for _, why := range info.Ignored {
 		log.Info("user-data left alone", zap.String("why", why))
 	}
-	log.Debug("effective configuration", zap.Any("config", cfg))
+	log.Debug("effective configuration", zap.Any("config", redacted(cfg)))
 	timer.done("user-data", "")
 
 	g, err := e.gatherNames(ctx, log, md, cfg)
@@ -281,4 +286,19 @@ func configuredName(cfg config.Config) (hostname.Name, error) {
 func needsHuman(err error) bool {
 	return errors.Is(err, config.ErrInvalid) || errors.Is(err, chef.ErrInvalid) ||
 		errors.Is(err, chef.ErrNameTaken) || errors.Is(err, chef.ErrValidatorRefused)
+}
+
+// redacted is cfg as it may be logged: the initial attributes can carry
+// secrets (passwords, tokens for a cookbook), so only their top-level keys
+// are shown. The validator key is never marshalled at all.
+func redacted(cfg config.Config) config.Config {
+	if len(cfg.Chef.InitialAttributes) == 0 {
+		return cfg
+	}
+	shown := make(config.Object, len(cfg.Chef.InitialAttributes))
+	for k := range cfg.Chef.InitialAttributes {
+		shown[k] = "(redacted)"
+	}
+	cfg.Chef.InitialAttributes = shown
+	return cfg
 }

@@ -1180,7 +1180,13 @@ func (m *machine) view() []action {
 		if from < 0 {
 			from = PhaseStarting
 		}
-		m.log.Info("state "+from.String()+" -> "+p.String(), zap.String("status", status))
+		if m.exit != nil && m.exit.err != nil {
+			// The failure ends the agent, and the command line prints it
+			// as it exits, unquoted: once is enough.
+			m.log.Info("state " + from.String() + " -> " + p.String())
+		} else {
+			m.log.Info("state "+from.String()+" -> "+p.String(), zap.String("status", status))
+		}
 		m.metrics.Phase.Reset()
 		m.metrics.Phase.WithLabelValues(p.String()).Set(1)
 	}

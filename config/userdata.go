@@ -21,6 +21,12 @@ import (
 // refusing garbage and gzip bombs.
 const MaxUserDataSize = 1 << 20
 
+// OversizedUserData is the error for user-data of size bytes, more than
+// MaxUserDataSize: invalid input, since no retry makes it smaller.
+func OversizedUserData(size int64) error {
+	return &InvalidError{Source: "user-data", Reason: fmt.Sprintf("%d bytes is more than the %d bootagent reads (EC2 itself takes at most 16 KiB)", size, MaxUserDataSize)}
+}
+
 // maxNesting bounds how deep gzip and MIME may nest inside each other;
 // cloud-init's own examples nest two levels.
 const maxNesting = 4
@@ -45,7 +51,7 @@ type UserData struct {
 func ApplyUserData(base Config, data []byte) (Config, UserData, error) {
 	d := &decoder{cfg: base.clone()}
 	if len(data) > MaxUserDataSize {
-		return Config{}, UserData{}, &InvalidError{Source: "user-data", Reason: fmt.Sprintf("%d bytes is more than the %d bootagent reads (EC2 itself takes at most 16 KiB)", len(data), MaxUserDataSize)}
+		return Config{}, UserData{}, OversizedUserData(int64(len(data)))
 	}
 	format, err := d.decode(data, "user-data", 0)
 	if err != nil {

@@ -455,5 +455,13 @@ func readInput(name string, stdin io.Reader) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read user-data: %w", err)
 	}
+	if len(data) > config.MaxUserDataSize {
+		// The rest is counted, not kept, so the error says the real size.
+		rest, err := io.Copy(io.Discard, r)
+		if err != nil {
+			return nil, fmt.Errorf("read user-data: %w", err)
+		}
+		return nil, config.OversizedUserData(int64(len(data)) + rest)
+	}
 	return data, nil
 }

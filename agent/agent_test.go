@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -223,4 +224,18 @@ func TestRunEndsOnInvalidUserData(t *testing.T) {
 	err := e.Run(context.Background())
 	require.ErrorIs(t, err, config.ErrInvalid)
 	assert.Equal(t, 2, ExitCode(err))
+}
+
+func TestTheEffectiveConfigurationLogsNoAttributeValues(t *testing.T) {
+	userData := `{"hostname": "web01", "chef_initial_attributes": {"db": {"password": "hunter2-s3cret"}}}`
+	e, logs := newEngine(t, testenv.IMDSConfig{UserData: []byte(userData)}, newRoot(t))
+	_, err := e.Once(context.Background())
+	require.NoError(t, err)
+
+	lines := logs.FilterMessage("effective configuration").All()
+	require.Len(t, lines, 1)
+	logged, err := json.Marshal(lines[0].ContextMap()["config"])
+	require.NoError(t, err)
+	assert.NotContains(t, string(logged), "hunter2-s3cret")
+	assert.Contains(t, string(logged), `"initial_attributes":{"db":"(redacted)"}`, "the keys are shown")
 }

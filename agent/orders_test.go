@@ -343,3 +343,16 @@ func TestAReloadDuringARegistrationWaitsForItsAnswer(t *testing.T) {
 	assert.False(t, n || c, "nothing of the terminated instance is left on the Chef server")
 	assert.Equal(t, PhaseDeregistered, d.state(t).Phase)
 }
+
+func TestADaemonOnAnInstanceTerminatedAtBootRegistersNothing(t *testing.T) {
+	d := newDaemon(t, "Terminated")
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		st := d.state(t)
+		return st.Termination != nil && st.Phase == PhaseTerminating
+	}, "the agent sees the termination")
+	d.polls(t, 2)
+
+	assert.Zero(t, d.count("POST /clients"), "no client for an instance that is going away")
+	assert.Zero(t, d.count("POST /nodes"))
+	assert.Empty(t, d.runs(t), "no chef-client run")
+}

@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
@@ -151,7 +152,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 // instanceFiles).
 func (e *Engine) forgetInstance(cfg config.Config) error {
 	for _, p := range instanceFiles(cfg) {
-		if err := os.Remove(e.path(p)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := atomicfile.Remove(e.root, p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("forget the previous instance: %w", err)
 		}
 	}

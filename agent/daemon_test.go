@@ -220,5 +220,6 @@ func (d *daemon) lines(msg string) []observer.LoggedEntry { return d.logs.Filter
 // writeFileAtomic replaces path with content, so that a reader never sees
 // it half-written.
 func writeFileAtomic(path, content string) error {
-	return atomicfile.WriteFile(path, []byte(strings.TrimSpace(content)+"\n"), 0o644)
+	_, err := atomicfile.WriteFile("/", path, []byte(strings.TrimSpace(content)+"\n"), 0o644)
+	return err
 }

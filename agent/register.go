@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -138,6 +137,16 @@ func registrar(cfg config.Config, root string, log *zap.Logger, clock backoff.Cl
 	return &chef.Registrar{Server: server, Log: log, Backoff: policy, Budget: ch.RequestBudget.D(), Clock: clock}
 }
 
+// writeFile writes the file name under the root, and says so when it could
+// not be replaced atomically.
+func (e *Engine) writeFile(log *zap.Logger, name string, data []byte, perm fs.FileMode) error {
+	inPlace, err := atomicfile.WriteFile(e.root, name, data, perm)
+	if inPlace {
+		log.Warn(name+" is a mount point; rewritten in place, not atomically", zap.String("path", e.path(name)))
+	}
+	return err
+}
+
 // register is the registration worker: it makes the instance a node and
 // writes chef-client's files. The validator key is deleted only once
 // everything it was needed for is done. When stop is closed, it ends
@@ -148,16 +157,12 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	if !ch.SSLVerify {
 		log.Warn("chef.ssl_verify is false: the Chef server's certificate is not checked, so anyone on the path can impersonate it")
 	}
-	validatorPath := e.path(ch.ValidationKey)
 	if p.validator != nil {
-		if err := os.MkdirAll(filepath.Dir(validatorPath), 0o755); err != nil {
-			return chef.Registered{}, err
-		}
-		if err := atomicfile.WriteFile(validatorPath, p.validator, 0o600); err != nil {
+		if err := e.writeFile(log, ch.ValidationKey, p.validator, 0o600); err != nil {
 			return chef.Registered{}, fmt.Errorf("write the validator key from user-data: %w", err)
 		}
 	}
-	validator, err := os.ReadFile(validatorPath)
+	validator, err := atomicfile.ReadFile(e.root, ch.ValidationKey)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return chef.Registered{}, fmt.Errorf("read the validator key: %w", err)
 	}
@@ -165,7 +170,8 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	r.Stop = stop
 	reg, err := r.Register(ctx, chef.Registration{
 		NodeName:      p.nodeName,
-		ClientKeyPath: e.path(ch.ClientKey),
+		Root:          e.root,
+		ClientKeyPath: ch.ClientKey,
 		ValidatorName: ch.ValidationClientName,
 		ValidatorKey:  validator,
 		ValidatorPath: ch.ValidationKey,
@@ -179,14 +185,11 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 		data []byte
 		mode fs.FileMode
 	}{
-		{e.path(clientRBPath), p.clientRB, 0o644},
+		{clientRBPath, p.clientRB, 0o644},
 		// The first run's attributes may be secrets of the application.
-		{e.path(firstBootPath), p.firstBoot, 0o600},
+		{firstBootPath, p.firstBoot, 0o600},
 	} {
-		if err := os.MkdirAll(filepath.Dir(f.path), 0o755); err != nil {
-			return reg, err
-		}
-		if err := atomicfile.WriteFile(f.path, f.data, f.mode); err != nil {
+		if err := e.writeFile(log, f.path, f.data, f.mode); err != nil {
 			return reg, err
 		}
 	}
@@ -194,7 +197,7 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	log.Info("registered with the Chef server", zap.String("server", ch.ServerURL),
 		zap.Bool("client_created", reg.ClientCreated), zap.Bool("node_created", reg.NodeCreated), zap.Bool("key_reused", reg.KeyReused))
 	if ch.DeleteValidationKey {
-		switch err := os.Remove(validatorPath); {
+		switch err := atomicfile.Remove(e.root, ch.ValidationKey); {
 		case err == nil:
 			log.Info("validator key deleted: this instance no longer needs it", zap.String("path", ch.ValidationKey))
 			fault.Point("validator-deleted")

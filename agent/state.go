@@ -190,12 +190,12 @@ type Boot struct {
 // since every step the agent takes is safe to take again.
 func loadState(root string) (State, error) {
 	path := filepath.Join(root, statePath)
-	data, err := os.ReadFile(path)
+	data, err := atomicfile.ReadFile(root, statePath)
 	if errors.Is(err, fs.ErrNotExist) {
 		return State{Version: stateVersion}, nil
 	}
 	if err != nil {
-		return State{Version: stateVersion}, fmt.Errorf("read %s: %w", path, err)
+		return State{Version: stateVersion}, err
 	}
 	var s State
 	if err := json.Unmarshal(data, &s); err != nil {
@@ -234,11 +234,7 @@ func (w *store) save(s State, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(w.root, statePath)
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
-	}
-	if err := atomicfile.WriteFile(path, append(data, '\n'), 0o644); err != nil {
+	if _, err := atomicfile.WriteFile(w.root, statePath, append(data, '\n'), 0o644); err != nil {
 		return err
 	}
 	w.last = facts
@@ -254,7 +250,7 @@ var errAgentRunning = errors.New("another bootagent process is working on this i
 // lockAgent takes the agent lock under root without waiting. It returns
 // the unlock.
 func lockAgent(root string) (func(), error) {
-	unlock, err := flock(filepath.Join(root, agentLockPath))
+	unlock, err := flock(root, agentLockPath)
 	if errors.Is(err, errLocked) {
 		return nil, fmt.Errorf("%w (%s is held); for a chef-client run now, send SIGUSR1: systemctl kill -s USR1 bootagent", errAgentRunning, agentLockPath)
 	}
@@ -264,22 +260,21 @@ func lockAgent(root string) (func(), error) {
 // errLocked means a lock file is held by another process.
 var errLocked = errors.New("locked")
 
-// flock takes an exclusive lock on path without waiting and returns the
-// unlock. The kernel releases it when the process dies, however it dies.
-func flock(path string) (func(), error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+// flock takes an exclusive lock on the file name under root without
+// waiting and returns the unlock. The kernel releases it when the process
+// dies, however it dies. The file is made when missing, never outside the
+// root: a link to it is followed inside the root only.
+func flock(root, name string) (func(), error) {
+	f, err := atomicfile.OpenFile(root, name, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("open lock %s: %w", path, err)
+		return nil, fmt.Errorf("lock: %w", err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, errLocked
 		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
 	}
 	return func() { f.Close() }, nil
 }
@@ -294,10 +289,11 @@ func instanceFiles(cfg config.Config) []string {
 // Clean forgets the instance under root (state, node key, first-boot JSON,
 // client.rb) so that an image can be baked from this machine; every
 // instance launched from it then registers as itself. The baked config and
-// the validator stay. It refuses while an agent is running, and returns
-// the paths it removed.
+// the validator stay. A file that is a link goes at its target inside the
+// root, as it was written. It refuses while an agent is running, and
+// returns the paths it removed.
 func Clean(root string, cfg config.Config) ([]string, error) {
-	unlock, err := flock(filepath.Join(root, agentLockPath))
+	unlock, err := flock(root, agentLockPath)
 	if errors.Is(err, errLocked) {
 		return nil, fmt.Errorf("%w; stop it first: systemctl stop bootagent", errAgentRunning)
 	}
@@ -307,7 +303,7 @@ func Clean(root string, cfg config.Config) ([]string, error) {
 	defer unlock()
 	var removed []string
 	for _, p := range append([]string{statePath}, instanceFiles(cfg)...) {
-		switch err := os.Remove(filepath.Join(root, p)); {
+		switch err := atomicfile.Remove(root, p); {
 		case err == nil:
 			removed = append(removed, p)
 		case !errors.Is(err, fs.ErrNotExist):

@@ -93,7 +93,7 @@ func TestCleanForgetsTheInstanceButKeepsTheValidator(t *testing.T) {
 
 func TestCleanAndOnceRefuseWhileAnAgentIsRunning(t *testing.T) {
 	root := t.TempDir()
-	unlock, err := flock(filepath.Join(root, agentLockPath))
+	unlock, err := flock(root, agentLockPath)
 	require.NoError(t, err)
 	defer unlock()
 

@@ -1,82 +1,278 @@
-// Package atomicfile replaces files so that a reader, or the next boot after
-// a power cut, sees either the old content or the new, never a mix.
+// Package atomicfile writes the files the agent manages, every one of them
+// under the agent's root directory (/ in production, any directory when
+// trying it out or in tests): a reader, or the next boot after a power cut,
+// sees the old content or the new, never a mix; and no symbolic link leads
+// a write, a removal or a lock out of the root.
+//
+// Names are taken inside the root as if it were "/": a link's absolute
+// target starts again at the root and ".." stops there, as openat2's
+// RESOLVE_IN_ROOT does (see resolve). A symlinked file is thus written
+// through to its target inside the root, which keeps its owner and mode,
+// and the link stays a link. The work is then done through an os.Root on
+// the path so resolved, which refuses to leave the root should a link be
+// swapped in meanwhile.
 package atomicfile
 
 import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
+	"path"
 	"path/filepath"
+	"strconv"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
-// WriteFile replaces path with data: it writes a temporary file in the same
-// directory, syncs it, renames it over path and syncs the directory. An
-// existing file keeps its mode and owner; a new one gets perm. The directory
-// must exist. On error the temporary file is removed and path is untouched.
-func WriteFile(path string, data []byte, perm fs.FileMode) (err error) {
+// dirPerm is the mode of the directories made for a file: those the agent
+// writes in (/etc, /etc/chef, /var/lib/bootagent) are world-readable on
+// every distribution.
+const dirPerm = 0o755
+
+// WriteFile replaces the file name under root with data: it writes a
+// temporary file in the same directory, syncs it, renames it over the file
+// and syncs the directory. An existing file keeps its mode and owner; a new
+// one gets perm, and the directories missing above it are made. On error
+// the temporary file is removed and the file is untouched.
+//
+// A file that is a mount point (a bind-mounted /etc/hosts in a container)
+// cannot be renamed over: it is rewritten in place instead, as glibc's
+// tools and cloud-init do, and a reader, or an error while writing, may
+// then leave a mix. WriteFile reports whether it did that, for the caller
+// to say so.
+func WriteFile(root, name string, data []byte, perm fs.FileMode) (inPlace bool, err error) {
+	err = do("write", root, name, func(r *os.Root, rel string) (err error) {
+		inPlace, err = write(r, rel, data, perm)
+		return err
+	})
+	return inPlace, err
+}
+
+// write is WriteFile on rel, a path in r without links.
+func write(r *os.Root, rel string, data []byte, perm fs.FileMode) (bool, error) {
 	mode, uid, gid := perm, -1, -1
-	if fi, err := os.Stat(path); err == nil {
+	switch fi, err := r.Lstat(rel); {
+	case err == nil:
 		if !fi.Mode().IsRegular() {
-			return fmt.Errorf("write %s: not a regular file", path)
+			return false, errors.New("not a regular file")
 		}
 		mode = fi.Mode().Perm()
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 			uid, gid = int(st.Uid), int(st.Gid)
 		}
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("write %s: %w", path, err)
+	case !errors.Is(err, fs.ErrNotExist):
+		return false, bare(err)
 	}
 
-	dir := filepath.Dir(path)
-	pattern := "." + filepath.Base(path) + ".tmp-*"
-	// A power cut in the middle of an earlier write left its temporary
-	// file; the write it belonged to is over, one way or the other.
-	if stale, _ := filepath.Glob(filepath.Join(dir, pattern)); len(stale) > 0 {
-		for _, s := range stale {
-			_ = os.Remove(s)
-		}
+	dir := path.Dir(rel)
+	if err := r.MkdirAll(dir, dirPerm); err != nil {
+		return false, bare(err)
 	}
-	f, err := os.CreateTemp(dir, pattern)
+	removeStale(r, dir, path.Base(rel))
+	f, tmp, err := createTemp(r, dir, path.Base(rel))
 	if err != nil {
-		return fmt.Errorf("write %s: %w", path, bare(err))
+		return false, bare(err)
 	}
-	tmp := f.Name()
+	done := false
 	defer func() {
-		if err != nil {
+		if !done {
 			_ = f.Close()
-			_ = os.Remove(tmp)
+			_ = r.Remove(tmp)
 		}
 	}()
 
 	// The mode is set before any byte is written, so key material is never
 	// readable by others, not even for an instant.
 	if err := f.Chmod(mode); err != nil {
-		return fmt.Errorf("write %s: %w", path, bare(err))
+		return false, bare(err)
 	}
 	if uid >= 0 {
 		if err := f.Chown(uid, gid); err != nil {
-			return fmt.Errorf("write %s: keep owner: %w", path, err)
+			return false, fmt.Errorf("keep owner: %w", bare(err))
 		}
 	}
 	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, bare(err))
+		return false, bare(err)
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, bare(err))
+		return false, bare(err)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, bare(err))
+		return false, bare(err)
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, bare(err))
+	switch err := r.Rename(tmp, rel); {
+	case errors.Is(err, syscall.EBUSY):
+		if err := rewriteMountPoint(r, rel, data, err); err != nil {
+			return false, err
+		}
+		return true, nil
+	case err != nil:
+		return false, bare(err)
 	}
-	return syncDir(dir)
+	done = true
+	return false, syncDir(r, dir)
 }
 
-// bare strips the temporary file's name from an error about it: the
-// caller names the file being replaced, which is the one that matters.
+// createTemp makes an empty temporary file for base in dir, readable by
+// nobody else. os.Root has no CreateTemp; O_EXCL makes sure it is new and
+// never a link.
+func createTemp(r *os.Root, dir, base string) (*os.File, string, error) {
+	for i := 0; ; i++ {
+		tmp := path.Join(dir, "."+base+".tmp-"+strconv.FormatUint(uint64(rand.Uint32()), 10))
+		f, err := r.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if errors.Is(err, fs.ErrExist) && i < 100 {
+			continue
+		}
+		return f, tmp, err
+	}
+}
+
+// removeStale removes the temporary files an earlier write of base left
+// when the power was cut: the write they belonged to is over, one way or
+// the other.
+func removeStale(r *os.Root, dir, base string) {
+	d, err := r.Open(dir)
+	if err != nil {
+		return
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	for _, n := range names {
+		if ok, _ := path.Match("."+base+".tmp-*", n); ok {
+			_ = r.Remove(path.Join(dir, n))
+		}
+	}
+}
+
+// rewriteMountPoint writes data into the file rel itself, when renaming
+// over it failed with busy (renameErr) because it is a mount point: the
+// data is written from the start, the file cut to its length and synced.
+// When it is no mount point, rename(2) had another reason to be busy,
+// which rewriting would not cure, and renameErr is returned.
+func rewriteMountPoint(r *os.Root, rel string, data []byte, renameErr error) error {
+	f, err := openNoFollow(r, rel, os.O_WRONLY, 0)
+	if err != nil {
+		return bare(err)
+	}
+	defer f.Close()
+	if mp, err := isMountPoint(f); err != nil || !mp {
+		return bare(renameErr)
+	}
+	if _, err := f.WriteAt(data, 0); err != nil {
+		return fmt.Errorf("rewrite in place: %w", bare(err))
+	}
+	if err := f.Truncate(int64(len(data))); err != nil {
+		return fmt.Errorf("rewrite in place: %w", bare(err))
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("rewrite in place: %w", bare(err))
+	}
+	return f.Close()
+}
+
+// isMountPoint reports whether f is the root of a mount. A kernel older
+// than 5.8 cannot tell; rename(2) is busy over a regular file only when it
+// is one, so it is taken to be.
+func isMountPoint(f *os.File) (bool, error) {
+	var st unix.Statx_t
+	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH, unix.STATX_BASIC_STATS, &st); err != nil {
+		return false, err
+	}
+	if st.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT == 0 {
+		return st.Mode&unix.S_IFMT == unix.S_IFREG, nil
+	}
+	return st.Attributes&unix.STATX_ATTR_MOUNT_ROOT != 0, nil
+}
+
+// ReadFile returns the content of the file name under root.
+func ReadFile(root, name string) (data []byte, err error) {
+	err = do("read", root, name, func(r *os.Root, rel string) (err error) {
+		data, err = r.ReadFile(rel)
+		return bare(err)
+	})
+	return data, err
+}
+
+// Stat returns what the file name under root is, links followed inside
+// the root.
+func Stat(root, name string) (fi fs.FileInfo, err error) {
+	err = do("stat", root, name, func(r *os.Root, rel string) (err error) {
+		fi, err = r.Lstat(rel)
+		return bare(err)
+	})
+	return fi, err
+}
+
+// Remove removes the file name under root. A link is followed inside the
+// root: what goes is the file it names, the one the agent would have
+// written, and the link stays.
+func Remove(root, name string) error {
+	return do("remove", root, name, func(r *os.Root, rel string) error {
+		return bare(r.Remove(rel))
+	})
+}
+
+// OpenFile opens the file name under root with flag (os.O_RDWR and such),
+// for what is not replaced but kept open, like a lock. The name is
+// resolved inside the root, and its last element then opened with
+// O_NOFOLLOW. With os.O_CREATE, the directories missing above it are made.
+func OpenFile(root, name string, flag int, perm fs.FileMode) (f *os.File, err error) {
+	err = do("open", root, name, func(r *os.Root, rel string) (err error) {
+		if flag&os.O_CREATE != 0 {
+			if err := r.MkdirAll(path.Dir(rel), dirPerm); err != nil {
+				return bare(err)
+			}
+		}
+		f, err = openNoFollow(r, rel, flag, perm)
+		return err
+	})
+	return f, err
+}
+
+// do calls op with root opened and name resolved inside it; an error
+// names the file root/name, after verb.
+func do(verb, root, name string, op func(r *os.Root, rel string) error) error {
+	err := func() error {
+		r, err := os.OpenRoot(root)
+		if err != nil {
+			return bare(err)
+		}
+		// Only a directory handle: its close has nothing to report.
+		defer func() { _ = r.Close() }()
+		rel, err := resolve(r, name)
+		if err != nil {
+			return err
+		}
+		return op(r, rel)
+	}()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", verb, filepath.Join(root, name), err)
+	}
+	return nil
+}
+
+// openNoFollow opens rel, a path in r without links, refusing a link in
+// its last element (ELOOP): os.Root would follow it. The directory is
+// opened through r, which keeps it inside r.
+func openNoFollow(r *os.Root, rel string, flag int, perm fs.FileMode) (*os.File, error) {
+	d, err := r.Open(path.Dir(rel))
+	if err != nil {
+		return nil, bare(err)
+	}
+	defer d.Close()
+	fd, err := syscall.Openat(int(d.Fd()), path.Base(rel), flag|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, uint32(perm.Perm()))
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(fd), filepath.Join(r.Name(), rel)), nil
+}
+
+// bare strips the temporary or resolved file's name from an error about
+// it: the caller names the file it asked for, which is the one that
+// matters.
 func bare(err error) error {
 	var pe *fs.PathError
 	if errors.As(err, &pe) {
@@ -90,14 +286,14 @@ func bare(err error) error {
 }
 
 // syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
+func syncDir(r *os.Root, dir string) error {
+	d, err := r.Open(dir)
 	if err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
+		return fmt.Errorf("sync %s: %w", dir, bare(err))
 	}
 	defer d.Close()
 	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
+		return fmt.Errorf("sync %s: %w", dir, bare(err))
 	}
 	return nil
 }

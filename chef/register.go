@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
-	"os"
-	"path/filepath"
 	"time"
 
 	"go.uber.org/zap"
@@ -31,8 +29,10 @@ var ErrStopped = errors.New("stopped before the next Chef server request")
 // Registration is what registering one node needs.
 type Registration struct {
 	NodeName string
-	// ClientKeyPath is where the node's private key is written (under the
-	// agent's root).
+	// Root is the agent's root directory, "/" when empty.
+	Root string
+	// ClientKeyPath is where the node's private key is written, inside
+	// Root.
 	ClientKeyPath string
 	ValidatorName string
 	// ValidatorKey is the validator's private key; it may be nil when the
@@ -104,7 +104,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	if newKey == nil {
 		newKey = GenerateKey
 	}
-	keyPEM, reused, err := ensureKey(reg.ClientKeyPath, newKey)
+	keyPEM, reused, err := ensureKey(reg.Root, reg.ClientKeyPath, newKey)
 	if err != nil {
 		return out, err
 	}
@@ -277,11 +277,15 @@ func (r *Registrar) stopped() bool {
 	}
 }
 
-// ensureKey returns the private key at path, made and written first if
-// there is none. A key already there is one an interrupted registration
-// wrote; it is reused, so that a client created with it is recognised.
-func ensureKey(path string, newKey func() ([]byte, error)) ([]byte, bool, error) {
-	data, err := os.ReadFile(path)
+// ensureKey returns the private key at path under root, made and written
+// first if there is none. A key already there is one an interrupted
+// registration wrote; it is reused, so that a client created with it is
+// recognised.
+func ensureKey(root, path string, newKey func() ([]byte, error)) ([]byte, bool, error) {
+	if root == "" {
+		root = "/"
+	}
+	data, err := atomicfile.ReadFile(root, path)
 	switch {
 	case err == nil:
 		if _, perr := ParseKey(data); perr == nil {
@@ -296,10 +300,7 @@ func ensureKey(path string, newKey func() ([]byte, error)) ([]byte, bool, error)
 	if err != nil {
 		return nil, false, err
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, false, fmt.Errorf("create %s: %w", filepath.Dir(path), err)
-	}
-	if err := atomicfile.WriteFile(path, data, 0o600); err != nil {
+	if _, err := atomicfile.WriteFile(root, path, data, 0o600); err != nil {
 		return nil, false, fmt.Errorf("write client key: %w", err)
 	}
 	fault.Point("key-written")

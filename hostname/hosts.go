@@ -12,6 +12,11 @@ const (
 	endMarker   = "# END bootagent"
 )
 
+// localhostLines are what a new /etc/hosts starts with, as Debian's netbase
+// and cloud-init's templates write it: localhost must resolve, over IPv4 and
+// IPv6, on any host.
+const localhostLines = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
 // EditHosts returns the content of an /etc/hosts file with the managed block
 // holding entry. An existing block is replaced where it stands; a new one
 // goes right after the 127.0.0.1 line, or at the end. The file's line ending

@@ -63,7 +63,7 @@ func New(ctx context.Context, root string, log *zap.Logger) *Manager {
 		}
 		log.Debug("systemd-hostnamed not available; setting names directly", zap.Error(err))
 	}
-	m.sys = direct{hostnameFile: filepath.Join(root, "etc/hostname")}
+	m.sys = direct{root: root, log: log}
 	return m
 }
 
@@ -112,23 +112,39 @@ func (m *Manager) Apply(ctx context.Context, n Name, p Policy) ([]Change, error)
 }
 
 func (m *Manager) applyHosts(n Name) (*Change, error) {
-	path := filepath.Join(m.root, "etc/hosts")
-	old, err := os.ReadFile(path)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+	old, err := atomicfile.ReadFile(m.root, "/etc/hosts")
+	base := old
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		// A host without /etc/hosts resolves localhost through it
+		// nonetheless once there is one: it gets the standard lines.
+		base = []byte(localhostLines)
+	case err != nil:
+		return nil, err
 	}
-	updated, err := EditHosts(old, n.HostsEntry())
+	updated, err := EditHosts(base, n.HostsEntry())
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%s: %w", filepath.Join(m.root, "etc/hosts"), err)
 	}
 	if bytes.Equal(old, updated) {
 		return nil, nil
 	}
 	oldEntry, _ := ManagedEntry(old)
-	if err := atomicfile.WriteFile(path, updated, 0o644); err != nil {
+	if err := writeFile(m.log, m.root, "/etc/hosts", updated); err != nil {
 		return nil, err
 	}
 	return &Change{What: "/etc/hosts entry", Old: oldEntry, New: n.HostsEntry()}, nil
+}
+
+// writeFile writes a file of the host's name under root (mode 0644 when
+// new), and says so when it could not be replaced atomically.
+func writeFile(log *zap.Logger, root, name string, data []byte) error {
+	inPlace, err := atomicfile.WriteFile(root, name, data, 0o644)
+	if inPlace {
+		log.Warn(name+" is a mount point; rewritten in place, not atomically",
+			zap.String("path", filepath.Join(root, name)))
+	}
+	return err
 }
 
 // cloudInitDropIn keeps cloud-init from setting or reverting the host name,
@@ -144,31 +160,29 @@ manage_etc_hosts: false
 // whether it wrote the file.
 func (m *Manager) TameCloudInit() (bool, error) {
 	installed := false
-	for _, p := range []string{"etc/cloud/cloud.cfg", "usr/bin/cloud-init"} {
-		if _, err := os.Stat(filepath.Join(m.root, p)); err == nil {
+	for _, p := range []string{"/etc/cloud/cloud.cfg", "/usr/bin/cloud-init"} {
+		if _, err := atomicfile.Stat(m.root, p); err == nil {
 			installed = true
 		}
 	}
 	if !installed {
 		return false, nil
 	}
-	dir := filepath.Join(m.root, "etc/cloud/cloud.cfg.d")
-	path := filepath.Join(dir, "99-bootagent.cfg")
-	if old, err := os.ReadFile(path); err == nil && string(old) == cloudInitDropIn {
+	const path = "/etc/cloud/cloud.cfg.d/99-bootagent.cfg"
+	if old, err := atomicfile.ReadFile(m.root, path); err == nil && string(old) == cloudInitDropIn {
 		return false, nil
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return false, err
-	}
-	if err := atomicfile.WriteFile(path, []byte(cloudInitDropIn), 0o644); err != nil {
+	if err := writeFile(m.log, m.root, path, []byte(cloudInitDropIn)); err != nil {
 		return false, err
 	}
 	return true, nil
 }
 
-// direct sets the kernel name with sethostname(2) and writes /etc/hostname.
+// direct sets the kernel name with sethostname(2) and writes /etc/hostname
+// under root.
 type direct struct {
-	hostnameFile string
+	root string
+	log  *zap.Logger
 }
 
 func (direct) String() string { return "sethostname and /etc/hostname" }
@@ -178,9 +192,9 @@ func (d direct) Names(context.Context) (string, string, error) {
 	if err != nil {
 		return "", "", fmt.Errorf("read kernel hostname: %w", err)
 	}
-	data, err := os.ReadFile(d.hostnameFile)
+	data, err := atomicfile.ReadFile(d.root, "/etc/hostname")
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return "", "", fmt.Errorf("read %s: %w", d.hostnameFile, err)
+		return "", "", err
 	}
 	return kernel, staticName(data), nil
 }
@@ -205,5 +219,5 @@ func (direct) SetKernel(_ context.Context, name string) error {
 }
 
 func (d direct) SetStatic(_ context.Context, name string) error {
-	return atomicfile.WriteFile(d.hostnameFile, []byte(name+"\n"), 0o644)
+	return writeFile(d.log, d.root, "/etc/hostname", []byte(name+"\n"))
 }

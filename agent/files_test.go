@@ -77,3 +77,22 @@ func TestCleanRemovesALinkedFileInsideTheRootOnly(t *testing.T) {
 	assert.NoFileExists(t, inside, "the key the link names inside the root is gone")
 	assert.FileExists(t, outside, "the file of the same name outside the root is untouched")
 }
+
+func TestTheMetricsTextfileNeverLeavesTheRoot(t *testing.T) {
+	root := newRoot(t)
+	outside := filepath.Join(t.TempDir(), "bootagent.prom")
+	link := filepath.Join(root, "var/lib/node_exporter/bootagent.prom")
+	require.NoError(t, os.MkdirAll(filepath.Dir(link), 0o755))
+	require.NoError(t, os.Symlink(outside, link))
+	e, _ := newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, root, func(c *config.Config) {
+		c.Metrics.Textfile = "/var/lib/node_exporter/bootagent.prom"
+	})
+
+	_, err := e.Once(context.Background())
+	require.NoError(t, err)
+	assert.NoFileExists(t, outside, "nothing is written outside the root")
+	assert.Contains(t, readFile(t, filepath.Join(root, outside)), `bootagent_bootstrap_seconds{step="hostname"}`, "the absolute link is taken inside the root")
+	got, err := os.Readlink(link)
+	require.NoError(t, err)
+	assert.Equal(t, outside, got, "the link stays")
+}

@@ -25,7 +25,7 @@ func (e *Engine) Once(ctx context.Context) (Result, error) {
 	defer unlock()
 	end := e.live(ctx, e.cfg, e.loadState(), nil, true)
 	if p := e.cfg.Metrics.Textfile; p != "" {
-		if werr := e.m.WriteTextfile(e.path(p)); werr != nil {
+		if werr := e.m.WriteTextfile(e.root, p); werr != nil {
 			e.log.Warn("metrics textfile not written", zap.Error(werr))
 		}
 	}
@@ -389,7 +389,7 @@ func (l *life) serveMetrics() {
 	e := l.e
 	if p := l.cfg.Metrics.Textfile; p != "" {
 		e.m.Changed()
-		l.wg.Go(func() { e.m.KeepTextfile(l.ctx, e.path(p), e.log) })
+		l.wg.Go(func() { e.m.KeepTextfile(l.ctx, e.root, p, e.log) })
 	}
 	if addr := l.cfg.Metrics.Listen; addr != "" {
 		l.wg.Go(func() {

@@ -5,6 +5,7 @@
 package metrics
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -15,7 +16,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/common/expfmt"
 	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/atomicfile"
 )
 
 // Metrics holds the agent's collectors.
@@ -126,17 +130,28 @@ func (m *Metrics) Changed() {
 	}
 }
 
-// WriteTextfile writes the metrics to path now, atomically: node_exporter
-// never reads a half-written file.
-func (m *Metrics) WriteTextfile(path string) error {
-	if err := prometheus.WriteToTextfile(path, m.reg); err != nil {
-		return fmt.Errorf("write metrics textfile %s: %w", path, err)
+// WriteTextfile writes the metrics to name under root now, atomically
+// (node_exporter never reads a half-written file), and inside the root as
+// every file the agent writes.
+func (m *Metrics) WriteTextfile(root, name string) error {
+	mfs, err := m.reg.Gather()
+	if err != nil {
+		return fmt.Errorf("write metrics textfile %s: %w", name, err)
+	}
+	var buf bytes.Buffer
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&buf, mf); err != nil {
+			return fmt.Errorf("write metrics textfile %s: %w", name, err)
+		}
+	}
+	if _, err := atomicfile.WriteFile(root, name, buf.Bytes(), 0o644); err != nil {
+		return fmt.Errorf("metrics textfile: %w", err)
 	}
 	return nil
 }
 
 // KeepTextfile rewrites the textfile after every change until ctx ends.
-func (m *Metrics) KeepTextfile(ctx context.Context, path string, log *zap.Logger) {
+func (m *Metrics) KeepTextfile(ctx context.Context, root, name string, log *zap.Logger) {
 	failing := ""
 	for {
 		select {
@@ -144,14 +159,14 @@ func (m *Metrics) KeepTextfile(ctx context.Context, path string, log *zap.Logger
 			return
 		case <-m.changed:
 		}
-		err := m.WriteTextfile(path)
+		err := m.WriteTextfile(root, name)
 		switch {
 		case err != nil && err.Error() != failing:
 			failing = err.Error()
 			log.Warn("metrics textfile not written", zap.Error(err))
 		case err == nil && failing != "":
 			failing = ""
-			log.Info("metrics textfile written again", zap.String("path", path))
+			log.Info("metrics textfile written again", zap.String("path", name))
 		}
 	}
 }

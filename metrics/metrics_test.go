@@ -35,14 +35,15 @@ func parse(t testing.TB, data []byte) map[string]bool {
 }
 
 func TestTheTextfileIsNeverSeenHalfWritten(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "bootagent.prom")
+	root := t.TempDir()
+	path := filepath.Join(root, "bootagent.prom")
 	m := New()
 	m.Info.WithLabelValues("v1", "i-0abc").Set(1)
 	ctx, cancel := context.WithCancel(context.Background())
 	kept := make(chan struct{})
 	go func() {
 		defer close(kept)
-		m.KeepTextfile(ctx, path, zaptest.NewLogger(t))
+		m.KeepTextfile(ctx, root, "/bootagent.prom", zaptest.NewLogger(t))
 	}()
 	m.Changed()
 	testenv.Eventually(t, 5*time.Second, func() bool { _, err := os.Stat(path); return err == nil }, "the file is written")

@@ -1,8 +1,11 @@
 package chef
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -11,6 +14,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -112,4 +116,67 @@ func TestAFailureNamesTheURLTheStatusAndTheBodyButNoKey(t *testing.T) {
 	assert.NotContains(t, msg, "PRIVATE KEY")
 	assert.NotContains(t, msg, strings.Split(string(key), "\n")[1], "not a line of the key")
 	assert.Less(t, len(msg), 1000, "an excerpt, not the whole body: %s", msg)
+}
+
+// cannedAnswer answers every request with one status and body, without a
+// network: the fuzzer reaches the decoding as fast as it can.
+type cannedAnswer struct {
+	status int
+	body   []byte
+}
+
+func (c cannedAnswer) RoundTrip(req *http.Request) (*http.Response, error) {
+	return &http.Response{StatusCode: c.status, Header: http.Header{"Location": {"http://elsewhere.example/x"}},
+		Body: io.NopCloser(bytes.NewReader(c.body)), Request: req}, nil
+}
+
+func FuzzServerAnswers(f *testing.F) {
+	key, err := GenerateKey()
+	require.NoError(f, err)
+	for _, seed := range []struct {
+		status int
+		body   string
+	}{
+		{201, `{"uri": "https://chef.example.com/clients/web01"}`},
+		{201, `{"uri": ""}`},
+		{201, `<html>created</html>`},
+		{200, ``},
+		{200, `{"public_key": 7}`},
+		{500, `{"error": ["solver busy"]}`},
+		{502, "<html>upstream down</html>\n" + string(key)},
+		{401, `{"error": "Failed to authenticate"}`},
+		{307, ``},
+		{409, `{"error": ["Client already exists"]}` + strings.Repeat(" ", 300)},
+	} {
+		f.Add(seed.status, []byte(seed.body))
+	}
+	keyLine := strings.Split(string(key), "\n")[1]
+	a, err := newAPI(ServerOptions{URL: "https://chef.example.com/organizations/acme", AuthProtocol: "1.3"}, "web01", key)
+	require.NoError(f, err)
+	f.Fuzz(func(t *testing.T, status int, body []byte) {
+		if status < 100 || status > 999 {
+			return
+		}
+		a.http.Transport = cannedAnswer{status, body}
+		var created struct {
+			URI string `json:"uri"`
+		}
+		_, err = a.doHeader(context.Background(), http.MethodPost, "clients", map[string]string{"name": "web01"}, &created)
+		if err == nil {
+			require.True(t, status >= 200 && status < 300, "only a 2xx succeeds, not %d", status)
+			require.True(t, json.Valid(body), "a success answered JSON")
+			return
+		}
+		var e *APIError
+		require.ErrorAs(t, err, &e)
+		require.Equal(t, status, e.Status)
+		msg := err.Error()
+		require.True(t, utf8.ValidString(msg), "the error is text")
+		require.NotContains(t, msg, "\n", "the error is one line")
+		require.Less(t, len(msg), 1200, "an excerpt, not the answer")
+		if !strings.Contains(string(body), keyLine[:20]) {
+			return
+		}
+		require.NotContains(t, msg, keyLine[:20], "a key the server echoed is not quoted")
+	})
 }

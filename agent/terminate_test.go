@@ -134,7 +134,7 @@ func TestDeregistrationGivesUpAtTheDeadlineAndSaysWhatIsLeft(t *testing.T) {
 	assert.Equal(t, 1, StatusCode(st))
 	assert.Equal(t, []string{"node web01", "client web01"}, st.Deregistration.LeftBehind)
 	assert.Contains(t, st.Error, "the deadline (")
-	assert.Contains(t, st.Error, ") left no time to ask the Chef server again: delete node \"web01\": DELETE /nodes/web01: HTTP 502")
+	assert.Contains(t, st.Error, ") left no time to ask the Chef server again: delete node \"web01\": DELETE "+s.chef.URL+"/nodes/web01: HTTP 502")
 	assert.Contains(t, st.Status, "left on the Chef server: node web01, client web01")
 	fix := s.lines("deregistration incomplete: remove what is left by hand")[0].ContextMap()["fix"]
 	assert.Equal(t, "knife node delete web01 -y; knife client delete web01 -y", fix)

@@ -276,7 +276,7 @@ func decodeAnswer(data []byte, out any) error {
 		return fmt.Errorf("the answer is not JSON: %s", excerpt(data))
 	}
 	if err := json.Unmarshal(data, out); err != nil {
-		return fmt.Errorf("the answer is not JSON of the shape expected (%v): %s", err, excerpt(data))
+		return fmt.Errorf("the answer is not JSON of the shape expected (%w): %s", err, excerpt(data))
 	}
 	return nil
 }

@@ -245,13 +245,18 @@ func TestApplyUserDataRefusesBadInput(t *testing.T) {
 		{"MIME nested too deep", nestedMIME(6), "nest deeper than 4 levels"},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			_, _, err := ApplyUserData(Default(), tt.data)
-			require.Error(t, err)
-			assert.ErrorIs(t, err, ErrInvalid)
-			assert.Contains(t, err.Error(), tt.want)
-		})
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, tt.data, tt.want) })
 	}
+}
+
+// assertRefused checks that data is refused as invalid user-data, with an
+// error that says want.
+func assertRefused(t *testing.T, data []byte, want string) {
+	t.Helper()
+	_, _, err := ApplyUserData(Default(), data)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, ErrInvalid)
+	assert.Contains(t, err.Error(), want)
 }
 
 const yamlBomb = `a: &a ["x","x","x","x","x","x","x","x","x"]
@@ -354,12 +359,7 @@ func TestApplyUserDataRefusesAKeyGivenTwice(t *testing.T) {
 		{"in a MIME part", "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/x-bootagent\n\n{\"domain\": \"a\", \"domain\": \"b\"}\n--b--\n", "user-data part 1 (JSON) line 1 key domain: given twice"},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			_, _, err := ApplyUserData(Default(), []byte(tt.data))
-			require.Error(t, err)
-			assert.ErrorIs(t, err, ErrInvalid)
-			assert.Contains(t, err.Error(), tt.want)
-		})
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(tt.data), tt.want) })
 	}
 }
 
@@ -424,12 +424,7 @@ func TestApplyUserDataRefusesNumbersThatAreNotFinite(t *testing.T) {
 		{"YAML in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    initial_attributes:\n      big: 1e999\n", "user-data #cloud-config bootagent block line 5 key chef.initial_attributes.big: 1e999 is not a finite number"},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			_, _, err := ApplyUserData(Default(), []byte(tt.data))
-			require.Error(t, err)
-			assert.ErrorIs(t, err, ErrInvalid)
-			assert.Contains(t, err.Error(), tt.want)
-		})
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(tt.data), tt.want) })
 	}
 	t.Run("quoted, it is text", func(t *testing.T) {
 		cfg, _, err := ApplyUserData(Default(), []byte("#cloud-config\nchef:\n  initial_attributes:\n    big: '1e999'\n    small: 1e-999\n"))

@@ -414,7 +414,7 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 	// The top level and the chef block are resolved one level at a
 	// time: the values bootagent does not read are cloud-init's, and
 	// are not expanded.
-	r := new(resolver)
+	r := &resolver{reads: readsCloudConfigKey}
 	top, err := r.pairs(root, "")
 	if err != nil {
 		return placeError(where, where, err)
@@ -467,7 +467,7 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 		case "bootagent":
 			bootagent = v
 		default:
-			others = append(others, k.Value)
+			others = appendUnique(others, k.Value)
 		}
 	}
 	if len(others) > 0 {
@@ -482,6 +482,22 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 		return d.applyBootagentBlock(bootagent, where+" bootagent block")
 	}
 	return nil
+}
+
+// readsCloudConfigKey reports whether bootagent reads the #cloud-config key
+// at path (dotted, as "chef.run_list"), or something inside one it reads.
+func readsCloudConfigKey(path string) bool {
+	top, rest, _ := strings.Cut(path, ".")
+	switch top {
+	case "hostname", "fqdn", "prefer_fqdn_over_hostname", "preserve_hostname", "manage_etc_hosts", "bootagent":
+		return true
+	case "chef":
+		key, _, _ := strings.Cut(rest, ".")
+		_, ok := cloudChefKeys[key]
+		return rest == "" || ok
+	default:
+		return false
+	}
 }
 
 func cloudChef(r *resolver, n *yaml.Node, where string) ([]assignment, []string, error) {
@@ -501,7 +517,7 @@ func cloudChef(r *resolver, n *yaml.Node, where string) ([]assignment, []string,
 		src := fmt.Sprintf("%s line %d key chef.%s", where, k.Line, k.Value)
 		spec, ok := cloudChefKeys[k.Value]
 		if !ok {
-			ignored = append(ignored, k.Value)
+			ignored = appendUnique(ignored, k.Value)
 			continue
 		}
 		val, err := cloudChefValue(k.Value, v, spec.kind)

@@ -432,3 +432,12 @@ func TestApplyUserDataRefusesNumbersThatAreNotFinite(t *testing.T) {
 		assert.Equal(t, "1e999", cfg.Chef.InitialAttributes["big"])
 	})
 }
+
+func TestApplyUserDataLeavesCloudInitsOwnKeysGivenTwiceToIt(t *testing.T) {
+	data := "#cloud-config\nhostname: web01\nruncmd: [a]\nruncmd: [b]\nchef:\n  omnibus_url: x\n  omnibus_url: y\nbase: &base {packages: [p]}\nother:\n  <<: *base\n  <<: {q: 1}\n"
+	cfg, info, err := ApplyUserData(Default(), []byte(data))
+	require.NoError(t, err, "cloud-init takes the last of its own keys, and so may bootagent")
+	assert.Equal(t, "web01", cfg.Hostname.Name)
+	assert.Contains(t, info.Ignored, "user-data #cloud-config: keys left to cloud-init: runcmd, base, other")
+	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: omnibus_url")
+}

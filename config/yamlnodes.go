@@ -56,10 +56,14 @@ const maxBlockNodes = 10000
 // (<<) copies in the keys of a mapping, or of a list of mappings, that the
 // mapping does not give itself, earlier mappings of a list winning over
 // later ones (YAML 1.1's merge type). It is stricter than both in two
-// ways: a key given twice in one mapping is an error, not the last one
-// winning, and so is a number that is not finite.
+// ways: a key bootagent reads given twice in one mapping is an error, not
+// the last one winning, and so is a number that is not finite.
 type resolver struct {
 	nodes int
+	// reads, when set, says whether bootagent reads the key at a path;
+	// one it does not read may be given twice, as PyYAML (and so
+	// cloud-init, whose key it is) lets the last one win.
+	reads func(path string) bool
 }
 
 func (r *resolver) count(n int) error {
@@ -94,7 +98,7 @@ func (r *resolver) pairs(m *yaml.Node, path string) ([]*yaml.Node, error) {
 	)
 	for i := 0; i+1 < len(m.Content); i += 2 {
 		k, v := m.Content[i], m.Content[i+1]
-		if k.Kind == yaml.ScalarNode {
+		if k.Kind == yaml.ScalarNode && !isMergeKey(k) && (r.reads == nil || r.reads(childPath(path, k.Value))) {
 			if line, dup := first[k.Value]; dup {
 				return nil, givenTwice(childPath(path, k.Value), k.Line, line)
 			}

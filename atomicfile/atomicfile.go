@@ -34,8 +34,10 @@ const dirPerm = 0o755
 
 // WriteFile replaces the file name under root with data: it writes a
 // temporary file in the same directory, syncs it, renames it over the file
-// and syncs the directory. An existing file keeps its mode and owner; a new
-// one gets perm, and the directories missing above it are made. On error
+// and syncs the directory. An existing file keeps its mode and owner,
+// unless perm lets only the owner in (a secret): then it gets perm and the
+// writer as owner. A new one gets perm, and the directories missing above
+// it are made. On error
 // the temporary file is removed and the file is untouched.
 //
 // A file that is a mount point (a bind-mounted /etc/hosts in a container)
@@ -58,6 +60,13 @@ func write(r *os.Root, rel string, data []byte, perm fs.FileMode) (bool, error) 
 	case err == nil:
 		if !fi.Mode().IsRegular() {
 			return false, errors.New("not a regular file")
+		}
+		if perm&0o077 == 0 {
+			// A secret (a key) keeps the mode asked for and gets the
+			// writer as owner, whatever the file it replaces had: a
+			// damaged key left 0644, or owned by a user, must not make
+			// the new one readable by others.
+			break
 		}
 		mode = fi.Mode().Perm()
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {

@@ -48,11 +48,27 @@ func TestWriteFileKeepsTheModeOfAnExistingFile(t *testing.T) {
 	require.NoError(t, os.WriteFile(path, []byte("old"), 0o640))
 	require.NoError(t, os.Chmod(path, 0o640))
 
-	mustWrite(t, root, "hosts", []byte("new"), 0o600)
+	mustWrite(t, root, "hosts", []byte("new"), 0o644)
 
 	fi, err := os.Stat(path)
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o640), fi.Mode().Perm(), "mode of the replaced file")
+}
+
+func TestASecretNeverInheritsALooserModeOrAnotherOwner(t *testing.T) {
+	root := t.TempDir()
+	path := filepath.Join(root, "client.pem")
+	require.NoError(t, os.WriteFile(path, []byte("damaged"), 0o644))
+	require.NoError(t, os.Chmod(path, 0o644))
+	require.NoError(t, os.Chown(path, 1000, 1000))
+
+	mustWrite(t, root, "client.pem", []byte("new key"), 0o600)
+
+	fi, err := os.Stat(path)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "a key is for its owner only")
+	st := fi.Sys().(*syscall.Stat_t)
+	assert.Equal(t, uint32(os.Getuid()), st.Uid, "owned by the agent, not by whoever owned the damaged file")
 }
 
 func TestWriteFileLeavesNothingBehindOnFailure(t *testing.T) {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strings"
 	"time"
 
@@ -142,7 +141,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 
 	if p.chef != nil {
 		b.lifecycle, b.lifecycleErr = md.LifecycleState(ctx)
-		_, err := os.Stat(e.path(cfg.Chef.ClientKey))
+		_, err := atomicfile.Stat(e.root, cfg.Chef.ClientKey)
 		b.keyPresent = err == nil
 	}
 	return b, nil

@@ -193,7 +193,7 @@ func checkChefServer(ctx context.Context, root string, cfg config.Config, st Sta
 	clock := Finding{Name: "clock skew"}
 	key := Finding{Name: "client key"}
 	r := registrar(cfg, root, zap.NewNop(), backoff.RealClock{}, registerRetry)
-	p, err := r.ProbeServer(ctx, st.NodeName, filepath.Join(root, cfg.Chef.ClientKey))
+	p, err := r.ProbeServer(ctx, st.NodeName, cfg.Chef.ClientKey)
 	if err != nil {
 		server.Result, server.Detail = DiagFail, fmt.Sprintf("%s: %v", cfg.Chef.ServerURL, err)
 		server.Fix = "check chef.server_url, the network path to it, and chef.trusted_certs for its certificate"

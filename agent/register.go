@@ -130,10 +130,7 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 // registrar talks to the Chef server cfg names, for the agent under root.
 func registrar(cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy) *chef.Registrar {
 	ch := cfg.Chef
-	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify}
-	if ch.TrustedCerts != "" {
-		server.CAFile = filepath.Join(root, ch.TrustedCerts)
-	}
+	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify, CAFile: ch.TrustedCerts, Root: root}
 	return &chef.Registrar{Server: server, Log: log, Backoff: policy, Budget: ch.RequestBudget.D(), Clock: clock}
 }
 
@@ -170,7 +167,6 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	r.Stop = stop
 	reg, err := r.Register(ctx, chef.Registration{
 		NodeName:      p.nodeName,
-		Root:          e.root,
 		ClientKeyPath: ch.ClientKey,
 		ValidatorName: ch.ValidationClientName,
 		ValidatorKey:  validator,

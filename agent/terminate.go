@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -137,11 +136,10 @@ func logDeregistration(log *zap.Logger, m *metrics.Metrics, name string, rec Der
 // deregister removes the node and client l names from the Chef server cfg
 // names, for the agent under root, retrying until deadline: the deletions
 // of a termination (the machine's worker) and of `bootagent deregister`.
-// l.KeyPath is taken under root.
+// l.KeyPath is taken inside root.
 func deregister(ctx context.Context, cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy, l chef.Leaving, deadline time.Time) (chef.Deregistered, error) {
 	r := registrar(cfg, root, log.With(zap.String("node_name", l.Name)), clock, policy)
 	r.Deadline = deadline
-	l.KeyPath = filepath.Join(root, l.KeyPath)
 	return r.Deregister(ctx, l)
 }
 

@@ -11,13 +11,14 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	gochef "github.com/go-chef/chef"
+
+	"github.com/bootagent/bootagent/atomicfile"
 )
 
 // ServerOptions say how to reach the Chef server.
@@ -28,11 +29,23 @@ type ServerOptions struct {
 	AuthProtocol string
 	// SSLVerify checks the server's certificate; off only for labs.
 	SSLVerify bool
-	// CAFile, when set, is a PEM bundle trusted besides the system's CAs;
-	// the path is read as given (already under the agent's root).
+	// CAFile, when set, is a PEM bundle trusted besides the system's CAs,
+	// inside Root.
 	CAFile string
+	// Root is the agent's root directory ("/" when empty): the CA bundle
+	// and the keys the registrar reads are taken inside it, as every file
+	// the agent writes is.
+	Root string
 	// Timeout bounds one request.
 	Timeout time.Duration
+}
+
+// root is Root, "/" when empty.
+func (o ServerOptions) root() string {
+	if o.Root == "" {
+		return "/"
+	}
+	return o.Root
 }
 
 // requestTimeout bounds one attempt at a request to the Chef server:
@@ -91,7 +104,7 @@ func newHTTPClient(o ServerOptions) (*http.Client, error) {
 		if err != nil {
 			pool = x509.NewCertPool()
 		}
-		pemData, err := os.ReadFile(o.CAFile)
+		pemData, err := atomicfile.ReadFile(o.root(), o.CAFile)
 		if err != nil {
 			return nil, fmt.Errorf("read chef.trusted_certs: %w", err)
 		}

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
-	"os"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/backoff"
 )
 
@@ -73,7 +73,7 @@ type Leaving struct {
 // 429) is retried until r.Deadline, after at least one attempt of each
 // deletion however late it is.
 func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered, err error) {
-	key, err := os.ReadFile(l.KeyPath)
+	key, err := atomicfile.ReadFile(r.Server.root(), l.KeyPath)
 	if errors.Is(err, fs.ErrNotExist) && !l.Confirmed {
 		// The key is written before the first request of a registration:
 		// without it, nothing reached the server.

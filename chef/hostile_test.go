@@ -10,6 +10,8 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -179,4 +181,32 @@ func FuzzServerAnswers(f *testing.F) {
 		}
 		require.NotContains(t, msg, keyLine[:20], "a key the server echoed is not quoted")
 	})
+}
+
+func TestTheKeysAreReadInsideTheRoot(t *testing.T) {
+	g := testenv.StartGoiardi(t)
+	root := t.TempDir()
+	reg := registration(t, g, "web01")
+	reg.ClientKeyPath = "/etc/chef/client.pem"
+	// client.pem is a link whose absolute target is taken inside the root;
+	// the same path outside it holds a key the server never saw.
+	outside := filepath.Join(t.TempDir(), "machine-key.pem")
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef"), 0o755))
+	require.NoError(t, os.Symlink(outside, filepath.Join(root, "etc/chef/client.pem")))
+	stranger, err := GenerateKey()
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(outside, stranger, 0o600))
+	r := newRegistrar(t, g.URL, testenv.NewInstantClock())
+	r.Server.Root = root
+	_, err = r.Register(context.Background(), reg)
+	require.NoError(t, err)
+	assert.FileExists(t, filepath.Join(root, outside), "the key was written inside the root")
+
+	p, err := r.ProbeServer(context.Background(), "web01", reg.ClientKeyPath)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, p.KeyStatus, "the probe signs with the key inside the root")
+	out, err := r.Deregister(context.Background(), Leaving{Name: "web01", KeyPath: reg.ClientKeyPath, Confirmed: true})
+	require.NoError(t, err, "the deletions are signed with the key the registration made")
+	assert.True(t, out.NodeDeleted && out.ClientDeleted)
+	assert.Empty(t, g.Clients(t)["web01"])
 }

@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"os"
 	"time"
+
+	"github.com/bootagent/bootagent/atomicfile"
 )
 
 // MaxClockSkew is how far the Chef server lets a request's signed
@@ -32,7 +34,7 @@ type Probe struct {
 func (r *Registrar) ProbeServer(ctx context.Context, name, keyPath string) (Probe, error) {
 	var p Probe
 	start := time.Now()
-	key, err := os.ReadFile(keyPath)
+	key, err := atomicfile.ReadFile(r.Server.root(), keyPath)
 	var header http.Header
 	switch {
 	case err == nil:

@@ -29,10 +29,8 @@ var ErrStopped = errors.New("stopped before the next Chef server request")
 // Registration is what registering one node needs.
 type Registration struct {
 	NodeName string
-	// Root is the agent's root directory, "/" when empty.
-	Root string
 	// ClientKeyPath is where the node's private key is written, inside
-	// Root.
+	// the server options' Root.
 	ClientKeyPath string
 	ValidatorName string
 	// ValidatorKey is the validator's private key; it may be nil when the
@@ -104,7 +102,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	if newKey == nil {
 		newKey = GenerateKey
 	}
-	keyPEM, reused, err := ensureKey(reg.Root, reg.ClientKeyPath, newKey)
+	keyPEM, reused, err := ensureKey(r.Server.root(), reg.ClientKeyPath, newKey)
 	if err != nil {
 		return out, err
 	}
@@ -282,9 +280,6 @@ func (r *Registrar) stopped() bool {
 // registration wrote; it is reused, so that a client created with it is
 // recognised.
 func ensureKey(root, path string, newKey func() ([]byte, error)) ([]byte, bool, error) {
-	if root == "" {
-		root = "/"
-	}
 	data, err := atomicfile.ReadFile(root, path)
 	switch {
 	case err == nil:

@@ -102,7 +102,7 @@ func TestRegisterFinishesAnInterruptedRegistration(t *testing.T) {
 	t.Run("crash after the key was written, before the client was created", func(t *testing.T) {
 		g := testenv.StartGoiardi(t)
 		reg := registration(t, g, "web01")
-		_, _, err := ensureKey(reg.Root, reg.ClientKeyPath, GenerateKey)
+		_, _, err := ensureKey("/", reg.ClientKeyPath, GenerateKey)
 		require.NoError(t, err)
 
 		got, err := newRegistrar(t, g.URL, testenv.NewInstantClock()).Register(context.Background(), reg)
@@ -113,7 +113,7 @@ func TestRegisterFinishesAnInterruptedRegistration(t *testing.T) {
 	t.Run("crash after the client was created, before the node was", func(t *testing.T) {
 		g := testenv.StartGoiardi(t)
 		reg := registration(t, g, "web01")
-		keyPEM, _, err := ensureKey(reg.Root, reg.ClientKeyPath, GenerateKey)
+		keyPEM, _, err := ensureKey("/", reg.ClientKeyPath, GenerateKey)
 		require.NoError(t, err)
 		key, err := ParseKey(keyPEM)
 		require.NoError(t, err)

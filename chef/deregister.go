@@ -92,8 +92,9 @@ func (r *Registrar) Deregister(ctx context.Context, l Leaving) (out Deregistered
 	// keyWorked is true once the server accepted the key: a 401 after that
 	// means the client is gone, not that the key is wrong.
 	keyWorked := l.NodeGone || l.Resumed
+	pass := r.pass()
 	del := func(kind, path string) error {
-		return r.retry(ctx, &reg, func(ctx context.Context) error {
+		return r.retry(ctx, &reg, pass, func(ctx context.Context) error {
 			err := node.do(ctx, http.MethodDelete, path, nil, nil)
 			switch StatusOf(err) {
 			case 0:

@@ -210,3 +210,38 @@ func TestTheKeysAreReadInsideTheRoot(t *testing.T) {
 	assert.True(t, out.NodeDeleted && out.ClientDeleted)
 	assert.Empty(t, g.Clients(t)["web01"])
 }
+
+func TestTheRequestsOfARegistrationShareOneBudget(t *testing.T) {
+	g := testenv.StartGoiardi(t)
+	u, err := url.Parse(g.URL)
+	require.NoError(t, err)
+	rp := httputil.NewSingleHostReverseProxy(u)
+	var clientPosts atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.Method + " " + r.URL.Path {
+		case "POST /clients":
+			if clientPosts.Add(1) <= 5 { // the client is made after five refusals
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
+		case "POST /nodes":
+			w.WriteHeader(http.StatusServiceUnavailable) // the node never is
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	clock := testenv.NewInstantClock()
+	r := newRegistrar(t, srv.URL, clock)
+	r.Budget = time.Minute
+
+	_, err = r.Register(context.Background(), registration(t, g, "web01"))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "POST "+srv.URL+"/nodes: HTTP 503")
+	assert.Contains(t, err.Error(), "(gave up within chef.request_budget, 1m0s)")
+	var waited time.Duration
+	for _, w := range clock.Waits() {
+		waited += w
+	}
+	assert.LessOrEqual(t, waited, time.Minute-5*time.Second, "the client's retries and the node's together stay in the budget, and the last attempt has time")
+}

@@ -69,9 +69,10 @@ type Registrar struct {
 	Log    *zap.Logger
 	// Backoff shapes retries of requests that can succeed on retry.
 	Backoff backoff.Policy
-	// Budget bounds the time one request is tried for, its retries and
-	// their waits included; 0 is DefaultBudget. A server that takes the
-	// connection and never answers ends the request at the budget too.
+	// Budget bounds the time the requests of one Register are tried for,
+	// their retries and waits included; 0 is DefaultBudget. A server that
+	// takes the connection and never answers is given up on at the budget
+	// too.
 	Budget time.Duration
 	// Deadline, when set, bounds the retries instead: a request is tried
 	// at least once, however late, and again only while a retry can start
@@ -98,6 +99,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	if err := ValidateNodeName(reg.NodeName); err != nil {
 		return out, err
 	}
+	pass := r.pass()
 	newKey := r.NewKey
 	if newKey == nil {
 		newKey = GenerateKey
@@ -123,7 +125,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 		// A pass after a successful one finds the client with our key, and
 		// the validator may be gone already: no need for it.
 		var owned bool
-		err := r.retry(ctx, &out, func(ctx context.Context) error {
+		err := r.retry(ctx, &out, pass, func(ctx context.Context) error {
 			var err error
 			owned, err = ownsClient(ctx, node, reg.NodeName, pub)
 			return err
@@ -132,7 +134,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 			return out, fmt.Errorf("register client %q: %w", reg.NodeName, err)
 		}
 		if owned {
-			return r.finishNode(ctx, node, reg, out)
+			return r.finishNode(ctx, node, reg, pass, out)
 		}
 	}
 	if len(reg.ValidatorKey) == 0 {
@@ -144,7 +146,7 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 		return out, fmt.Errorf("validator key %s: %w", reg.ValidatorPath, err)
 	}
 
-	err = r.retry(ctx, &out, func(ctx context.Context) error {
+	err = r.retry(ctx, &out, pass, func(ctx context.Context) error {
 		var created struct {
 			URI string `json:"uri"`
 		}
@@ -176,12 +178,12 @@ func (r *Registrar) Register(ctx context.Context, reg Registration) (Registered,
 	if r.stopped() {
 		return out, fmt.Errorf("register client %q: the client is created, the node is not: %w", reg.NodeName, ErrStopped)
 	}
-	return r.finishNode(ctx, node, reg, out)
+	return r.finishNode(ctx, node, reg, pass, out)
 }
 
 // finishNode creates or updates the node as the node's own client.
-func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration, out Registered) (Registered, error) {
-	err := r.retry(ctx, &out, func(ctx context.Context) error {
+func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration, pass span, out Registered) (Registered, error) {
+	err := r.retry(ctx, &out, pass, func(ctx context.Context) error {
 		created, err := saveNode(ctx, node, reg.NodeName, reg.Node)
 		out.NodeCreated = out.NodeCreated || created
 		return err
@@ -193,15 +195,41 @@ func (r *Registrar) finishNode(ctx context.Context, node *api, reg Registration,
 	return out, nil
 }
 
-// DefaultBudget is how long one request to the Chef server is tried for
+// DefaultBudget is how long the requests of one registration are tried for
 // when the registrar names no budget: long enough to ride out a server
 // restart, short enough that a first boot fails well inside the unit's
 // TimeoutStartSec, and says why.
 const DefaultBudget = 5 * time.Minute
 
+// minAttempt is the least time a retry is started with: one started as the
+// budget runs out would end in "no answer in time" and hide the reason the
+// attempts before it failed.
+const minAttempt = 5 * time.Second
+
+// span is the time the requests of one pass (a registration, a
+// deregistration) share: until end, which is the budget from the pass's
+// start, or the deadline.
+type span struct {
+	end      time.Time
+	budgeted bool
+	budget   time.Duration
+}
+
+// pass is the span of a pass starting now.
+func (r *Registrar) pass() span {
+	if !r.Deadline.IsZero() {
+		return span{end: r.Deadline}
+	}
+	budget := r.Budget
+	if budget <= 0 {
+		budget = DefaultBudget
+	}
+	return span{end: r.Clock.Now().Add(budget), budgeted: true, budget: budget}
+}
+
 // retry runs op with the registrar's backoff, retrying only what can
-// succeed on retry, within the budget or until the deadline.
-func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.Context) error) error {
+// succeed on retry, within the pass's span.
+func (r *Registrar) retry(ctx context.Context, out *Registered, s span, op func(context.Context) error) error {
 	b := backoff.New(r.Backoff, r.Clock)
 	// The waits between attempts end when Stop closes; the requests
 	// themselves keep ctx.
@@ -216,24 +244,16 @@ func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.
 			}
 		}()
 	}
-	budget := r.Budget
-	if budget <= 0 {
-		budget = DefaultBudget
-	}
-	end, budgeted := r.Deadline, r.Deadline.IsZero()
-	if budgeted {
-		end = r.Clock.Now().Add(budget)
-	}
 	attempt := func(context.Context) error {
 		if r.stopped() {
 			return backoff.Permanent(ErrStopped)
 		}
 		actx := ctx
-		if budgeted {
+		if s.budgeted {
 			// The last attempt ends with the budget, however long the
 			// server keeps it waiting.
 			var cancel context.CancelFunc
-			actx, cancel = context.WithTimeout(ctx, end.Sub(r.Clock.Now()))
+			actx, cancel = context.WithTimeout(ctx, s.end.Sub(r.Clock.Now()))
 			defer cancel()
 		}
 		err := op(actx)
@@ -247,13 +267,17 @@ func (r *Registrar) retry(ctx context.Context, out *Registered, op func(context.
 		out.Retries++
 		r.Log.Warn("Chef server request failed; retrying", zap.Error(err), zap.Duration("retry_in", delay))
 	}
-	err := b.RetryUntil(waitCtx, end, attempt, onRetry)
+	retryBy := s.end
+	if s.budgeted {
+		retryBy = s.end.Add(-minAttempt)
+	}
+	err := b.RetryUntil(waitCtx, retryBy, attempt, onRetry)
 	switch {
 	case err != nil && r.stopped() && !errors.Is(err, ErrStopped):
 		err = fmt.Errorf("%w: %w", ErrStopped, err)
-	case budgeted && retryable(err) && ctx.Err() == nil:
+	case s.budgeted && retryable(err) && ctx.Err() == nil:
 		// What could pass did not pass within the budget.
-		err = fmt.Errorf("%w (tried for %s: chef.request_budget)", err, budget)
+		err = fmt.Errorf("%w (gave up within chef.request_budget, %s)", err, s.budget)
 	}
 	return err
 }

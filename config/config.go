@@ -113,8 +113,8 @@ type Chef struct {
 	Interval             Duration `yaml:"interval" json:"interval"`
 	Splay                Duration `yaml:"splay" json:"splay"`
 	RunTimeout           Duration `yaml:"run_timeout" json:"run_timeout"`
-	// RequestBudget is how long one request to the Chef server is tried
-	// for, retries included, before the pass fails.
+	// RequestBudget is how long the Chef server requests of one
+	// registration are tried for, retries included, before the pass fails.
 	RequestBudget Duration `yaml:"request_budget" json:"request_budget"`
 	SSLVerify     bool     `yaml:"ssl_verify" json:"ssl_verify"`
 	TrustedCerts  string   `yaml:"trusted_certs" json:"trusted_certs"`
@@ -131,8 +131,8 @@ type Chef struct {
 	ValidationCert string `yaml:"-" json:"-"`
 }
 
-// maxRequestBudget keeps a registration that fails its first request
-// inside the unit's TimeoutStartSec=15min, with room for the wait for IMDS:
+// maxRequestBudget keeps a registration that fails inside the unit's
+// TimeoutStartSec=15min, with room for the wait for IMDS:
 // the pass fails, and says why, before systemd gives up on the start.
 const maxRequestBudget = 10 * time.Minute
 

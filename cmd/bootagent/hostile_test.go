@@ -84,7 +84,7 @@ func TestOnceGivesUpOnASilentChefServerAtItsBudget(t *testing.T) {
 	code, _, stderr := bootagentWithin(t, time.Minute, "once", "--config", cfg, "--root", root)
 	assert.Equal(t, 1, code, stderr)
 	assert.Contains(t, stderr, "POST "+server+"/clients: no answer in time")
-	assert.Contains(t, stderr, "(tried for 2s: chef.request_budget)")
+	assert.Contains(t, stderr, "(gave up within chef.request_budget, 2s)")
 }
 
 func TestOversizedUserDataIsInvalidInputAndSaysItsSize(t *testing.T) {

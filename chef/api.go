@@ -15,10 +15,12 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	gochef "github.com/go-chef/chef"
 
 	"github.com/bootagent/bootagent/atomicfile"
+	"github.com/bootagent/bootagent/backoff"
 )
 
 // ServerOptions say how to reach the Chef server.
@@ -227,12 +229,13 @@ func (a *api) doHeader(ctx context.Context, method, path string, body, out any) 
 		return nil, fmt.Errorf("%s %s: sign request: %w", method, a.url(path), err)
 	}
 	e := &APIError{Method: method, URL: req.URL.Redacted()}
-	res, err := a.http.Do(req.WithContext(ctx))
+	// The transport, not the client: the client would follow a redirect,
+	// or quote a Location it cannot parse whole in its error. The
+	// client's timeout bounds the answer's body as well as its headers.
+	ctx, cancel := context.WithTimeout(ctx, a.http.Timeout)
+	defer cancel()
+	res, err := a.http.Transport.RoundTrip(req.WithContext(ctx))
 	if err != nil {
-		var uerr *url.Error
-		if errors.As(err, &uerr) {
-			err = uerr.Err // e names the method and URL already
-		}
 		if errors.Is(err, context.DeadlineExceeded) {
 			err = fmt.Errorf("no answer in time (%w)", err)
 		}
@@ -243,6 +246,15 @@ func (a *api) doHeader(ctx context.Context, method, path string, body, out any) 
 	e.Status = res.StatusCode
 	data, err := io.ReadAll(io.LimitReader(res.Body, maxAnswer+1))
 	switch {
+	case res.StatusCode >= 300 && res.StatusCode < 400:
+		e.Err = fmt.Errorf("the server redirected to %s; bootagent follows no redirect from the Chef server, whose API needs none: set chef.server_url to the URL it answers at", location(res))
+		return res.Header, e
+	case res.StatusCode < 200 || res.StatusCode >= 300:
+		// A failure's answer is only quoted: what was read of it is
+		// enough, whatever its size, and the status keeps its meaning.
+		e.Message = serverMessage(res, data)
+		e.retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), time.Now())
+		return res.Header, e
 	case len(data) > maxAnswer:
 		e.Err = ErrAnswerTooLarge
 		return res.Header, e
@@ -250,24 +262,21 @@ func (a *api) doHeader(ctx context.Context, method, path string, body, out any) 
 		e.Err, e.unusable = fmt.Errorf("the answer broke off: %w", err), true
 		return res.Header, e
 	}
-	switch {
-	case res.StatusCode >= 300 && res.StatusCode < 400:
-		where := res.Header.Get("Location")
-		if loc, err := res.Location(); err == nil {
-			where = loc.Redacted()
-		}
-		e.Err = fmt.Errorf("the server redirected to %s; bootagent follows no redirect from the Chef server, whose API needs none: set chef.server_url to the URL it answers at", where)
-		return res.Header, e
-	case res.StatusCode < 200 || res.StatusCode >= 300:
-		e.Message = serverMessage(res, data)
-		e.retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), time.Now())
-		return res.Header, e
-	}
 	if err := decodeAnswer(data, out); err != nil {
 		e.Err, e.unusable = err, true
 		return res.Header, e
 	}
 	return res.Header, nil
+}
+
+// location is where a redirect points, for its error: without a password,
+// and short.
+func location(res *http.Response) string {
+	loc, err := res.Location()
+	if err != nil {
+		return "a Location that is not a URL"
+	}
+	return excerpt([]byte(loc.Redacted()))
 }
 
 // url is the URL of a request to path, for errors.
@@ -305,15 +314,36 @@ func serverMessage(res *http.Response, data []byte) string {
 	return excerpt(data)
 }
 
-// pemBlock matches a PEM block, or the start of one cut off.
-var pemBlock = regexp.MustCompile(`(?s)-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)`)
+// pemBlock matches a PEM block in any case and dash count, or the start of
+// one cut off; base64Run a run of base64 as long as a line of a key.
+var (
+	pemBlock  = regexp.MustCompile(`(?is)-{3,}\s*BEGIN[^\n]*?-{3,}.*?(-{3,}\s*END[^\n]*?-{3,}|$)`)
+	base64Run = regexp.MustCompile(`[A-Za-z0-9+/]{48,}={0,2}`)
+)
 
-// excerpt quotes the start of an answer in an error: one line, at most
-// excerptLen characters, with any PEM block (a key a broken server might
-// echo) left out.
+// excerpt quotes the start of an answer in an error: one line of printable
+// text (a terminal escape is shown, not acted on), at most excerptLen
+// characters, with anything that may be a key (a PEM block, a line of
+// base64 in mixed case) left out: a broken server might echo one.
 func excerpt(data []byte) string {
 	s := pemBlock.ReplaceAllString(strings.ToValidUTF8(string(data), "?"), "[PEM block left out]")
+	s = base64Run.ReplaceAllStringFunc(s, func(run string) string {
+		if strings.ToLower(run) == run || strings.ToUpper(run) == run {
+			return run // a hex digest, a word: no key
+		}
+		return "[base64 left out]"
+	})
 	s = strings.Join(strings.Fields(s), " ")
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+			continue
+		}
+		q := strconv.QuoteRune(r)
+		b.WriteString(q[1 : len(q)-1])
+	}
+	s = b.String()
 	if r := []rune(s); len(r) > excerptLen {
 		s = string(r[:excerptLen]) + "..."
 	}
@@ -326,7 +356,7 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		return 0
 	}
 	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && secs > 0 {
-		return time.Duration(secs) * time.Second
+		return time.Duration(min(secs, int(backoff.MaxRetryAfter/time.Second))) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
 		return t.Sub(now)

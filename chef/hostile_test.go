@@ -16,11 +16,13 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/bootagent/bootagent/backoff"
 	"github.com/bootagent/bootagent/internal/testenv"
 )
 
@@ -244,4 +246,87 @@ func TestTheRequestsOfARegistrationShareOneBudget(t *testing.T) {
 		waited += w
 	}
 	assert.LessOrEqual(t, waited, time.Minute-5*time.Second, "the client's retries and the node's together stay in the budget, and the last attempt has time")
+}
+
+func TestAnExcerptIsOneLineOfPlainTextWithoutKeys(t *testing.T) {
+	key, err := GenerateKey()
+	require.NoError(t, err)
+	line := strings.Split(string(key), "\n")[1]
+	for name, body := range map[string]string{
+		"terminal escapes":  "\x1b[2K\x1b[32mregistered OK\x1b[0m\x1b]0;owned\a",
+		"lower-case armour": strings.ToLower("-----BEGIN RSA PRIVATE KEY-----\n") + line + "\n",
+		"four dashes":       "----BEGIN PRIVATE KEY----\n" + line + "\n----END PRIVATE KEY----",
+		"a bare key body":   "oops: " + line,
+		"CRLF armour":       strings.ReplaceAll(string(key), "\n", "\r\n"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			got := excerpt([]byte(body))
+			assert.NotContains(t, got, "\x1b")
+			assert.NotContains(t, got, "\a")
+			assert.NotContains(t, got, line[:20])
+			for _, r := range got {
+				assert.True(t, unicode.IsPrint(r), "%q is printable", r)
+			}
+		})
+	}
+	assert.Equal(t, `\x1b[32mOK\x1b[0m`, excerpt([]byte("\x1b[32mOK\x1b[0m")), "escapes are shown, not acted on")
+	sha := strings.Repeat("0123456789abcdef", 4)
+	assert.Equal(t, "checksum "+sha, excerpt([]byte("checksum "+sha)), "a hex digest is no key")
+}
+
+func TestARedirectsLocationIsQuotedShortAndWithoutItsPassword(t *testing.T) {
+	key, err := GenerateKey()
+	require.NoError(t, err)
+	a, err := newAPI(ServerOptions{URL: "https://chef.example.com/organizations/acme", AuthProtocol: "1.3"}, "web01", key)
+	require.NoError(t, err)
+	for _, loc := range []string{"https://admin:hunter2@evil.example/" + strings.Repeat("a", 1<<20), "https://admin:hunter2@evil.example/\x01"} {
+		a.http.Transport = redirectTo(loc)
+		err = a.do(context.Background(), http.MethodPost, "clients", map[string]string{"name": "web01"}, nil)
+		require.Error(t, err)
+		assert.Less(t, len(err.Error()), 1000)
+		assert.NotContains(t, err.Error(), "hunter2")
+	}
+}
+
+type redirectTo string
+
+func (l redirectTo) RoundTrip(req *http.Request) (*http.Response, error) {
+	return &http.Response{StatusCode: http.StatusFound, Header: http.Header{"Location": {string(l)}}, Body: http.NoBody, Request: req}, nil
+}
+
+func TestAnErrorWithAHugeBodyKeepsItsStatus(t *testing.T) {
+	key, err := GenerateKey()
+	require.NoError(t, err)
+	a, err := newAPI(ServerOptions{URL: "https://chef.example.com", AuthProtocol: "1.3"}, "web01", key)
+	require.NoError(t, err)
+	a.http.Transport = cannedAnswer{http.StatusServiceUnavailable, []byte("<html>busy" + strings.Repeat(" ", 8<<20) + "</html>")}
+	err = a.do(context.Background(), http.MethodGet, "nodes/web01", nil, nil)
+	var e *APIError
+	require.ErrorAs(t, err, &e)
+	assert.Equal(t, http.StatusServiceUnavailable, e.Status)
+	assert.True(t, e.Retryable(), "a 503 is worth asking again, whatever its page")
+	assert.Contains(t, err.Error(), "HTTP 503: <html>busy")
+}
+
+func TestANodeAnswerForAnotherNodeIsRefused(t *testing.T) {
+	g := testenv.StartGoiardi(t)
+	reg := registration(t, g, "web01")
+	_, err := newRegistrar(t, g.URL, testenv.NewInstantClock()).Register(context.Background(), reg)
+	require.NoError(t, err)
+	srv := faultProxy(t, g, "GET /nodes/web01", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"name": "db01", "json_class": "Chef::Node", "chef_type": "node", "normal": {"secret": "of db01"}}`)
+	})
+	reg.ValidatorKey = nil
+
+	_, err = newRegistrar(t, srv.URL, testenv.NewInstantClock()).Register(context.Background(), reg)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "GET "+srv.URL+"/nodes/web01: HTTP 200: the answer is node \"db01\", not \"web01\"")
+	assert.NotContains(t, fmt.Sprint(g.Node(t, "web01").NormalAttributes), "of db01", "nothing of another node is saved")
+}
+
+func TestParseRetryAfterCannotOverflow(t *testing.T) {
+	now := time.Date(2026, 11, 25, 10, 0, 0, 0, time.UTC)
+	assert.Equal(t, backoff.MaxRetryAfter, parseRetryAfter("9223372036854775807", now))
+	assert.Equal(t, backoff.MaxRetryAfter, parseRetryAfter("9300000000", now))
 }

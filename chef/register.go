@@ -407,6 +407,17 @@ func saveNode(ctx context.Context, a *api, name string, spec Node) (bool, error)
 	if err := a.do(ctx, http.MethodGet, "nodes/"+name, nil, &existing); err != nil {
 		return false, err
 	}
+	if existing.Name != name {
+		// Saving it back would give this node another's attributes.
+		return false, backoff.Permanent(&APIError{Method: http.MethodGet, URL: a.url("nodes/" + name), Status: http.StatusOK,
+			Err: fmt.Errorf("the answer is node %q, not %q", existing.Name, name)})
+	}
+	existing.ChefType, existing.JSONClass = n.ChefType, n.JSONClass
+	for _, m := range []*map[string]any{&existing.Default, &existing.Override, &existing.Automatic} {
+		if *m == nil {
+			*m = map[string]any{}
+		}
+	}
 	existing.Environment, existing.RunList = n.Environment, n.RunList
 	existing.PolicyName, existing.PolicyGroup = n.PolicyName, n.PolicyGroup
 	if existing.Normal == nil {

@@ -96,7 +96,10 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	if tl := new(*imds.TooLargeError); errors.As(err, tl) {
 		// No retry makes it smaller: it is bad input, as a file of that
 		// size given to `userdata check` is.
-		return b, &config.InvalidError{Source: "user-data", Reason: (*tl).Error() + " (EC2 itself takes at most 16 KiB)"}
+		if !(*tl).AtLeast {
+			return b, config.OversizedUserData((*tl).Size)
+		}
+		return b, &config.InvalidError{Source: "user-data", Reason: (*tl).Error()}
 	}
 	if err != nil {
 		return b, fmt.Errorf("read user-data: %w", err)

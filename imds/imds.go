@@ -134,14 +134,17 @@ var ErrTooLarge = errors.New("IMDS answer is larger than 1 MiB")
 // TooLargeError is an answer larger than the agent reads, with its size
 // when known, so that an operator can see how far over it is.
 type TooLargeError struct {
-	// Size is the answer's length in bytes, or -1 when it went on past
-	// what the agent would count.
+	// Size is the answer's length in bytes, or what was counted of it when
+	// AtLeast.
 	Size int64
+	// AtLeast is true when the answer went on past what the agent counts,
+	// or broke off while it was counted.
+	AtLeast bool
 }
 
 func (e *TooLargeError) Error() string {
-	if e.Size < 0 {
-		return fmt.Sprintf("the answer is more than %d bytes, more than the %d bootagent reads", maxCounted, maxResponse-1)
+	if e.AtLeast {
+		return fmt.Sprintf("the answer is more than %d bytes, more than the %d bootagent reads", e.Size, maxResponse-1)
 	}
 	return fmt.Sprintf("the answer is %d bytes, more than the %d bootagent reads", e.Size, maxResponse-1)
 }
@@ -180,10 +183,7 @@ func (b *limitedBody) tooLarge() error {
 		return &TooLargeError{Size: b.length}
 	}
 	rest, err := io.CopyN(io.Discard, b.rc, maxCounted)
-	if err == nil {
-		return &TooLargeError{Size: -1}
-	}
-	return &TooLargeError{Size: maxResponse + rest}
+	return &TooLargeError{Size: maxResponse + rest, AtLeast: err != io.EOF} //nolint:errorlint // CopyN returns io.EOF itself, unwrapped.
 }
 
 func (b *limitedBody) Close() error { return b.rc.Close() }

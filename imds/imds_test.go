@@ -394,3 +394,16 @@ func TestAnIdentityDocumentThatIsNotJSONIsNamedForWhatItIs(t *testing.T) {
 	require.ErrorAs(t, err, &e)
 	assert.Equal(t, "malformed", e.Kind())
 }
+
+func TestAnOversizedAnswerThatBreaksOffIsAtLeastItsCount(t *testing.T) {
+	f := &fakeIMDS{userData: func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprint(w, strings.Repeat("a", 3<<20))
+		w.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler) // the connection breaks off mid-answer
+	}}
+	_, err := newClient(t, f.start(t)).UserData(context.Background())
+	var tl *TooLargeError
+	require.ErrorAs(t, err, &tl)
+	assert.True(t, tl.AtLeast, "a size counted up to a break is a lower bound")
+	assert.Contains(t, err.Error(), "the answer is more than")
+}

@@ -95,7 +95,7 @@ func TestOversizedUserDataIsInvalidInputAndSaysItsSize(t *testing.T) {
 
 	code, _, stderr := bootagentWithin(t, time.Minute, "once", "--config", cfg, "--root", t.TempDir())
 	assert.Equal(t, 2, code, "no retry makes it smaller: %s", stderr)
-	assert.Contains(t, stderr, fmt.Sprintf("user-data: the answer is %d bytes, more than the 1048576 bootagent reads", len(big)))
+	assert.Contains(t, stderr, fmt.Sprintf("user-data: %d bytes is more than the 1048576 bootagent reads", len(big)))
 
 	path := filepath.Join(t.TempDir(), "user-data")
 	require.NoError(t, os.WriteFile(path, []byte(big), 0o600))

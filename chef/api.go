@@ -62,7 +62,9 @@ const requestTimeout = 30 * time.Second
 // on into memory.
 const maxAnswer = 4 << 20
 
-// excerptLen bounds how much of an answer an error quotes.
+// excerptLen bounds how much of an answer an error quotes: enough for a
+// server's message or the title of a proxy's error page, short enough to
+// keep the error one readable line.
 const excerptLen = 200
 
 // api is the Chef server API as one client identity (the validator or the
@@ -135,7 +137,7 @@ func newHTTPClient(o ServerOptions) (*http.Client, error) {
 // APIError is a failed Chef server request.
 type APIError struct {
 	Method string
-	// URL is the request's, without query.
+	// URL is the request's, without its password.
 	URL string
 	// Status is the HTTP status, or 0 when no answer came.
 	Status int

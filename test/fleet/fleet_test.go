@@ -366,7 +366,11 @@ func stormBudget(t *testing.T, left int) time.Duration {
 	if !ok {
 		return *fleetTime
 	}
-	return min(*fleetTime, time.Until(end)/time.Duration(left)-reportTime)
+	budget := min(*fleetTime, time.Until(end)/time.Duration(left)-reportTime)
+	if budget <= 0 {
+		t.Fatalf("-timeout leaves no time for %d more storms and their reports (%s each); give go test a longer -timeout", left, reportTime)
+	}
+	return budget
 }
 
 func table(rows [][]string) string {

@@ -61,6 +61,9 @@ func write(r *os.Root, rel string, data []byte, perm fs.FileMode) (bool, error) 
 		if !fi.Mode().IsRegular() {
 			return false, errors.New("not a regular file")
 		}
+		if done, err := rewriteKnownMountPoint(r, rel, data); done || err != nil {
+			return done, err
+		}
 		if perm&0o077 == 0 {
 			// A secret (a key) keeps the mode asked for and gets the
 			// writer as owner, whatever the file it replaces had: a
@@ -170,6 +173,32 @@ func rewriteMountPoint(r *os.Root, rel string, data []byte, renameErr error) err
 	if mp, err := isMountPoint(f); err != nil || !mp {
 		return bare(renameErr)
 	}
+	return rewriteInPlace(f, data)
+}
+
+// rewriteKnownMountPoint rewrites rel in place, before any temporary file
+// is made, when the kernel says it is the root of a mount: nothing can be
+// renamed over it, and making the temporary file its owner could fail
+// first (an owner a container's user namespace does not map). It reports
+// whether it did. A kernel older than 5.8 cannot say; the rename's EBUSY
+// tells then.
+func rewriteKnownMountPoint(r *os.Root, rel string, data []byte) (bool, error) {
+	f, err := openNoFollow(r, rel, os.O_WRONLY, 0)
+	if err != nil {
+		return false, nil // the usual way will say what is wrong
+	}
+	defer f.Close()
+	var st unix.Statx_t
+	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH, unix.STATX_BASIC_STATS, &st); err != nil ||
+		st.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT == 0 || st.Attributes&unix.STATX_ATTR_MOUNT_ROOT == 0 {
+		return false, nil
+	}
+	return true, rewriteInPlace(f, data)
+}
+
+// rewriteInPlace writes data into f from the start, cuts it to its length
+// and syncs it.
+func rewriteInPlace(f *os.File, data []byte) error {
 	if _, err := f.WriteAt(data, 0); err != nil {
 		return fmt.Errorf("rewrite in place: %w", bare(err))
 	}

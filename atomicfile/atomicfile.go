@@ -16,6 +16,7 @@ package atomicfile
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -226,13 +227,33 @@ func isMountPoint(f *os.File) (bool, error) {
 }
 
 // ReadFile returns the content of the file name under root.
+// Only a regular file of at most maxRead bytes is read: a FIFO or a device
+// planted there would block the agent or feed it without end.
 func ReadFile(root, name string) (data []byte, err error) {
-	err = do("read", root, name, func(r *os.Root, rel string) (err error) {
-		data, err = r.ReadFile(rel)
+	err = do("read", root, name, func(r *os.Root, rel string) error {
+		fi, err := r.Lstat(rel)
+		switch {
+		case err != nil:
+			return bare(err)
+		case !fi.Mode().IsRegular():
+			return errors.New("not a regular file")
+		case fi.Size() > maxRead:
+			return fmt.Errorf("%d bytes is more than the %d the agent reads of a file it manages", fi.Size(), maxRead)
+		}
+		f, err := openNoFollow(r, rel, os.O_RDONLY, 0)
+		if err != nil {
+			return bare(err)
+		}
+		defer f.Close()
+		data, err = io.ReadAll(io.LimitReader(f, maxRead))
 		return bare(err)
 	})
 	return data, err
 }
+
+// maxRead bounds the files the agent reads back: /etc/hosts, keys, its
+// state. The largest real one is a few kilobytes.
+const maxRead = 16 << 20
 
 // Stat returns what the file name under root is, links followed inside
 // the root.

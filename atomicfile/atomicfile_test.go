@@ -179,3 +179,11 @@ func TestWriteFileRewritesAMountPointInPlace(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, entries, 1, "no temporary file is left")
 }
+
+func TestReadFileRefusesWhatIsNoRegularFile(t *testing.T) {
+	root := t.TempDir()
+	require.NoError(t, syscall.Mkfifo(filepath.Join(root, "hosts"), 0o644))
+	_, err := ReadFile(root, "/hosts")
+	require.Error(t, err, "a FIFO would block the read until someone writes to it")
+	assert.Contains(t, err.Error(), "not a regular file")
+}

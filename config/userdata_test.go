@@ -441,3 +441,28 @@ func TestApplyUserDataLeavesCloudInitsOwnKeysGivenTwiceToIt(t *testing.T) {
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: keys left to cloud-init: runcmd, base, other")
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: omnibus_url")
 }
+
+// emptyMergeBomb is 854 bytes of YAML that merge an empty mapping 20^7 times:
+// each level merges twenty aliases of the one below.
+func emptyMergeBomb() string {
+	var b strings.Builder
+	b.WriteString("#cloud-config\nx0: &a0 {}\n")
+	for i := 1; i <= 7; i++ {
+		fmt.Fprintf(&b, "x%d: &a%d {<<: [%s]}\n", i, i, strings.TrimSuffix(strings.Repeat(fmt.Sprintf("*a%d, ", i-1), 20), ", "))
+	}
+	return b.String()
+}
+
+func TestApplyUserDataBoundsMergesOfEmptyMappings(t *testing.T) {
+	tests := []struct {
+		name, where string
+	}{
+		{"at the top", "<<: *a7\nhostname: web01\n"},
+		{"in the chef block", "hostname: web01\nchef:\n  <<: *a7\n  server_url: https://chef.example.com/organizations/acme\n"},
+		{"in attributes", "chef:\n  initial_attributes:\n    <<: *a7\n"},
+		{"in the bootagent block", "bootagent:\n  hostname:\n    <<: *a7\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(emptyMergeBomb()+tt.where), "excessive aliasing") })
+	}
+}

@@ -46,9 +46,10 @@ func childPath(path, key string) string {
 	return path + "." + key
 }
 
-// maxBlockNodes bounds the YAML nodes that one resolver copies or merges; a
-// real bootagent block or set of attributes has a few dozen, and a bound
-// stops alias and merge bombs.
+// maxBlockNodes bounds the YAML nodes that one resolver copies or merges,
+// every merge source counting as one as well as each key it brings; a real
+// bootagent block or set of attributes has a few dozen, and a bound stops
+// alias and merge bombs.
 const maxBlockNodes = 10000
 
 // resolver reads the YAML that bootagent acts on as PyYAML, and so
@@ -113,6 +114,12 @@ func (r *resolver) pairs(m *yaml.Node, path string) ([]*yaml.Node, error) {
 			return nil, err
 		}
 		for _, src := range sources {
+			// The source itself counts, before it is expanded, and
+			// then each key it brings: an empty mapping brings none,
+			// and merged 20^7 times it must still cost something.
+			if err := r.count(1); err != nil {
+				return nil, err
+			}
 			p, err := r.pairs(src, path)
 			if err != nil {
 				return nil, err

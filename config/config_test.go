@@ -61,7 +61,7 @@ func TestParseRefusesBadFiles(t *testing.T) {
 		{"an unknown section names its line", "hostnmae:\n  domain: x\n", `config f: line 1: unknown key "hostnmae" at the top level`},
 		{"a bad duration names its line", "chef:\n  interval: soon\n", `line 2: "soon" is not a duration`},
 		{"a value of the wrong type names its line", "hostname:\n  prefer_fqdn: [1]\n", "line 2: cannot unmarshal !!seq into bool"},
-		{"two documents are refused", "imds: {}\n---\nimds: {}\n", "more than one YAML document"},
+		{"two documents are refused, naming the line of the second", "imds: {}\n---\nimds: {}\n", "config f: line 2: more than one YAML document (the second starts here); keep one"},
 		{"a token TTL IMDS would not grant", "imds:\n  token_ttl: 7h\n", "config f line 2: imds.token_ttl: 7h0m0s is outside what IMDS grants"},
 		{"an unknown fallback", "hostname:\n  fallback: random\n", `hostname.fallback: "random" is not one of imds, keep`},
 		{"a tag key IMDS cannot serve", "hostname:\n  from_tag: a/b\n", `hostname.from_tag: "a/b" is not a tag key`},

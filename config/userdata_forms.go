@@ -400,8 +400,8 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 	if !utf8.Valid(data) {
 		return &InvalidError{Source: where, Reason: "not valid UTF-8"}
 	}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
+	doc, err := singleDocument(data)
+	if err != nil {
 		return &InvalidError{Source: where, Reason: cleanYAMLError(err, true)}
 	}
 	if len(doc.Content) == 0 {

@@ -466,3 +466,30 @@ func TestApplyUserDataBoundsMergesOfEmptyMappings(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(emptyMergeBomb()+tt.where), "excessive aliasing") })
 	}
 }
+
+func TestApplyUserDataRefusesASecondYAMLDocument(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+		want string
+	}{
+		{"with a second hostname", "#cloud-config\nhostname: web01\n---\nhostname: evil\n", "user-data #cloud-config: line 3: more than one YAML document (the second starts here)"},
+		{"with an empty second document", "#cloud-config\nhostname: web01\n---\n", "user-data #cloud-config: line 3: more than one YAML document"},
+		{"after an end marker", "#cloud-config\nhostname: web01\n...\n--- {hostname: evil}\n", "user-data #cloud-config: line 4: more than one YAML document"},
+		{"with a second bootagent block", "#cloud-config\nbootagent:\n  hostname: {name: web01}\n---\nbootagent:\n  hostname: {name: evil}\n", "user-data #cloud-config: line 4: more than one YAML document"},
+		{"in a MIME part", "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/cloud-config\n\n#cloud-config\nhostname: web01\n---\nhostname: evil\n--b--\n", "user-data part 1 #cloud-config: line 3: more than one YAML document"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(tt.data), tt.want) })
+	}
+	for name, data := range map[string]string{
+		"one document that starts with ---": "#cloud-config\n---\nhostname: web01\n",
+		"one document that ends with ...":   "#cloud-config\nhostname: web01\n...\n# a comment after the end\n",
+	} {
+		t.Run(name+" is read", func(t *testing.T) {
+			cfg, _, err := ApplyUserData(Default(), []byte(data))
+			require.NoError(t, err)
+			assert.Equal(t, "web01", cfg.Hostname.Name)
+		})
+	}
+}

@@ -74,6 +74,7 @@ func TestParseRefusesBadFiles(t *testing.T) {
 		{"attributes that JSON cannot carry", "chef:\n  initial_attributes:\n    x: .nan\n", "config f: line 3: chef.initial_attributes.x: .nan is not a finite number (JSON cannot carry it)"},
 		{"attributes with an infinite number", "chef:\n  initial_attributes:\n    a: {x: .inf}\n", "config f: line 3: chef.initial_attributes.a.x: .inf is not a finite number"},
 		{"attributes with a number too large to be finite", "chef:\n  initial_attributes:\n    x: 1e999\n", "config f: line 3: chef.initial_attributes.x: 1e999 is not a finite number"},
+		{"attributes with a tagged float too large to be finite", "chef:\n  initial_attributes:\n    x: !!float 1e999\n", "config f: line 3: chef.initial_attributes.x: 1e999 is not a finite number"},
 		{"attributes with a key given twice", "chef:\n  initial_attributes:\n    x: 1\n    x: 2\n", "config f: line 4: chef.initial_attributes.x: given twice (first on line 3)"},
 		{"a metrics listener that is not host:port", "metrics:\n  listen: localhost\n", `metrics.listen: "localhost" is not host:port`},
 		{"a metrics listener on every interface", "metrics:\n  listen: 0.0.0.0:9469\n", `metrics.listen: "0.0.0.0:9469" is not a loopback address`},

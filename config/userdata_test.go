@@ -422,6 +422,10 @@ func TestApplyUserDataRefusesNumbersThatAreNotFinite(t *testing.T) {
 		{"YAML 1e999", "#cloud-config\nchef:\n  initial_attributes:\n    big: 1e999\n", "line 4 key chef.initial_attributes.big: 1e999 is not a finite number"},
 		{"YAML 1.0e+999", "#cloud-config\nchef:\n  initial_attributes:\n    big: 1.0e+999\n", "line 4 key chef.initial_attributes.big: 1.0e+999 is not a finite number"},
 		{"YAML in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    initial_attributes:\n      big: 1e999\n", "user-data #cloud-config bootagent block line 5 key chef.initial_attributes.big: 1e999 is not a finite number"},
+		{"YAML tagged !!float 1e999", "#cloud-config\nchef:\n  initial_attributes:\n    app:\n      big: !!float 1e999\n", "user-data #cloud-config line 5 key chef.initial_attributes.app.big: 1e999 is not a finite number"},
+		{"YAML tagged !!float -1e999 in a list", "#cloud-config\nchef:\n  initial_attributes:\n    l: [1, !!float -1e999]\n", "line 4 key chef.initial_attributes.l[1]: -1e999 is not a finite number"},
+		{"YAML tagged !!float that is not a number", "#cloud-config\nchef:\n  initial_attributes:\n    big: !!float lots\n", `line 4 key chef.initial_attributes.big: "lots" is tagged !!float but is not a number`},
+		{"YAML tagged !!float in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    initial_attributes:\n      big: !!float 1e999\n", "user-data #cloud-config bootagent block line 5 key chef.initial_attributes.big: 1e999 is not a finite number"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(tt.data), tt.want) })

@@ -497,3 +497,27 @@ func TestApplyUserDataRefusesASecondYAMLDocument(t *testing.T) {
 		})
 	}
 }
+
+func TestApplyUserDataDoesNotQuoteAPastedKey(t *testing.T) {
+	const body = "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun"
+	tests := []struct {
+		name  string
+		data  string
+		want  string
+		quote string // what the error must not hold
+	}{
+		{"a PEM armour line", "hostname=web01\n-----BEGIN RSA PRIVATE KEY-----\n" + body + "\n-----END RSA PRIVATE KEY-----\n", "user-data (key=value) line 2: not key=value (it looks like part of a key, not quoted)", "PRIVATE KEY"},
+		{"a line of base64", "hostname=web01\n# the key\n" + body + "\n", "user-data (key=value) line 3: not key=value (it looks like part of a key, not quoted)", body[:20]},
+		{"a line with a long run of base64", "hostname=web01\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7vbqajDhA3 me@host\n", "user-data (key=value) line 2: not key=value (it looks like part of a key, not quoted)", "AAAAB3"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assertRefused(t, []byte(tt.data), tt.want)
+			_, _, err := ApplyUserData(Default(), []byte(tt.data))
+			assert.NotContains(t, err.Error(), tt.quote)
+		})
+	}
+	t.Run("a line that is not key material is quoted", func(t *testing.T) {
+		assertRefused(t, []byte("hostname=web01\nthis is not\n"), `user-data (key=value) line 2: "this is not" is not key=value`)
+	})
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/internal/testenv"
 )
 
@@ -519,5 +520,38 @@ func TestApplyUserDataDoesNotQuoteAPastedKey(t *testing.T) {
 	}
 	t.Run("a line that is not key material is quoted", func(t *testing.T) {
 		assertRefused(t, []byte("hostname=web01\nthis is not\n"), `user-data (key=value) line 2: "this is not" is not key=value`)
+	})
+}
+
+// A byte-order mark is dropped only where a document or part starts. One
+// inside a value is kept as given, so that the host-name check, which
+// takes letters, digits and hyphens alone, refuses it and names it.
+func TestApplyUserDataLeavesAByteOrderMarkInsideANameForTheHostNameCheckToRefuse(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+	}{
+		{"in #cloud-config", "#cloud-config\nhostname: " + bom + "web01\n"},
+		{"in #cloud-config, quoted", "#cloud-config\nhostname: \"\\ufeffweb01\"\n"},
+		{"in key=value", "domain=example.com\nhostname=" + bom + "web01\n"},
+		{"in JSON", `{"hostname": "\ufeffweb01"}`},
+		{"in the bootagent block", "#cloud-config\nbootagent:\n  hostname:\n    name: " + bom + "web01\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, _, err := ApplyUserData(Default(), []byte(tt.data))
+			require.NoError(t, err, "host names are checked where they are made")
+			require.Equal(t, bom+"web01", cfg.Hostname.Name, "the mark is kept, not dropped or half-dropped")
+			_, err = hostname.Make(cfg.Hostname.Name, cfg.Hostname.Domain)
+			require.ErrorIs(t, err, hostname.ErrInvalid)
+			assert.Contains(t, err.Error(), `label 1 has '\ufeff'; only letters, digits and hyphens are allowed`)
+		})
+	}
+	t.Run("in a domain", func(t *testing.T) {
+		cfg, _, err := ApplyUserData(Default(), []byte("hostname=web01\ndomain=example"+bom+".com\n"))
+		require.NoError(t, err)
+		_, err = hostname.Make(cfg.Hostname.Name, cfg.Hostname.Domain)
+		require.ErrorIs(t, err, hostname.ErrInvalid)
+		assert.Contains(t, err.Error(), `domain invalid host name: "example\ufeff.com": label 1 has '\ufeff'`)
 	})
 }

@@ -228,12 +228,12 @@ func Parse(data []byte, source string) (Config, error) {
 	if err := decodeStrict(data, &cfg, source, true); err != nil {
 		return Config{}, err
 	}
-	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
+	root, err := singleDocument(data)
+	if err != nil {
 		return Config{}, &InvalidError{Source: source, Reason: cleanYAMLError(err, true)}
 	}
 	cfg.sources = map[string]string{}
-	recordLines(&root, "", source, cfg.sources)
+	recordLines(root, "", source, cfg.sources)
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}
@@ -251,11 +251,42 @@ func decodeStrict(data []byte, cfg *Config, source string, withLines bool) error
 		}
 		return &InvalidError{Source: source, Reason: cleanYAMLError(err, withLines)}
 	}
-	var extra yaml.Node
-	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		return &InvalidError{Source: source, Reason: "more than one YAML document; keep one"}
+	if err := noSecondDocument(dec); err != nil {
+		return &InvalidError{Source: source, Reason: cleanYAMLError(err, withLines)}
 	}
 	return nil
+}
+
+// singleDocument parses data, which must hold at most one YAML document,
+// into its document node; an empty stream gives a node without content.
+// PyYAML's safe_load, and so cloud-init, refuses a stream of more than one
+// document, and bootagent does too rather than read the first and drop the
+// others without a word.
+func singleDocument(data []byte) (*yaml.Node, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil && !errors.Is(err, io.EOF) {
+		return nil, err
+	}
+	if err := noSecondDocument(dec); err != nil {
+		return nil, err
+	}
+	return &doc, nil
+}
+
+// noSecondDocument checks that dec, having decoded the first document of
+// its stream, is at the end of it. A second document, empty or not, is
+// refused at the line where it starts; one that does not parse, with the
+// parser's error.
+func noSecondDocument(dec *yaml.Decoder) error {
+	var extra yaml.Node
+	switch err := dec.Decode(&extra); {
+	case errors.Is(err, io.EOF):
+		return nil
+	case err != nil:
+		return err
+	}
+	return fmt.Errorf("line %d: more than one YAML document (the second starts here); keep one", extra.Line)
 }
 
 var (

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"regexp"
 	"slices"
 	"strings"
 	"unicode/utf8"
@@ -101,7 +102,7 @@ func (d *decoder) decodeKeyValue(data []byte, where string) error {
 		}
 		src := fmt.Sprintf("%s line %d", where, n)
 		if !keyValueRE.MatchString(line) {
-			return &InvalidError{Source: src, Reason: fmt.Sprintf("%q is not key=value", truncate(line))}
+			return &InvalidError{Source: src, Reason: notKeyValue(line)}
 		}
 		k, v, _ := strings.Cut(line, "=")
 		k = strings.ToLower(strings.TrimSpace(k))
@@ -124,6 +125,21 @@ func (d *decoder) decodeKeyValue(data []byte, where string) error {
 		return &InvalidError{Source: where, Reason: err.Error()}
 	}
 	return d.applyFlat(&doc)
+}
+
+// keyMaterialRE matches a line that looks like part of a key or a
+// certificate: PEM armour, or a run of base64 longer than any word of
+// prose or host name (a PEM body line is 64 characters).
+var keyMaterialRE = regexp.MustCompile(`-----(BEGIN|END) |[A-Za-z0-9+/=]{40,}`)
+
+// notKeyValue says that line is not key=value, quoting its start unless it
+// looks like part of a pasted key: the error goes to the journal and the
+// console, which must never hold key material.
+func notKeyValue(line string) string {
+	if keyMaterialRE.MatchString(line) {
+		return "not key=value (it looks like part of a key, not quoted)"
+	}
+	return fmt.Sprintf("%q is not key=value", truncate(line))
 }
 
 func unquote(v string) string {
@@ -400,8 +416,8 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 	if !utf8.Valid(data) {
 		return &InvalidError{Source: where, Reason: "not valid UTF-8"}
 	}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
+	doc, err := singleDocument(data)
+	if err != nil {
 		return &InvalidError{Source: where, Reason: cleanYAMLError(err, true)}
 	}
 	if len(doc.Content) == 0 {

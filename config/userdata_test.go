@@ -11,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/internal/testenv"
 )
 
@@ -422,6 +423,10 @@ func TestApplyUserDataRefusesNumbersThatAreNotFinite(t *testing.T) {
 		{"YAML 1e999", "#cloud-config\nchef:\n  initial_attributes:\n    big: 1e999\n", "line 4 key chef.initial_attributes.big: 1e999 is not a finite number"},
 		{"YAML 1.0e+999", "#cloud-config\nchef:\n  initial_attributes:\n    big: 1.0e+999\n", "line 4 key chef.initial_attributes.big: 1.0e+999 is not a finite number"},
 		{"YAML in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    initial_attributes:\n      big: 1e999\n", "user-data #cloud-config bootagent block line 5 key chef.initial_attributes.big: 1e999 is not a finite number"},
+		{"YAML tagged !!float 1e999", "#cloud-config\nchef:\n  initial_attributes:\n    app:\n      big: !!float 1e999\n", "user-data #cloud-config line 5 key chef.initial_attributes.app.big: 1e999 is not a finite number"},
+		{"YAML tagged !!float -1e999 in a list", "#cloud-config\nchef:\n  initial_attributes:\n    l: [1, !!float -1e999]\n", "line 4 key chef.initial_attributes.l[1]: -1e999 is not a finite number"},
+		{"YAML tagged !!float that is not a number", "#cloud-config\nchef:\n  initial_attributes:\n    big: !!float lots\n", `line 4 key chef.initial_attributes.big: "lots" is tagged !!float but is not a number`},
+		{"YAML tagged !!float in the bootagent block", "#cloud-config\nbootagent:\n  chef:\n    initial_attributes:\n      big: !!float 1e999\n", "user-data #cloud-config bootagent block line 5 key chef.initial_attributes.big: 1e999 is not a finite number"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(tt.data), tt.want) })
@@ -440,4 +445,113 @@ func TestApplyUserDataLeavesCloudInitsOwnKeysGivenTwiceToIt(t *testing.T) {
 	assert.Equal(t, "web01", cfg.Hostname.Name)
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: keys left to cloud-init: runcmd, base, other")
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: omnibus_url")
+}
+
+// emptyMergeBomb is 854 bytes of YAML that merge an empty mapping 20^7 times:
+// each level merges twenty aliases of the one below.
+func emptyMergeBomb() string {
+	var b strings.Builder
+	b.WriteString("#cloud-config\nx0: &a0 {}\n")
+	for i := 1; i <= 7; i++ {
+		fmt.Fprintf(&b, "x%d: &a%d {<<: [%s]}\n", i, i, strings.TrimSuffix(strings.Repeat(fmt.Sprintf("*a%d, ", i-1), 20), ", "))
+	}
+	return b.String()
+}
+
+func TestApplyUserDataBoundsMergesOfEmptyMappings(t *testing.T) {
+	tests := []struct {
+		name, where string
+	}{
+		{"at the top", "<<: *a7\nhostname: web01\n"},
+		{"in the chef block", "hostname: web01\nchef:\n  <<: *a7\n  server_url: https://chef.example.com/organizations/acme\n"},
+		{"in attributes", "chef:\n  initial_attributes:\n    <<: *a7\n"},
+		{"in the bootagent block", "bootagent:\n  hostname:\n    <<: *a7\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(emptyMergeBomb()+tt.where), "excessive aliasing") })
+	}
+}
+
+func TestApplyUserDataRefusesASecondYAMLDocument(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+		want string
+	}{
+		{"with a second hostname", "#cloud-config\nhostname: web01\n---\nhostname: evil\n", "user-data #cloud-config: line 3: more than one YAML document (the second starts here)"},
+		{"with an empty second document", "#cloud-config\nhostname: web01\n---\n", "user-data #cloud-config: line 3: more than one YAML document"},
+		{"after an end marker", "#cloud-config\nhostname: web01\n...\n--- {hostname: evil}\n", "user-data #cloud-config: line 4: more than one YAML document"},
+		{"with a second bootagent block", "#cloud-config\nbootagent:\n  hostname: {name: web01}\n---\nbootagent:\n  hostname: {name: evil}\n", "user-data #cloud-config: line 4: more than one YAML document"},
+		{"in a MIME part", "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/cloud-config\n\n#cloud-config\nhostname: web01\n---\nhostname: evil\n--b--\n", "user-data part 1 #cloud-config: line 3: more than one YAML document"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { assertRefused(t, []byte(tt.data), tt.want) })
+	}
+	for name, data := range map[string]string{
+		"one document that starts with ---": "#cloud-config\n---\nhostname: web01\n",
+		"one document that ends with ...":   "#cloud-config\nhostname: web01\n...\n# a comment after the end\n",
+	} {
+		t.Run(name+" is read", func(t *testing.T) {
+			cfg, _, err := ApplyUserData(Default(), []byte(data))
+			require.NoError(t, err)
+			assert.Equal(t, "web01", cfg.Hostname.Name)
+		})
+	}
+}
+
+func TestApplyUserDataDoesNotQuoteAPastedKey(t *testing.T) {
+	const body = "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun"
+	tests := []struct {
+		name  string
+		data  string
+		want  string
+		quote string // what the error must not hold
+	}{
+		{"a PEM armour line", "hostname=web01\n-----BEGIN RSA PRIVATE KEY-----\n" + body + "\n-----END RSA PRIVATE KEY-----\n", "user-data (key=value) line 2: not key=value (it looks like part of a key, not quoted)", "PRIVATE KEY"},
+		{"a line of base64", "hostname=web01\n# the key\n" + body + "\n", "user-data (key=value) line 3: not key=value (it looks like part of a key, not quoted)", body[:20]},
+		{"a line with a long run of base64", "hostname=web01\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7vbqajDhA3 me@host\n", "user-data (key=value) line 2: not key=value (it looks like part of a key, not quoted)", "AAAAB3"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assertRefused(t, []byte(tt.data), tt.want)
+			_, _, err := ApplyUserData(Default(), []byte(tt.data))
+			assert.NotContains(t, err.Error(), tt.quote)
+		})
+	}
+	t.Run("a line that is not key material is quoted", func(t *testing.T) {
+		assertRefused(t, []byte("hostname=web01\nthis is not\n"), `user-data (key=value) line 2: "this is not" is not key=value`)
+	})
+}
+
+// A byte-order mark is dropped only where a document or part starts. One
+// inside a value is kept as given, so that the host-name check, which
+// takes letters, digits and hyphens alone, refuses it and names it.
+func TestApplyUserDataLeavesAByteOrderMarkInsideANameForTheHostNameCheckToRefuse(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+	}{
+		{"in #cloud-config", "#cloud-config\nhostname: " + bom + "web01\n"},
+		{"in #cloud-config, quoted", "#cloud-config\nhostname: \"\\ufeffweb01\"\n"},
+		{"in key=value", "domain=example.com\nhostname=" + bom + "web01\n"},
+		{"in JSON", `{"hostname": "\ufeffweb01"}`},
+		{"in the bootagent block", "#cloud-config\nbootagent:\n  hostname:\n    name: " + bom + "web01\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, _, err := ApplyUserData(Default(), []byte(tt.data))
+			require.NoError(t, err, "host names are checked where they are made")
+			require.Equal(t, bom+"web01", cfg.Hostname.Name, "the mark is kept, not dropped or half-dropped")
+			_, err = hostname.Make(cfg.Hostname.Name, cfg.Hostname.Domain)
+			require.ErrorIs(t, err, hostname.ErrInvalid)
+			assert.Contains(t, err.Error(), `label 1 has '\ufeff'; only letters, digits and hyphens are allowed`)
+		})
+	}
+	t.Run("in a domain", func(t *testing.T) {
+		cfg, _, err := ApplyUserData(Default(), []byte("hostname=web01\ndomain=example"+bom+".com\n"))
+		require.NoError(t, err)
+		_, err = hostname.Make(cfg.Hostname.Name, cfg.Hostname.Domain)
+		require.ErrorIs(t, err, hostname.ErrInvalid)
+		assert.Contains(t, err.Error(), `domain invalid host name: "example\ufeff.com": label 1 has '\ufeff'`)
+	})
 }

@@ -46,9 +46,10 @@ func childPath(path, key string) string {
 	return path + "." + key
 }
 
-// maxBlockNodes bounds the YAML nodes that one resolver copies or merges; a
-// real bootagent block or set of attributes has a few dozen, and a bound
-// stops alias and merge bombs.
+// maxBlockNodes bounds the YAML nodes that one resolver copies or merges,
+// every merge source counting as one as well as each key it brings; a real
+// bootagent block or set of attributes has a few dozen, and a bound stops
+// alias and merge bombs.
 const maxBlockNodes = 10000
 
 // resolver reads the YAML that bootagent acts on as PyYAML, and so
@@ -113,6 +114,12 @@ func (r *resolver) pairs(m *yaml.Node, path string) ([]*yaml.Node, error) {
 			return nil, err
 		}
 		for _, src := range sources {
+			// The source itself counts, before it is expanded, and
+			// then each key it brings: an empty mapping brings none,
+			// and merged 20^7 times it must still cost something.
+			if err := r.count(1); err != nil {
+				return nil, err
+			}
 			p, err := r.pairs(src, path)
 			if err != nil {
 				return nil, err
@@ -225,13 +232,24 @@ var numberRE = regexp.MustCompile(`^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[
 // number too large for a float, such as 1e999. The YAML library leaves that
 // one a string, but it was written as a number, and PyYAML reads 1.0e+999
 // as infinity, which Ruby's JSON would make of it too; so it is refused
-// rather than guessed at. Quoted, any of them is text.
+// rather than guessed at, tagged !!float or not. Quoted, any of them is
+// text.
 func checkFinite(n *yaml.Node, path string) error {
 	notFinite := &keyError{line: n.Line, path: path, reason: fmt.Sprintf("%s is not a finite number (JSON cannot carry it); give a finite one, or quote it if it is text", n.Value)}
 	switch n.ShortTag() {
 	case "!!float":
 		var f float64
-		if err := n.Decode(&f); err == nil && (math.IsInf(f, 0) || math.IsNaN(f)) {
+		if err := n.Decode(&f); err != nil {
+			// The YAML library decodes !!float 1e999 as the string it
+			// could not fit in a float, and then fails to make a float
+			// of it, at the line of the mapping. It is the untagged
+			// 1e999 again, and refused as that is, at its own line.
+			if f, _ := strconv.ParseFloat(n.Value, 64); math.IsInf(f, 0) {
+				return notFinite
+			}
+			return &keyError{line: n.Line, path: path, reason: fmt.Sprintf("%q is tagged !!float but is not a number; give a number, or drop the tag if it is text", n.Value)}
+		}
+		if math.IsInf(f, 0) || math.IsNaN(f) {
 			return notFinite
 		}
 	case "!!str":

@@ -63,13 +63,15 @@ func TestAStormStopsWhenAPeerDies(t *testing.T) {
 		{
 			name: "the IMDS emulator crashes", peer: "the IMDS emulator died",
 			front: func(emu *testenv.IMDS, g *testenv.Goiardi) peers {
-				return peers{imds: emu, imdsURL: crashAt(t, emu.URL, crashRequest, emu.Kill), chef: g, chefURL: g.URL}
+				// The token front keeps the emulator from crashing on
+				// its own first (its token map race), before the kill.
+				return peers{imds: emu, imdsURL: crashAt(t, serialiseTokens(t, emu.URL), crashRequest, emu.Kill), chef: g, chefURL: g.URL}
 			},
 		},
 		{
 			name: "goiardi crashes", peer: "goiardi died",
 			front: func(emu *testenv.IMDS, g *testenv.Goiardi) peers {
-				return peers{imds: emu, imdsURL: emu.URL, chef: g, chefURL: crashAt(t, g.URL, crashRequest, g.Kill)}
+				return peers{imds: emu, imdsURL: serialiseTokens(t, emu.URL), chef: g, chefURL: crashAt(t, g.URL, crashRequest, g.Kill)}
 			},
 		},
 	} {

@@ -99,7 +99,14 @@ func (f *tokenFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// the others waiting longer.
 		return
 	}
-	f.proxy.ServeHTTP(w, r)
+	// Once asked, the emulator serves the request to its end even if the
+	// agent gives up on it, reading the token map all the while: the lock
+	// is held until the emulator answers, not until the agent leaves. (A
+	// context that can never end would make the proxy watch the
+	// connection instead, and cancel on its close.)
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	defer cancel()
+	f.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
 func newTokenFront(t *testing.T, target string) *tokenFront {

@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log"
@@ -168,4 +169,59 @@ func imdsGet(c *http.Client, base, token string) error {
 		err = fmt.Errorf("GET /latest/meta-data/instance-id: %s", res.Status)
 	}
 	return err
+}
+
+// TestTheTokenFrontHoldsAReadItsAgentGaveUpOn: an agent that gives up on a
+// read (its half-second timeout, under load) leaves the emulator still
+// serving it, and the token map still being read; a token request must
+// wait for the emulator, not for the agent.
+func TestTheTokenFrontHoldsAReadItsAgentGaveUpOn(t *testing.T) {
+	readIn, releaseRead, putIn := make(chan struct{}), make(chan struct{}), make(chan struct{}, 1)
+	var reading, overlapped atomic.Bool
+	emu := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut {
+			overlapped.Store(reading.Load())
+			putIn <- struct{}{}
+			return
+		}
+		reading.Store(true)
+		close(readIn)
+		<-releaseRead // the emulator serves on, whoever left
+		reading.Store(false)
+	}))
+	defer emu.Close()
+	f := newTokenFront(t, emu.URL)
+	front := httptest.NewServer(f)
+	defer front.Close()
+
+	ctx, giveUp := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, front.URL+"/latest/user-data", nil)
+	require.NoError(t, err)
+	gaveUp := make(chan struct{})
+	go func() {
+		defer close(gaveUp)
+		if res, err := http.DefaultClient.Do(req); err == nil {
+			res.Body.Close()
+		}
+	}()
+	<-readIn
+	giveUp()
+	<-gaveUp
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { _, _ = imdsToken(http.DefaultClient, front.URL) })
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		if len(putIn) > 0 {
+			return true
+		}
+		if f.mu.TryRLock() {
+			f.mu.RUnlock()
+			return false
+		}
+		return true
+	}, "the token request neither reached the emulator nor waited at the front")
+	close(releaseRead)
+	<-putIn
+	assert.False(t, overlapped.Load(), "the token request reached the emulator while it still served a read its agent gave up on")
 }

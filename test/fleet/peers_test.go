@@ -95,31 +95,58 @@ func TestAStormStopsWhenAPeerDies(t *testing.T) {
 // emulator and asks for a token behind it: the token request must wait
 // for the read to end, since the emulator's token map has no lock.
 func TestTheTokenFrontLetsATokenRequestThroughAlone(t *testing.T) {
-	readIn, releaseRead, putIn := make(chan struct{}), make(chan struct{}), make(chan struct{}, 1)
-	var reading, overlapped atomic.Bool
-	emu := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPut {
-			overlapped.Store(reading.Load())
-			putIn <- struct{}{}
-			return
-		}
-		reading.Store(true)
-		close(readIn)
-		<-releaseRead
-		reading.Store(false)
-	}))
-	defer emu.Close()
-	f := newTokenFront(t, emu.URL)
+	e := newHoldingEmulator(t)
+	f := newTokenFront(t, e.URL)
 	front := httptest.NewServer(f)
 	defer front.Close()
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { _ = imdsGet(http.DefaultClient, front.URL, "token") })
-	<-readIn
+	<-e.readIn
 	wg.Go(func() { _, _ = imdsToken(http.DefaultClient, front.URL) })
-	// The token request either reaches the emulator beside the read, or
-	// waits at the front: then no new read gets in.
+	tokenRequestArrives(t, f, e.putIn)
+	e.release()
+	<-e.putIn
+	assert.False(t, e.overlapped.Load(), "the token request reached the emulator while a read was going")
+}
+
+// holdingEmulator stands in for the emulator: it holds the first read
+// until releaseRead closes, as a slow answer would, and records whether a
+// token request came in while it did.
+type holdingEmulator struct {
+	*httptest.Server
+	readIn, releaseRead, putIn chan struct{}
+	reading, overlapped        atomic.Bool
+	releaseOnce                sync.Once
+}
+
+// release lets the read held go on.
+func (e *holdingEmulator) release() { e.releaseOnce.Do(func() { close(e.releaseRead) }) }
+
+func newHoldingEmulator(t *testing.T) *holdingEmulator {
+	e := &holdingEmulator{readIn: make(chan struct{}), releaseRead: make(chan struct{}), putIn: make(chan struct{}, 1)}
+	e.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut {
+			e.overlapped.Store(e.reading.Load())
+			e.putIn <- struct{}{}
+			return
+		}
+		e.reading.Store(true)
+		close(e.readIn)
+		<-e.releaseRead // it serves on, whoever left
+		e.reading.Store(false)
+	}))
+	t.Cleanup(e.Close)
+	t.Cleanup(e.release) // first: Close waits for the read it holds
+	return e
+}
+
+// tokenRequestArrives waits for the token request sent last to reach the
+// emulator beside the read going, or to wait at the front (then no new read
+// gets in).
+func tokenRequestArrives(t *testing.T, f *tokenFront, putIn <-chan struct{}) {
+	t.Helper()
 	testenv.Eventually(t, 10*time.Second, func() bool {
 		if len(putIn) > 0 {
 			return true
@@ -130,9 +157,6 @@ func TestTheTokenFrontLetsATokenRequestThroughAlone(t *testing.T) {
 		}
 		return true
 	}, "the token request neither reached the emulator nor waited at the front")
-	close(releaseRead)
-	<-putIn
-	assert.False(t, overlapped.Load(), "the token request reached the emulator while a read was going")
 }
 
 func imdsToken(c *http.Client, base string) (string, error) {
@@ -176,21 +200,8 @@ func imdsGet(c *http.Client, base, token string) error {
 // serving it, and the token map still being read; a token request must
 // wait for the emulator, not for the agent.
 func TestTheTokenFrontHoldsAReadItsAgentGaveUpOn(t *testing.T) {
-	readIn, releaseRead, putIn := make(chan struct{}), make(chan struct{}), make(chan struct{}, 1)
-	var reading, overlapped atomic.Bool
-	emu := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPut {
-			overlapped.Store(reading.Load())
-			putIn <- struct{}{}
-			return
-		}
-		reading.Store(true)
-		close(readIn)
-		<-releaseRead // the emulator serves on, whoever left
-		reading.Store(false)
-	}))
-	defer emu.Close()
-	f := newTokenFront(t, emu.URL)
+	e := newHoldingEmulator(t)
+	f := newTokenFront(t, e.URL)
 	front := httptest.NewServer(f)
 	defer front.Close()
 
@@ -204,24 +215,15 @@ func TestTheTokenFrontHoldsAReadItsAgentGaveUpOn(t *testing.T) {
 			res.Body.Close()
 		}
 	}()
-	<-readIn
+	<-e.readIn
 	giveUp()
 	<-gaveUp
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { _, _ = imdsToken(http.DefaultClient, front.URL) })
-	testenv.Eventually(t, 10*time.Second, func() bool {
-		if len(putIn) > 0 {
-			return true
-		}
-		if f.mu.TryRLock() {
-			f.mu.RUnlock()
-			return false
-		}
-		return true
-	}, "the token request neither reached the emulator nor waited at the front")
-	close(releaseRead)
-	<-putIn
-	assert.False(t, overlapped.Load(), "the token request reached the emulator while it still served a read its agent gave up on")
+	tokenRequestArrives(t, f, e.putIn)
+	e.release()
+	<-e.putIn
+	assert.False(t, e.overlapped.Load(), "the token request reached the emulator while it still served a read its agent gave up on")
 }

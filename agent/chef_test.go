@@ -221,3 +221,26 @@ func TestOnceOnAnInstanceAlreadyTerminatingRegistersNothing(t *testing.T) {
 	require.NoError(t, res.WriteText(&out))
 	assert.Contains(t, out.String(), "web01 not registered: the instance is terminating (Auto Scaling target lifecycle state Terminated)")
 }
+
+func TestAFirstRunWhoseLicenseIsNotAcceptedSaysWhatToSet(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\n", func(c *config.Config) {
+		c.Chef.ClientCommand = append(c.Chef.ClientCommand, "--exit", "172")
+	})
+	res, err := s.engine.Once(context.Background())
+	require.Error(t, err)
+	assert.Equal(t, chef.ResultLicenseNotAccepted, res.FirstRun.Result)
+	assert.Contains(t, err.Error(), "license_not_accepted (exit code 172): chef-client refuses to run until its license is accepted: set chef.license: accept")
+	failed := s.logs.FilterMessage("chef-client run failed").All()
+	require.Len(t, failed, 1)
+	assert.Contains(t, failed[0].ContextMap()["fix"], "set chef.license: accept")
+}
+
+func TestTheLicenseAndChefClientsSettingsReachClientRB(t *testing.T) {
+	s := newChefSetup(t, "#cloud-config\nhostname: web01\nchef:\n  chef_license: accept\n  log_level: :warn\n  encrypted_data_bag_secret: /etc/chef/encrypted_data_bag_secret\n")
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	rb := readFile(t, filepath.Join(s.root, "etc/chef/client.rb"))
+	assert.Contains(t, rb, "chef_license                     'accept'\n")
+	assert.Contains(t, rb, "log_level                        :warn\n")
+	assert.Contains(t, rb, "encrypted_data_bag_secret        '"+filepath.Join(s.root, "etc/chef/encrypted_data_bag_secret")+"'\n", "taken inside the root, as the client key is")
+}

@@ -523,6 +523,9 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 		}
 	}
 	fields := []zap.Field{zap.String("result", string(out.Result)), zap.Int("exit_code", out.ExitCode), zap.Duration("duration", out.Duration)}
+	if fix := out.Result.Fix(); fix != "" {
+		fields = append(fields, zap.String("fix", fix))
+	}
 	if out.Result.Failed() {
 		log.Warn("chef-client run failed", append(fields, zap.String("signal", out.Signal), zap.Strings("tail", out.Tail))...)
 	} else {
@@ -532,7 +535,7 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 		m.res.FirstRun = &out
 		m.exit = &actExit{}
 		if out.Result.Failed() {
-			m.failure = &failure{err: fmt.Errorf("chef-client run %s: %s (exit code %d)%s", out.ID, out.Result, out.ExitCode, tailText(out.Tail)), human: true}
+			m.failure = &failure{err: fmt.Errorf("chef-client run %s: %s (exit code %d)%s%s", out.ID, out.Result, out.ExitCode, fixText(out.Result), tailText(out.Tail)), human: true}
 			m.exit.err = m.failure.err
 		}
 		return

@@ -36,12 +36,18 @@ var registerRetry = backoff.Policy{Initial: time.Second, Max: 20 * time.Second, 
 
 // clientRBKeys maps client.rb settings to the config keys they come from.
 var clientRBKeys = map[string]string{
-	"chef_server_url": "chef.server_url",
-	"client_key":      "chef.client_key",
-	"ssl_ca_file":     "chef.trusted_certs",
-	"environment":     "chef.environment",
-	"policy_name":     "chef.policy_name",
-	"policy_group":    "chef.policy_group",
+	"chef_server_url":           "chef.server_url",
+	"client_key":                "chef.client_key",
+	"ssl_ca_file":               "chef.trusted_certs",
+	"environment":               "chef.environment",
+	"policy_name":               "chef.policy_name",
+	"policy_group":              "chef.policy_group",
+	"chef_license":              "chef.license",
+	"log_level":                 "chef.log_level",
+	"file_cache_path":           "chef.file_cache_path",
+	"file_backup_path":          "chef.file_backup_path",
+	"pid_file":                  "chef.pid_file",
+	"encrypted_data_bag_secret": "chef.encrypted_data_bag_secret",
 }
 
 // chefPlan is everything the Chef steps will do, decided and validated
@@ -107,6 +113,17 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 		Environment:  ch.Environment,
 		PolicyName:   ch.PolicyName,
 		PolicyGroup:  ch.PolicyGroup,
+		License:      ch.License,
+		LogLevel:     ch.LogLevel,
+		// chef-client's own directories and pid file are taken as given:
+		// they are its, not files the agent manages.
+		FileCachePath:  ch.FileCachePath,
+		FileBackupPath: ch.FileBackupPath,
+		PIDFile:        ch.PIDFile,
+		ShowTime:       ch.ShowTime,
+	}
+	if ch.EncryptedDataBagSecret != "" {
+		rb.EncryptedDataBagSecret = under(ch.EncryptedDataBagSecret)
 	}
 	if ch.TrustedCerts != "" {
 		rb.CAFile = under(ch.TrustedCerts)

@@ -78,6 +78,14 @@ func startRun(info runInfo, run func(ctx context.Context) (chef.Outcome, error))
 }
 
 // tailText formats the end of a run's output for an error message.
+// fixText is what to do about a run's result, for its error, or "".
+func fixText(r chef.Result) string {
+	if fix := r.Fix(); fix != "" {
+		return ": " + fix
+	}
+	return ""
+}
+
 func tailText(lines []string) string {
 	if len(lines) == 0 {
 		return ""

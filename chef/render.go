@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -145,15 +147,33 @@ type ClientConfig struct {
 	Environment string
 	PolicyName  string
 	PolicyGroup string
+	// License is chef_license (accept, accept-silent, accept-no-persist),
+	// or "" to leave it to the image.
+	License string
+	// EncryptedDataBagSecret is the secret file's path, or "".
+	EncryptedDataBagSecret string
+	// LogLevel is a level name without its colon, or "" for chef-client's
+	// default.
+	LogLevel string
+	// FileCachePath and FileBackupPath are where chef-client keeps
+	// cookbooks and backups, or "" for its defaults.
+	FileCachePath  string
+	FileBackupPath string
+	// PIDFile is chef-client's pid_file, or "".
+	PIDFile  string
+	ShowTime bool
 }
 
-// Where chef-client keeps its things. These are chef-client's own defaults
-// for a root install, written out so that the file says everything.
-const (
-	trustedCertsDir = "/etc/chef/trusted_certs"
-	fileCachePath   = "/var/cache/chef"
-	fileBackupPath  = "/var/backups/chef"
-)
+// trustedCertsDir is chef-client's own default for a root install, written
+// out so that the file says everything.
+const trustedCertsDir = "/etc/chef/trusted_certs"
+
+// logLevels are the log levels chef-client knows; each is written as a
+// symbol, so only these are.
+var logLevels = []string{"auto", "trace", "debug", "info", "warn", "error", "fatal"}
+
+// licenses are the chef_license values chef-client knows.
+var licenses = []string{"accept", "accept-silent", "accept-no-persist"}
 
 // RenderClientRB renders client.rb. Every value is a Ruby literal made by
 // rubyString or a fixed symbol, so no setting can inject code.
@@ -184,11 +204,20 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 	case c.Environment != "":
 		w.str("environment", c.Environment)
 	}
-	w.str("file_cache_path", fileCachePath)
-	w.str("file_backup_path", fileBackupPath)
+	w.optional("file_cache_path", c.FileCachePath)
+	w.optional("file_backup_path", c.FileBackupPath)
+	w.optional("encrypted_data_bag_secret", c.EncryptedDataBagSecret)
+	w.optional("pid_file", c.PIDFile)
+	if c.License != "" && w.known("chef_license", c.License, licenses) {
+		w.str("chef_license", c.License)
+	}
+	if c.LogLevel != "" && w.known("log_level", c.LogLevel, logLevels) {
+		w.sym("log_level", ":"+c.LogLevel)
+	}
 	// chef-client's output goes to the agent (or the run's journal stream),
 	// which keeps it with the run's id.
 	w.sym("log_location", "STDOUT")
+	w.sym("show_time", strconv.FormatBool(c.ShowTime))
 	if w.err != nil {
 		return nil, w.err
 	}
@@ -221,6 +250,25 @@ func (e *SettingError) Error() string { return "client.rb " + e.Setting + ": " +
 func (e *SettingError) Unwrap() error { return e.Err }
 
 func (w *rbWriter) sym(key, value string) { fmt.Fprintf(&w.b, "%-32s %s\n", key, value) }
+
+// optional writes a string setting only when it is set.
+func (w *rbWriter) optional(key, value string) {
+	if value != "" {
+		w.str(key, value)
+	}
+}
+
+// known reports whether value is one that chef-client knows for key, and
+// keeps the error when it is not.
+func (w *rbWriter) known(key, value string, values []string) bool {
+	if slices.Contains(values, value) {
+		return true
+	}
+	if w.err == nil {
+		w.err = &SettingError{Setting: key, Err: invalid("%q is not one of %s", truncate(value), strings.Join(values, ", "))}
+	}
+	return false
+}
 
 // FirstBoot is what first-boot.json gives chef-client's first run (-j).
 type FirstBoot struct {

@@ -22,6 +22,10 @@ func baseClientConfig() ClientConfig {
 		SSLVerify:    true,
 		AuthProtocol: "1.3",
 		Environment:  "production",
+		// config's defaults
+		FileCachePath:  "/var/cache/chef",
+		FileBackupPath: "/var/backups/chef",
+		ShowTime:       true,
 	}
 }
 
@@ -92,6 +96,8 @@ func TestRenderClientRBKeepsHostileValuesInertForRuby(t *testing.T) {
 		c.ServerURL = "https://chef.example.com/" + v
 		c.ClientKey = "/etc/chef/" + v
 		c.CAFile = v
+		c.EncryptedDataBagSecret, c.PIDFile, c.FileCachePath = "/etc/chef/"+v, "/run/"+v, "/var/cache/"+v
+		c.License, c.LogLevel = "accept", "warn"
 		got, err := RenderClientRB(c)
 		require.NoError(t, err, "value %q", v)
 
@@ -105,6 +111,12 @@ func TestRenderClientRBKeepsHostileValuesInertForRuby(t *testing.T) {
 		assert.Equal(t, c.ClientKey, settings["client_key"])
 		assert.Equal(t, c.CAFile, settings["ssl_ca_file"])
 		assert.Equal(t, "verify_peer", settings["ssl_verify_mode"])
+		assert.Equal(t, c.EncryptedDataBagSecret, settings["encrypted_data_bag_secret"])
+		assert.Equal(t, c.PIDFile, settings["pid_file"])
+		assert.Equal(t, c.FileCachePath, settings["file_cache_path"])
+		assert.Equal(t, "accept", settings["chef_license"])
+		assert.Equal(t, "warn", settings["log_level"])
+		assert.Equal(t, "true", settings["show_time"])
 	}
 }
 
@@ -144,7 +156,7 @@ func FuzzRenderClientRB(f *testing.F) {
 			if !ok || key == "" {
 				t.Fatalf("malformed line %q", line)
 			}
-			if strings.HasPrefix(lit, ":") || lit == "STDOUT" {
+			if strings.HasPrefix(lit, ":") || lit == "STDOUT" || lit == "true" || lit == "false" {
 				continue
 			}
 			got, ok := unquoteRuby(lit)
@@ -245,5 +257,43 @@ func TestNormalizeKeyPEM(t *testing.T) {
 	for _, bad := range []string{"not a key", "-----BEGIN RSA PRIVATE KEY----- !!! -----END RSA PRIVATE KEY-----", "-----BEGIN RSA PRIVATE KEY----- aGVsbG8= -----END RSA PRIVATE KEY-----", "-----BEGIN A----- aGVsbG8= -----END B-----"} {
 		_, err := NormalizeKeyPEM(bad)
 		assert.ErrorIs(t, err, ErrInvalid, "input %q", bad)
+	}
+}
+
+func TestRenderClientRBWritesChefClientsOwnSettings(t *testing.T) {
+	c := baseClientConfig()
+	c.License, c.EncryptedDataBagSecret, c.LogLevel, c.PIDFile, c.ShowTime = "accept-no-persist", "/etc/chef/encrypted_data_bag_secret", "info", "/run/chef/client.pid", false
+	c.FileCachePath, c.FileBackupPath = "/srv/chef/cache", "/srv/chef/backup"
+	got, err := RenderClientRB(c)
+	require.NoError(t, err)
+	for _, line := range []string{
+		"chef_license                     'accept-no-persist'\n",
+		"encrypted_data_bag_secret        '/etc/chef/encrypted_data_bag_secret'\n",
+		"log_level                        :info\n",
+		"pid_file                         '/run/chef/client.pid'\n",
+		"show_time                        false\n",
+		"file_cache_path                  '/srv/chef/cache'\n",
+		"file_backup_path                 '/srv/chef/backup'\n",
+	} {
+		assert.Contains(t, string(got), line)
+	}
+
+	c = baseClientConfig()
+	got, err = RenderClientRB(c)
+	require.NoError(t, err)
+	for _, unset := range []string{"chef_license", "encrypted_data_bag_secret", "log_level", "pid_file"} {
+		assert.NotContains(t, string(got), unset, "unset, chef-client's default holds")
+	}
+
+	for _, bad := range []func(*ClientConfig){
+		func(c *ClientConfig) { c.License = "accept'; system('id')" },
+		func(c *ClientConfig) { c.LogLevel = "info\nsystem('id')" },
+	} {
+		c := baseClientConfig()
+		bad(&c)
+		_, err := RenderClientRB(c)
+		var se *SettingError
+		require.ErrorAs(t, err, &se)
+		assert.Contains(t, []string{"chef_license", "log_level"}, se.Setting)
 	}
 }

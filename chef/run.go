@@ -22,19 +22,20 @@ type Result string
 
 // Run results.
 const (
-	ResultSuccess         Result = "success"          // 0
-	ResultFailed          Result = "failed"           // 1
-	ResultInterrupted     Result = "interrupted"      // 2 (SIGINT), 3 (SIGTERM)
-	ResultRebootScheduled Result = "reboot_scheduled" // 35
-	ResultRebootNeeded    Result = "reboot_needed"    // 37
-	ResultRebootFailed    Result = "reboot_failed"    // 41
-	ResultAuditFailed     Result = "audit_failed"     // 42
-	ResultConfigFailed    Result = "config_failed"    // 43
-	ResultLicense         Result = "license_refused"  // 173, 174
-	ResultClientUpgraded  Result = "client_upgraded"  // 213
-	ResultTimeout         Result = "timeout"          // chef.run_timeout passed
-	ResultKilled          Result = "killed"           // ended by a signal it did not handle
-	ResultUnknown         Result = "unknown_exit"     // any other exit code
+	ResultSuccess            Result = "success"              // 0
+	ResultFailed             Result = "failed"               // 1
+	ResultInterrupted        Result = "interrupted"          // 2 (SIGINT), 3 (SIGTERM)
+	ResultRebootScheduled    Result = "reboot_scheduled"     // 35
+	ResultRebootNeeded       Result = "reboot_needed"        // 37
+	ResultRebootFailed       Result = "reboot_failed"        // 41
+	ResultAuditFailed        Result = "audit_failed"         // 42
+	ResultConfigFailed       Result = "config_failed"        // 43
+	ResultLicenseNotAccepted Result = "license_not_accepted" // 172
+	ResultLicense            Result = "license_refused"      // 173, 174
+	ResultClientUpgraded     Result = "client_upgraded"      // 213
+	ResultTimeout            Result = "timeout"              // chef.run_timeout passed
+	ResultKilled             Result = "killed"               // ended by a signal it did not handle
+	ResultUnknown            Result = "unknown_exit"         // any other exit code
 )
 
 // ResultOf maps a chef-client exit code to its result.
@@ -56,6 +57,8 @@ func ResultOf(code int) Result {
 		return ResultAuditFailed
 	case 43:
 		return ResultConfigFailed
+	case 172:
+		return ResultLicenseNotAccepted
 	case 173, 174:
 		return ResultLicense
 	case 213:
@@ -74,6 +77,16 @@ func (r Result) Failed() bool {
 	default:
 		return true
 	}
+}
+
+// Fix says what to do about a run that ended so, or "" when there is no
+// one thing to do.
+func (r Result) Fix() string {
+	if r == ResultLicenseNotAccepted {
+		return "chef-client refuses to run until its license is accepted: set chef.license: accept in the agent's config " +
+			"(or chef_license: accept in the user-data's chef block), or accept it when baking the image (chef-client --chef-license accept)"
+	}
+	return ""
 }
 
 // RunSpec is one chef-client run to make.

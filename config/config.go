@@ -118,6 +118,19 @@ type Chef struct {
 	RequestBudget Duration `yaml:"request_budget" json:"request_budget"`
 	SSLVerify     bool     `yaml:"ssl_verify" json:"ssl_verify"`
 	TrustedCerts  string   `yaml:"trusted_certs" json:"trusted_certs"`
+	// License is chef-client's chef_license: accept, accept-silent or
+	// accept-no-persist; empty leaves the acceptance to the image.
+	License string `yaml:"license" json:"license"`
+	// The chef-client settings below are written to client.rb as given;
+	// an empty path is not written (chef-client's default holds).
+	EncryptedDataBagSecret string `yaml:"encrypted_data_bag_secret" json:"encrypted_data_bag_secret"`
+	// LogLevel is chef-client's log_level, without the colon; empty is
+	// chef-client's default (auto).
+	LogLevel       string `yaml:"log_level" json:"log_level"`
+	FileCachePath  string `yaml:"file_cache_path" json:"file_cache_path"`
+	FileBackupPath string `yaml:"file_backup_path" json:"file_backup_path"`
+	PIDFile        string `yaml:"pid_file" json:"pid_file"`
+	ShowTime       bool   `yaml:"show_time" json:"show_time"`
 	// DeregisterOnTermination removes the node and client from the Chef
 	// server when IMDS announces that the instance is being terminated.
 	DeregisterOnTermination bool `yaml:"deregister_on_termination" json:"deregister_on_termination"`
@@ -179,6 +192,9 @@ func Default() Config {
 			Splay:                Duration(5 * time.Minute),
 			RunTimeout:           Duration(time.Hour),
 			RequestBudget:        Duration(5 * time.Minute),
+			FileCachePath:        "/var/cache/chef",
+			FileBackupPath:       "/var/backups/chef",
+			ShowTime:             true,
 			SSLVerify:            true,
 			// Stale nodes are the first complaint of Chef users in Auto
 			// Scaling groups, so cleaning up is the default.
@@ -460,16 +476,36 @@ func (c Config) validateChef() []error {
 	for _, k := range []struct{ key, path string }{
 		{"chef.validation_key", ch.ValidationKey},
 		{"chef.client_key", ch.ClientKey},
+		{"chef.file_cache_path", ch.FileCachePath},
+		{"chef.file_backup_path", ch.FileBackupPath},
 	} {
 		if !strings.HasPrefix(k.path, "/") {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
 		}
 	}
-	if ch.TrustedCerts != "" && !strings.HasPrefix(ch.TrustedCerts, "/") {
-		errs = append(errs, c.invalid("chef.trusted_certs", "%q must be an absolute path", ch.TrustedCerts))
+	for _, k := range []struct{ key, path string }{
+		{"chef.trusted_certs", ch.TrustedCerts},
+		{"chef.encrypted_data_bag_secret", ch.EncryptedDataBagSecret},
+		{"chef.pid_file", ch.PIDFile},
+	} {
+		if k.path != "" && !strings.HasPrefix(k.path, "/") {
+			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
+		}
+	}
+	if !slices.Contains(chefLicenses, ch.License) {
+		errs = append(errs, c.invalid("chef.license", "%q is not one of accept, accept-silent, accept-no-persist (or empty, to leave it to the image)", ch.License))
+	}
+	if !slices.Contains(chefLogLevels, ch.LogLevel) {
+		errs = append(errs, c.invalid("chef.log_level", "%q is not one of auto, trace, debug, info, warn, error, fatal (or empty)", ch.LogLevel))
 	}
 	return errs
 }
+
+// chefLicenses are chef-client's chef_license values, and "" for none.
+var chefLicenses = []string{"", "accept", "accept-silent", "accept-no-persist"}
+
+// chefLogLevels are chef-client's log levels, and "" for its default.
+var chefLogLevels = []string{"", "auto", "trace", "debug", "info", "warn", "error", "fatal"}
 
 func (c Config) validateMetrics() []error {
 	var errs []error

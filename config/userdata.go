@@ -400,6 +400,20 @@ func setKey(c *Config, key string, v any) {
 		c.Chef.SSLVerify = v.(bool)
 	case "chef.delete_validation_key":
 		c.Chef.DeleteValidationKey = v.(bool)
+	case "chef.license":
+		c.Chef.License = v.(string)
+	case "chef.encrypted_data_bag_secret":
+		c.Chef.EncryptedDataBagSecret = v.(string)
+	case "chef.log_level":
+		c.Chef.LogLevel = v.(string)
+	case "chef.file_cache_path":
+		c.Chef.FileCachePath = v.(string)
+	case "chef.file_backup_path":
+		c.Chef.FileBackupPath = v.(string)
+	case "chef.pid_file":
+		c.Chef.PIDFile = v.(string)
+	case "chef.show_time":
+		c.Chef.ShowTime = v.(bool)
 	default:
 		panic("config: no setter for user-data key " + key)
 	}

@@ -408,6 +408,14 @@ var cloudChefKeys = map[string]struct {
 	"policy_group":                {"chef.policy_group", kindString},
 	"ssl_verify_mode":             {"chef.ssl_verify", kindBool},
 	"delete_validation_post_exec": {"chef.delete_validation_key", kindBool},
+	// chef-client's own settings, which cloud-init writes to client.rb.
+	"chef_license":              {"chef.license", kindString},
+	"encrypted_data_bag_secret": {"chef.encrypted_data_bag_secret", kindString},
+	"log_level":                 {"chef.log_level", kindString},
+	"file_cache_path":           {"chef.file_cache_path", kindString},
+	"file_backup_path":          {"chef.file_backup_path", kindString},
+	"pid_file":                  {"chef.pid_file", kindString},
+	"show_time":                 {"chef.show_time", kindBool},
 }
 
 // decodeCloudConfig reads the keys of a #cloud-config document that concern
@@ -564,6 +572,10 @@ func cloudChefValue(name string, v *yaml.Node, kind valueKind) (any, error) {
 			return false, nil
 		}
 		return nil, fmt.Errorf("%q is not :verify_peer or :verify_none", s)
+	case name == "log_level":
+		// cloud-init's examples write it as a Ruby symbol.
+		s, err := scalarString(v)
+		return strings.TrimPrefix(s, ":"), err
 	case kind == kindBool:
 		return scalarBool(v)
 	case kind == kindList:

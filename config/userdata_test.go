@@ -555,3 +555,49 @@ func TestApplyUserDataLeavesAByteOrderMarkInsideANameForTheHostNameCheckToRefuse
 		assert.Contains(t, err.Error(), `domain invalid host name: "example\ufeff.com": label 1 has '\ufeff'`)
 	})
 }
+
+func TestApplyUserDataTakesChefClientsOwnSettingsFromCloudInitsChefBlock(t *testing.T) {
+	// The chef block of cloud-init's own example (doc/examples/cloud-config-chef.txt),
+	// with the settings it writes to client.rb.
+	data := `#cloud-config
+chef:
+  install_type: "packages"
+  force_install: false
+  omnibus_url: "https://www.chef.io/chef/install.sh"
+  omnibus_version: "17"
+  server_url: "https://chef.yourorg.com"
+  node_name: "your-node-name"
+  environment: "production"
+  validation_name: "yourorg-validator"
+  run_list:
+    - "recipe[apache2]"
+    - "role[db]"
+  chef_license: "accept"
+  encrypted_data_bag_secret: "/etc/chef/encrypted_data_bag_secret"
+  log_level: ":info"
+  file_cache_path: "/var/cache/chef"
+  file_backup_path: "/var/backups/chef"
+  pid_file: "/var/run/chef/client.pid"
+  show_time: false
+`
+	cfg, info, err := ApplyUserData(Default(), []byte(data))
+	require.NoError(t, err)
+	ch := cfg.Chef
+	assert.Equal(t, "accept", ch.License)
+	assert.Equal(t, "/etc/chef/encrypted_data_bag_secret", ch.EncryptedDataBagSecret)
+	assert.Equal(t, "info", ch.LogLevel, "the symbol's colon is cloud-init's spelling")
+	assert.Equal(t, "/var/run/chef/client.pid", ch.PIDFile)
+	assert.False(t, ch.ShowTime)
+	assert.Equal(t, "/var/cache/chef", ch.FileCachePath)
+	assert.Equal(t, "/var/backups/chef", ch.FileBackupPath)
+	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: install_type, force_install, omnibus_url, omnibus_version",
+		"only the install keys are left to cloud-init")
+
+	for _, bad := range []struct{ data, want string }{
+		{"#cloud-config\nchef:\n  chef_license: yes-please\n", `chef.license: "yes-please" is not one of accept, accept-silent, accept-no-persist`},
+		{"#cloud-config\nchef:\n  log_level: :loud\n", `chef.log_level: "loud" is not one of auto, trace, debug, info, warn, error, fatal`},
+		{"#cloud-config\nchef:\n  encrypted_data_bag_secret: secret.txt\n", `chef.encrypted_data_bag_secret: "secret.txt" must be an absolute path`},
+	} {
+		assertRefused(t, []byte(bad.data), bad.want)
+	}
+}

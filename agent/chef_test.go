@@ -244,3 +244,11 @@ func TestTheLicenseAndChefClientsSettingsReachClientRB(t *testing.T) {
 	assert.Contains(t, rb, "log_level                        :warn\n")
 	assert.Contains(t, rb, "encrypted_data_bag_secret        '"+filepath.Join(s.root, "etc/chef/encrypted_data_bag_secret")+"'\n", "taken inside the root, as the client key is")
 }
+
+func TestRegistrationTellsOhaiThisIsEC2AndNothingOfIAM(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\n")
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.JSONEq(t, "{}", readFile(t, filepath.Join(s.root, "etc/chef/ohai/hints/ec2.json")), "Ohai's ec2 plugin then runs on every instance type")
+	assert.NoFileExists(t, filepath.Join(s.root, "etc/chef/ohai/hints/iam.json"), "the iam hint would copy the role's data into the node")
+}

@@ -23,6 +23,12 @@ import (
 const (
 	clientRBPath  = "/etc/chef/client.rb"
 	firstBootPath = "/etc/chef/first-boot.json"
+	// ec2HintPath tells Ohai's ec2 plugin that this is an EC2 instance,
+	// which it cannot always tell from the hardware (as knife-ec2 does).
+	// The iam hint is never written: it makes Ohai copy the instance
+	// role's data into the node's attributes, for the Chef server and
+	// everyone who can read nodes to see.
+	ec2HintPath = "/etc/chef/ohai/hints/ec2.json"
 )
 
 // registerRetry paces retries of Chef server requests during registration:
@@ -201,6 +207,7 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 		{clientRBPath, p.clientRB, 0o644},
 		// The first run's attributes may be secrets of the application.
 		{firstBootPath, p.firstBoot, 0o600},
+		{ec2HintPath, []byte("{}\n"), 0o644},
 	} {
 		if err := e.writeFile(log, f.path, f.data, f.mode); err != nil {
 			return reg, err

@@ -252,3 +252,13 @@ func TestRegistrationTellsOhaiThisIsEC2AndNothingOfIAM(t *testing.T) {
 	assert.JSONEq(t, "{}", readFile(t, filepath.Join(s.root, "etc/chef/ohai/hints/ec2.json")), "Ohai's ec2 plugin then runs on every instance type")
 	assert.NoFileExists(t, filepath.Join(s.root, "etc/chef/ohai/hints/iam.json"), "the iam hint would copy the role's data into the node")
 }
+
+func TestAMissingChefClientIsSaidToBeTheImagesToCarry(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\n", func(c *config.Config) {
+		c.Chef.ClientCommand = []string{"chef-client-not-on-this-machine"}
+	})
+	_, err := s.engine.Once(context.Background())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `chef.client_command "chef-client-not-on-this-machine" is not on this machine`)
+	assert.Contains(t, err.Error(), "the image must carry chef-client")
+}

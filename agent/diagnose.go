@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -104,6 +105,7 @@ func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logg
 		}
 	})
 	add(checkChefClient(cfgWithUserData))
+	add(checkLicense(root, cfgWithUserData, os.Getenv("CHEF_LICENSE")))
 	add(checkUnits(root))
 	return d
 }
@@ -228,10 +230,37 @@ func checkChefClient(cfg config.Config) Finding {
 	path, err := exec.LookPath(cfg.Chef.ClientCommand[0])
 	if err != nil {
 		c.Result, c.Detail = DiagFail, err.Error()
-		c.Fix = "install Chef Infra Client, or point chef.client_command at it"
+		c.Fix = chef.NotInstalledFix
 		return c
 	}
 	c.Result, c.Detail = DiagOK, path
+	return c
+}
+
+// acceptedLicensesDir is where chef-client records an accepted license
+// (Chef's license-acceptance), one file per product.
+const acceptedLicensesDir = "/etc/chef/accepted_licenses"
+
+// checkLicense says whether chef-client's license is accepted: by
+// chef.license (client.rb's chef_license), by CHEF_LICENSE in the
+// environment, or by a marker chef-client left when it was accepted on the
+// image. Cinc has no license to accept.
+func checkLicense(root string, cfg config.Config, env string) Finding {
+	c := Finding{Name: "chef-client license"}
+	markers, _ := os.ReadDir(filepath.Join(root, acceptedLicensesDir))
+	switch {
+	case strings.HasPrefix(filepath.Base(cfg.Chef.ClientCommand[0]), "cinc-"):
+		c.Result, c.Detail = DiagSkip, "Cinc has no license to accept"
+	case cfg.Chef.License != "":
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("chef.license: %s (client.rb's chef_license)", cfg.Chef.License)
+	case env != "":
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in the environment", env)
+	case len(markers) > 0:
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("accepted on the image (%s/%s)", acceptedLicensesDir, markers[0].Name())
+	default:
+		c.Result, c.Detail = DiagWarn, "not accepted: chef-client 15 and later refuse to run (exit 172, license_not_accepted)"
+		c.Fix = chef.ResultLicenseNotAccepted.Fix()
+	}
 	return c
 }
 

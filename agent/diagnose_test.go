@@ -6,6 +6,8 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -116,4 +118,25 @@ func TestDiagnoseWithoutIMDS(t *testing.T) {
 	assert.Equal(t, DiagFail, f["IMDS reachable"].Result)
 	assert.Contains(t, f["IMDS reachable"].Detail, "connection refused")
 	assert.Equal(t, DiagSkip, f["Chef server"].Result)
+}
+
+func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
+	root := t.TempDir()
+	cfg := config.Default()
+	assert.Equal(t, DiagWarn, checkLicense(root, cfg, "").Result, "nothing accepts it")
+	assert.Contains(t, checkLicense(root, cfg, "").Fix, "set chef.license: accept")
+
+	assert.Equal(t, DiagOK, checkLicense(root, cfg, "accept-no-persist").Result, "CHEF_LICENSE")
+	cfg.Chef.License = "accept"
+	assert.Contains(t, checkLicense(root, cfg, "").Detail, "chef.license: accept")
+	cfg.Chef.License = ""
+
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef/accepted_licenses"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/chef_infra_client"), []byte("---\nid: infra-client\n"), 0o644))
+	got := checkLicense(root, cfg, "")
+	assert.Equal(t, DiagOK, got.Result)
+	assert.Contains(t, got.Detail, "accepted on the image (/etc/chef/accepted_licenses/chef_infra_client)")
+
+	cfg.Chef.ClientCommand = []string{"/opt/cinc/bin/cinc-client"}
+	assert.Equal(t, DiagSkip, checkLicense(t.TempDir(), cfg, "").Result, "Cinc has no license")
 }

@@ -156,6 +156,21 @@ func graceFor(cause error, grace time.Duration, now time.Time) time.Duration {
 	return grace
 }
 
+// NotInstalledFix says what to do when chef-client is not on the machine:
+// bootagent runs it, and leaves installing it to the image (cloud-init's
+// install_type and omnibus keys are not bootagent's).
+const NotInstalledFix = "the image must carry chef-client: bake Chef Infra Client (or Cinc, with chef.client_command: [cinc-client]) into it, " +
+	"or point chef.client_command at where it is; bootagent does not install it"
+
+// lookCommand checks that the run's command is on this machine, so that a
+// missing chef-client is said to be missing, the same way by either runner.
+func lookCommand(command []string) error {
+	if _, err := exec.LookPath(command[0]); err != nil {
+		return fmt.Errorf("chef.client_command %q is not on this machine (%w): %s", command[0], err, NotInstalledFix)
+	}
+	return nil
+}
+
 // Runner runs chef-client to the end and says how it ended. An error means
 // the run could not be started or followed.
 type Runner interface {
@@ -182,6 +197,9 @@ func (p ProcessRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	}
 	log := spec.logger(p.Log)
 	out := Outcome{ID: spec.ID, Start: clock.Now()}
+	if err := lookCommand(spec.Command); err != nil {
+		return out, err
+	}
 	tail := &lineLog{log: log, stream: "stdout"}
 	errTail := &lineLog{log: log, stream: "stderr", tail: tail}
 	cmd := exec.Command(spec.Command[0], spec.Command[1:]...)

@@ -53,6 +53,9 @@ func UnitName(runID string) string { return UnitPrefix + runID + ".service" }
 // unless the cause is ErrEndRun (see Follow).
 func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	name := UnitName(spec.ID)
+	if err := lookCommand(spec.Command); err != nil {
+		return Outcome{ID: spec.ID, Unit: name}, err
+	}
 	props := []sddbus.Property{
 		sddbus.PropDescription("chef-client run " + spec.ID + ", started by bootagent"),
 		sddbus.PropExecStart(spec.Command, false),

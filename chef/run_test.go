@@ -155,7 +155,8 @@ func TestProcessRunnerStopsTheRunWhenTheAgentStops(t *testing.T) {
 func TestProcessRunnerFailsToStartAMissingCommand(t *testing.T) {
 	_, err := ProcessRunner{Log: zaptest.NewLogger(t)}.Run(context.Background(), RunSpec{ID: "x", Command: []string{"/nonexistent/chef-client", "-c", "x"}, Timeout: time.Minute})
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "start /nonexistent/chef-client -c x")
+	assert.Contains(t, err.Error(), `chef.client_command "/nonexistent/chef-client" is not on this machine`)
+	assert.Contains(t, err.Error(), NotInstalledFix)
 }
 
 func TestProcessRunnerKillsByTheTimeAnEndRunSays(t *testing.T) {

@@ -4,9 +4,16 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"io"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -261,4 +268,72 @@ func TestAMissingChefClientIsSaidToBeTheImagesToCarry(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), `chef.client_command "chef-client-not-on-this-machine" is not on this machine`)
 	assert.Contains(t, err.Error(), "the image must carry chef-client")
+}
+
+// forwardProxy is an HTTP proxy on loopback that knows one host name the
+// machine does not (the Chef server's), as a corporate proxy would, and
+// counts what it is asked for.
+type forwardProxy struct {
+	*httptest.Server
+	mu   sync.Mutex
+	seen []string
+}
+
+func newForwardProxy(t *testing.T, host, target string) *forwardProxy {
+	t.Helper()
+	u, err := url.Parse(target)
+	require.NoError(t, err)
+	p := &forwardProxy{}
+	p.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.mu.Lock()
+		p.seen = append(p.seen, r.Method+" "+r.URL.String())
+		p.mu.Unlock()
+		if r.URL.Host != host {
+			http.Error(w, "unknown host "+r.URL.Host, http.StatusBadGateway)
+			return
+		}
+		out := r.Clone(r.Context())
+		out.RequestURI, out.URL.Scheme, out.URL.Host = "", u.Scheme, u.Host
+		res, err := http.DefaultTransport.RoundTrip(out)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer res.Body.Close()
+		maps.Copy(w.Header(), res.Header)
+		w.WriteHeader(res.StatusCode)
+		_, _ = io.Copy(w, res.Body)
+	}))
+	t.Cleanup(p.Close)
+	return p
+}
+
+func (p *forwardProxy) requests() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.seen)
+}
+
+func TestTheChefServerIsReachedThroughTheProxyAndIMDSNever(t *testing.T) {
+	const host = "chef.corp.example:4000" // resolvable only by the proxy
+	s := newChefSetup(t, "hostname=web01\n")
+	proxy := newForwardProxy(t, host, s.goiardi.URL)
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = "http://" + host
+		c.Chef.HTTPProxy = proxy.URL
+		c.Chef.NoProxy = "internal.example"
+		c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin"), "--record", s.record}
+	})
+
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	seen := proxy.requests()
+	assert.Contains(t, seen, "POST http://"+host+"/clients", "the registration went through the proxy")
+	assert.Contains(t, seen, "GET http://"+host+"/nodes/web01", "and chef-client's run, by client.rb's http_proxy")
+	for _, r := range seen {
+		assert.NotContains(t, r, "/latest/", "no IMDS request goes through the proxy")
+	}
+	rb := readFile(t, filepath.Join(s.root, "etc/chef/client.rb"))
+	assert.Contains(t, rb, "http_proxy                       '"+proxy.URL+"'\n")
+	assert.Contains(t, rb, "no_proxy                         'internal.example,169.254.169.254,fd00:ec2::254'\n", "chef-client keeps IMDS off the proxy too")
 }

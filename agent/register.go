@@ -54,6 +54,9 @@ var clientRBKeys = map[string]string{
 	"file_backup_path":          "chef.file_backup_path",
 	"pid_file":                  "chef.pid_file",
 	"encrypted_data_bag_secret": "chef.encrypted_data_bag_secret",
+	"http_proxy":                "chef.http_proxy",
+	"https_proxy":               "chef.https_proxy",
+	"no_proxy":                  "chef.no_proxy",
 }
 
 // chefPlan is everything the Chef steps will do, decided and validated
@@ -127,6 +130,7 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 		FileBackupPath: ch.FileBackupPath,
 		PIDFile:        ch.PIDFile,
 		ShowTime:       ch.ShowTime,
+		Proxies:        proxies(ch),
 	}
 	if ch.EncryptedDataBagSecret != "" {
 		rb.EncryptedDataBagSecret = under(ch.EncryptedDataBagSecret)
@@ -153,8 +157,14 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 // registrar talks to the Chef server cfg names, for the agent under root.
 func registrar(cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy) *chef.Registrar {
 	ch := cfg.Chef
-	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify, CAFile: ch.TrustedCerts, Root: root}
+	server := chef.ServerOptions{URL: ch.ServerURL, AuthProtocol: ch.AuthProtocol, SSLVerify: ch.SSLVerify, CAFile: ch.TrustedCerts, Proxies: proxies(ch), Root: root}
 	return &chef.Registrar{Server: server, Log: log, Backoff: policy, Budget: ch.RequestBudget.D(), Clock: clock}
+}
+
+// proxies are the proxies to the Chef server cfg names, for chef-client
+// and the agent alike.
+func proxies(ch config.Chef) chef.Proxies {
+	return chef.Proxies{HTTP: ch.HTTPProxy, HTTPS: ch.HTTPSProxy, No: ch.NoProxy}
 }
 
 // writeFile writes the file name under the root, and says so when it could

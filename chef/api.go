@@ -18,6 +18,7 @@ import (
 	"unicode"
 
 	gochef "github.com/go-chef/chef"
+	"golang.org/x/net/http/httpproxy"
 
 	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/backoff"
@@ -34,6 +35,9 @@ type ServerOptions struct {
 	// CAFile, when set, is a PEM bundle trusted besides the system's CAs,
 	// inside Root.
 	CAFile string
+	// Proxies, when set, carry the agent's requests to the server, as
+	// client.rb's carry chef-client's; else the environment's do.
+	Proxies Proxies
 	// Root is the agent's root directory ("/" when empty): the CA bundle
 	// and the keys the registrar reads are taken inside it, as every file
 	// the agent writes is.
@@ -119,6 +123,10 @@ func newHTTPClient(o ServerOptions) (*http.Client, error) {
 	}
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	transport.TLSClientConfig = tlsConfig
+	if o.Proxies.set() {
+		proxy := (&httpproxy.Config{HTTPProxy: o.Proxies.HTTP, HTTPSProxy: o.Proxies.HTTPS, NoProxy: o.Proxies.noProxy()}).ProxyFunc()
+		transport.Proxy = func(req *http.Request) (*url.URL, error) { return proxy(req.URL) }
+	}
 	timeout := o.Timeout
 	if timeout == 0 {
 		timeout = requestTimeout

@@ -162,6 +162,33 @@ type ClientConfig struct {
 	// PIDFile is chef-client's pid_file, or "".
 	PIDFile  string
 	ShowTime bool
+	// Proxies are chef-client's http_proxy, https_proxy and no_proxy.
+	Proxies Proxies
+}
+
+// Proxies are the proxies to the Chef server: chef-client's settings, and
+// the agent's own for its requests. Empty, both take the environment's.
+type Proxies struct {
+	HTTP, HTTPS, No string
+}
+
+// set reports whether any proxy is named.
+func (p Proxies) set() bool { return p.HTTP != "" || p.HTTPS != "" }
+
+// imdsAddresses are never proxied: a proxy would answer for another
+// machine's metadata, or for none. bootagent's own IMDS client never
+// takes a proxy; this keeps chef-client's (Ohai's ec2 plugin) off one too.
+var imdsAddresses = []string{"169.254.169.254", "fd00:ec2::254"}
+
+// noProxy is no_proxy with the IMDS addresses added.
+func (p Proxies) noProxy() string {
+	list := strings.FieldsFunc(p.No, func(r rune) bool { return r == ',' || r == ' ' })
+	for _, a := range imdsAddresses {
+		if !slices.Contains(list, a) {
+			list = append(list, a)
+		}
+	}
+	return strings.Join(list, ",")
 }
 
 // trustedCertsDir is chef-client's own default for a root install, written
@@ -207,6 +234,11 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 	w.optional("file_cache_path", c.FileCachePath)
 	w.optional("file_backup_path", c.FileBackupPath)
 	w.optional("encrypted_data_bag_secret", c.EncryptedDataBagSecret)
+	if c.Proxies.set() {
+		w.optional("http_proxy", c.Proxies.HTTP)
+		w.optional("https_proxy", c.Proxies.HTTPS)
+		w.str("no_proxy", c.Proxies.noProxy())
+	}
 	w.optional("pid_file", c.PIDFile)
 	if c.License != "" && w.known("chef_license", c.License, licenses) {
 		w.str("chef_license", c.License)

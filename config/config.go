@@ -131,6 +131,12 @@ type Chef struct {
 	FileBackupPath string `yaml:"file_backup_path" json:"file_backup_path"`
 	PIDFile        string `yaml:"pid_file" json:"pid_file"`
 	ShowTime       bool   `yaml:"show_time" json:"show_time"`
+	// HTTPProxy, HTTPSProxy and NoProxy are chef-client's proxy settings,
+	// which the agent's own Chef server requests use too; empty, both
+	// take the environment's (HTTPS_PROXY and the like).
+	HTTPProxy  string `yaml:"http_proxy" json:"http_proxy"`
+	HTTPSProxy string `yaml:"https_proxy" json:"https_proxy"`
+	NoProxy    string `yaml:"no_proxy" json:"no_proxy"`
 	// DeregisterOnTermination removes the node and client from the Chef
 	// server when IMDS announces that the instance is being terminated.
 	DeregisterOnTermination bool `yaml:"deregister_on_termination" json:"deregister_on_termination"`
@@ -490,6 +496,17 @@ func (c Config) validateChef() []error {
 	} {
 		if k.path != "" && !strings.HasPrefix(k.path, "/") {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
+		}
+	}
+	for _, k := range []struct{ key, url string }{
+		{"chef.http_proxy", ch.HTTPProxy},
+		{"chef.https_proxy", ch.HTTPSProxy},
+	} {
+		if k.url == "" {
+			continue
+		}
+		if err := checkURL(k.url); err != nil {
+			errs = append(errs, c.invalid(k.key, "%v", err))
 		}
 	}
 	if !slices.Contains(chefLicenses, ch.License) {

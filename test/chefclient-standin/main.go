@@ -33,6 +33,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -41,6 +42,7 @@ import (
 	"time"
 
 	gochef "github.com/go-chef/chef"
+	"golang.org/x/net/http/httpproxy"
 )
 
 func main() {
@@ -173,11 +175,14 @@ func converge(s map[string]string, jsonPath string) (gochef.Node, error) {
 	if !strings.HasSuffix(base, "/") {
 		base += "/"
 	}
+	// client.rb's proxies, as chef-client takes them.
+	proxy := (&httpproxy.Config{HTTPProxy: s["http_proxy"], HTTPSProxy: s["https_proxy"], NoProxy: s["no_proxy"]}).ProxyFunc()
+	transport := &http.Transport{TLSClientConfig: tlsConfig, Proxy: func(r *http.Request) (*url.URL, error) { return proxy(r.URL) }}
 	c, err := gochef.NewClient(&gochef.Config{
 		Name: s["node_name"], Key: string(key), BaseURL: base,
 		AuthenticationVersion: s["authentication_protocol_version"],
 		Client: &http.Client{
-			Transport: retrying{next: &http.Transport{TLSClientConfig: tlsConfig}, count: retryCount},
+			Transport: retrying{next: transport, count: retryCount},
 			Timeout:   5 * time.Minute,
 		},
 	})

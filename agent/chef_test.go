@@ -3,7 +3,10 @@ package agent
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"maps"
 	"net/http"
@@ -336,4 +339,30 @@ func TestTheChefServerIsReachedThroughTheProxyAndIMDSNever(t *testing.T) {
 	rb := readFile(t, filepath.Join(s.root, "etc/chef/client.rb"))
 	assert.Contains(t, rb, "http_proxy                       '"+proxy.URL+"'\n")
 	assert.Contains(t, rb, "no_proxy                         'internal.example,169.254.169.254,fd00:ec2::254'\n", "chef-client keeps IMDS off the proxy too")
+}
+
+func TestTheLicenseKeyReachesChefClientsEnvironmentOnly(t *testing.T) {
+	const key = "free-0123456789abcdef-license"
+	s := newChefSetup(t, "hostname=web01\n", func(c *config.Config) { c.Chef.LicenseKeyFile = "/etc/chef/license.key" })
+	keyFile := filepath.Join(s.root, "etc/chef/license.key")
+	require.NoError(t, os.WriteFile(keyFile, []byte(key+"\n"), 0o600))
+
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	runs := s.runs(t)
+	require.Len(t, runs, 1)
+	sum := sha256.Sum256([]byte(key))
+	assert.Equal(t, hex.EncodeToString(sum[:]), runs[0]["license_key_sha256"], "chef-client got CHEF_LICENSE_KEY")
+	assert.NotContains(t, fmt.Sprint(runs[0]["args"]), key, "never on the command line")
+	for _, e := range s.logs.All() {
+		assert.NotContains(t, fmt.Sprint(e.Message, e.ContextMap()), key, "never logged")
+	}
+	fi, err := os.Stat(filepath.Join(s.root, "run/bootagent/chef-client.env"))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+
+	require.NoError(t, os.Chmod(keyFile, 0o644))
+	_, err = s.engine.Once(context.Background())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "chef.license_key_file /etc/chef/license.key is readable by others (mode 0644)")
 }

@@ -302,7 +302,18 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 				Grace:   runGrace,
 				Log:     l.m.runLog(a.run.id),
 			}
-			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) { return e.runner.Run(ctx, spec) })
+			keyFile := a.plan.cfg.Chef.LicenseKeyFile
+			if keyFile != "" {
+				spec.EnvironmentFile = e.path(runEnvPath)
+			}
+			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) {
+				if keyFile != "" {
+					if err := e.writeRunEnvironment(keyFile); err != nil {
+						return chef.Outcome{ID: spec.ID}, err
+					}
+				}
+				return e.runner.Run(ctx, spec)
+			})
 		case actEndRun:
 			if l.run != nil {
 				l.run.cancel(a.cause)

@@ -4,10 +4,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"hash/fnv"
 	"strings"
 	"time"
+	"unicode"
 
+	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/chef"
 )
 
@@ -78,6 +81,35 @@ func startRun(info runInfo, run func(ctx context.Context) (chef.Outcome, error))
 }
 
 // tailText formats the end of a run's output for an error message.
+// runEnvPath is chef-client's environment file (root's alone), made before
+// each run from chef.license_key_file.
+const runEnvPath = "/run/bootagent/chef-client.env"
+
+// writeRunEnvironment makes chef-client's environment file: the license
+// key as CHEF_LICENSE_KEY. The key file must be its owner's alone, and the
+// key is never logged.
+func (e *Engine) writeRunEnvironment(keyFile string) error {
+	fi, err := atomicfile.Stat(e.root, keyFile)
+	if err != nil {
+		return fmt.Errorf("chef.license_key_file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("chef.license_key_file %s is readable by others (mode %04o): a license key is a secret; chmod 600 it", keyFile, fi.Mode().Perm())
+	}
+	data, err := atomicfile.ReadFile(e.root, keyFile)
+	if err != nil {
+		return fmt.Errorf("chef.license_key_file: %w", err)
+	}
+	key := strings.TrimSpace(string(data))
+	if key == "" || strings.ContainsFunc(key, unicode.IsControl) {
+		return fmt.Errorf("chef.license_key_file %s does not hold one license key on one line", keyFile)
+	}
+	if _, err := atomicfile.WriteFile(e.root, runEnvPath, []byte("CHEF_LICENSE_KEY="+key+"\n"), 0o600); err != nil {
+		return fmt.Errorf("chef-client's environment: %w", err)
+	}
+	return nil
+}
+
 // fixText is what to do about a run's result, for its error, or "".
 func fixText(r chef.Result) string {
 	if fix := r.Fix(); fix != "" {

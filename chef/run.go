@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -101,6 +102,11 @@ type RunSpec struct {
 	// Log is where the run's lines go; nil is the runner's own logger with
 	// the run's id.
 	Log *zap.Logger
+	// EnvironmentFile, when set, is a file of KEY=VALUE lines, root's
+	// alone, added to chef-client's environment: the way to hand it a
+	// secret (CHEF_LICENSE_KEY), which on a command line or in a unit's
+	// Environment= every user of the machine could read.
+	EnvironmentFile string
 }
 
 // logger is the run's logger.
@@ -203,6 +209,13 @@ func (p ProcessRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	tail := &lineLog{log: log, stream: "stdout"}
 	errTail := &lineLog{log: log, stream: "stderr", tail: tail}
 	cmd := exec.Command(spec.Command[0], spec.Command[1:]...)
+	if spec.EnvironmentFile != "" {
+		env, err := os.ReadFile(spec.EnvironmentFile)
+		if err != nil {
+			return out, fmt.Errorf("chef-client's environment: %w", err)
+		}
+		cmd.Env = append(os.Environ(), strings.Split(strings.TrimSpace(string(env)), "\n")...)
+	}
 	// Its own process group, so a timeout reaches every process the run
 	// started, not only chef-client.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -72,6 +72,14 @@ func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 		{Name: "SyslogIdentifier", Value: dbus.MakeVariant("chef-client")},
 		{Name: "LogExtraFields", Value: dbus.MakeVariant([][]byte{[]byte("BOOTAGENT_RUN_ID=" + spec.ID)})},
 	}
+	if spec.EnvironmentFile != "" {
+		// systemd reads the file as the unit starts; the unit's
+		// properties name only its path.
+		props = append(props, sddbus.Property{Name: "EnvironmentFiles", Value: dbus.MakeVariant([]struct {
+			Path     string
+			Optional bool
+		}{{spec.EnvironmentFile, false}})})
+	}
 	done := make(chan string, 1)
 	if _, err := u.conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
 		return Outcome{ID: spec.ID, Unit: name}, fmt.Errorf("start unit %s (%s): %w", name, strings.Join(spec.Command, " "), err)

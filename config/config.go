@@ -121,6 +121,10 @@ type Chef struct {
 	// License is chef-client's chef_license: accept, accept-silent or
 	// accept-no-persist; empty leaves the acceptance to the image.
 	License string `yaml:"license" json:"license"`
+	// LicenseKeyFile is a file (0600) holding a Chef Infra Client 19
+	// license key, handed to chef-client as CHEF_LICENSE_KEY in its
+	// environment; "" for none.
+	LicenseKeyFile string `yaml:"license_key_file" json:"license_key_file"`
 	// The chef-client settings below are written to client.rb as given;
 	// an empty path is not written (chef-client's default holds).
 	EncryptedDataBagSecret string `yaml:"encrypted_data_bag_secret" json:"encrypted_data_bag_secret"`
@@ -493,6 +497,7 @@ func (c Config) validateChef() []error {
 		{"chef.trusted_certs", ch.TrustedCerts},
 		{"chef.encrypted_data_bag_secret", ch.EncryptedDataBagSecret},
 		{"chef.pid_file", ch.PIDFile},
+		{"chef.license_key_file", ch.LicenseKeyFile},
 	} {
 		if k.path != "" && !strings.HasPrefix(k.path, "/") {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))

@@ -24,8 +24,10 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -279,6 +281,15 @@ func applyFirstBoot(node *gochef.Node, path string) error {
 	return nil
 }
 
+// digest is the SHA-256 of s in hex, or "" for an empty s.
+func digest(s string) string {
+	if s == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
+}
+
 func appendRecord(path string, s map[string]string, node gochef.Node, jsonPath string) error {
 	rec := map[string]any{
 		"time":          time.Now().UTC().Format(time.RFC3339Nano),
@@ -288,6 +299,9 @@ func appendRecord(path string, s map[string]string, node gochef.Node, jsonPath s
 		"node_name":     s["node_name"],
 		"run_list":      node.RunList,
 		"invocation_id": os.Getenv("INVOCATION_ID"),
+		// A digest, so that a test can tell the key arrived without the
+		// record holding it.
+		"license_key_sha256": digest(os.Getenv("CHEF_LICENSE_KEY")),
 	}
 	line, err := json.Marshal(rec)
 	if err != nil {

@@ -366,3 +366,28 @@ func TestTheLicenseKeyReachesChefClientsEnvironmentOnly(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "chef.license_key_file /etc/chef/license.key is readable by others (mode 0644)")
 }
+
+func TestWithExecFalseTheNodeIsRegisteredAndNothingRun(t *testing.T) {
+	s := newChefSetup(t, "#cloud-config\nhostname: web01\nchef:\n  exec: false\n")
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.Nil(t, res.FirstRun, "no first run")
+	assert.Empty(t, s.runs(t))
+	assert.NotEmpty(t, s.goiardi.Clients(t)["web01"], "registered")
+	for _, f := range []string{"etc/chef/client.rb", "etc/chef/first-boot.json", "etc/chef/client.pem"} {
+		assert.FileExists(t, filepath.Join(s.root, f), "chef-client's files are written for whoever runs it")
+	}
+	st, err := ReadState(s.root)
+	require.NoError(t, err)
+	assert.Contains(t, st.Status, "chef-client not run (chef.exec: false)")
+}
+
+func TestADaemonWithExecFalseRunsNothingEvenWhenAsked(t *testing.T) {
+	d := newDaemon(t, "", func(c *config.Config) { c.Chef.Exec = false })
+	d.registered(t)
+	d.engine.TriggerRun()
+	testenv.Eventually(t, 10*time.Second, func() bool { return d.logged("chef-client run requested, but none starts now") == 1 }, "SIGUSR1 is answered")
+	d.polls(t, 2)
+	assert.Empty(t, d.runs(t), "no run, first or requested")
+	assert.Equal(t, PhaseIdle, d.state(t).Phase)
+}

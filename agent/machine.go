@@ -644,6 +644,8 @@ func (m *machine) noRun() string {
 		return "no Chef server is configured"
 	case !m.isRegistered():
 		return "the instance is not registered yet"
+	case !m.plan.cfg.Chef.Exec:
+		return "chef.exec is false: the agent registers the node and writes chef-client's files, and runs nothing"
 	case m.notices().Warmed():
 		return "the instance is in a warm pool"
 	}
@@ -711,6 +713,8 @@ func (m *machine) next(now time.Time) []action {
 		return acts
 	case !m.isRegistered():
 		return append(acts, m.nextRegistration(now)...)
+	case !m.plan.cfg.Chef.Exec:
+		return acts
 	}
 	return append(acts, m.nextRun(now)...)
 }
@@ -815,6 +819,9 @@ func (m *machine) nextOnce(now time.Time) []action {
 		return m.next(now)
 	case !m.isRegistered():
 		return m.nextRegistration(now)
+	case !m.plan.cfg.Chef.Exec:
+		m.exit = &actExit{}
+		return m.next(now)
 	case m.run == nil && m.res.FirstRun == nil:
 		return []action{m.startRun(now, false, m.plan.cfg.Chef.RunTimeout.D())}
 	}
@@ -876,7 +883,7 @@ func (m *machine) nextTerminating(now time.Time) []action {
 		log.Warn("ending the chef-client run", zap.String("why", cause.Error()))
 		return []action{actEndRun{cause: cause}}
 	}
-	if ch.FinalRun && !t.FinalRunDone && m.isRegistered() && !m.deregistered() {
+	if ch.FinalRun && ch.Exec && !t.FinalRunDone && m.isRegistered() && !m.deregistered() {
 		left := t.Deadline.Sub(now) - endRunReserve
 		if left >= minFinalRun {
 			m.log.Info("a final chef-client run before deregistering", zap.Duration("within", left))
@@ -1155,6 +1162,8 @@ func (m *machine) idleStatus() string {
 	switch {
 	case m.plan.chef == nil:
 		status += ", no Chef server configured"
+	case !m.plan.cfg.Chef.Exec:
+		status += ", chef-client not run (chef.exec: false)"
 	case m.st.NextRun != nil:
 		status += ", next chef-client run at " + m.st.NextRun.UTC().Format(time.RFC3339)
 	}

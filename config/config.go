@@ -135,6 +135,10 @@ type Chef struct {
 	FileBackupPath string `yaml:"file_backup_path" json:"file_backup_path"`
 	PIDFile        string `yaml:"pid_file" json:"pid_file"`
 	ShowTime       bool   `yaml:"show_time" json:"show_time"`
+	// Exec runs chef-client; false registers the node and writes its
+	// files only (cloud-init's chef exec), for an image whose own
+	// tooling runs chef-client.
+	Exec bool `yaml:"exec" json:"exec"`
 	// HTTPProxy, HTTPSProxy and NoProxy are chef-client's proxy settings,
 	// which the agent's own Chef server requests use too; empty, both
 	// take the environment's (HTTPS_PROXY and the like).
@@ -205,6 +209,7 @@ func Default() Config {
 			FileCachePath:        "/var/cache/chef",
 			FileBackupPath:       "/var/backups/chef",
 			ShowTime:             true,
+			Exec:                 true,
 			SSLVerify:            true,
 			// Stale nodes are the first complaint of Chef users in Auto
 			// Scaling groups, so cleaning up is the default.

@@ -414,6 +414,8 @@ func setKey(c *Config, key string, v any) {
 		c.Chef.PIDFile = v.(string)
 	case "chef.show_time":
 		c.Chef.ShowTime = v.(bool)
+	case "chef.exec":
+		c.Chef.Exec = v.(bool)
 	default:
 		panic("config: no setter for user-data key " + key)
 	}

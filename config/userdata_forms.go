@@ -389,7 +389,7 @@ func nonEmpty(list []string) []string {
 }
 
 // cloudChefKeys maps the keys of cloud-init's chef block that bootagent
-// honours to config keys. Others (install_type, exec, omnibus_url, ...) are
+// honours to config keys. Others (install_type, omnibus_url, ...) are
 // cloud-init's business.
 var cloudChefKeys = map[string]struct {
 	key  string
@@ -416,6 +416,7 @@ var cloudChefKeys = map[string]struct {
 	"file_backup_path":          {"chef.file_backup_path", kindString},
 	"pid_file":                  {"chef.pid_file", kindString},
 	"show_time":                 {"chef.show_time", kindBool},
+	"exec":                      {"chef.exec", kindBool},
 }
 
 // decodeCloudConfig reads the keys of a #cloud-config document that concern

@@ -297,3 +297,60 @@ func TestRenderClientRBWritesChefClientsOwnSettings(t *testing.T) {
 		assert.Contains(t, []string{"chef_license", "log_level"}, se.Setting)
 	}
 }
+
+// chefConfigLoad loads client.rb the way chef-client does, with Chef's own
+// ChefConfig::WorkstationConfigLoader (Debian's ruby-chef-config), and
+// returns the settings bootagent writes as chef-client reads them.
+func chefConfigLoad(t *testing.T, path string) map[string]any {
+	t.Helper()
+	const script = `require "json"; require "chef-config/config"; require "chef-config/workstation_config_loader"
+ChefConfig::WorkstationConfigLoader.new(ARGV[0]).load
+c = ChefConfig::Config
+keys = %w[chef_server_url node_name client_key ssl_verify_mode trusted_certs_dir ssl_ca_file authentication_protocol_version
+  environment policy_name policy_group file_cache_path file_backup_path encrypted_data_bag_secret pid_file chef_license
+  log_level log_location show_time http_proxy https_proxy no_proxy]
+puts JSON.generate(keys.to_h { |k| v = c[k.to_sym]; [k, v.is_a?(Symbol) ? ":#{v}" : (v.is_a?(IO) ? "STDOUT" : v)] })`
+	out, err := exec.Command(testenv.Tool(t, "ruby"), "-e", script, path).CombinedOutput()
+	require.NoError(t, err, "ChefConfig refused the file:\n%s", out)
+	var settings map[string]any
+	require.NoError(t, json.Unmarshal(out, &settings), "%s", out)
+	return settings
+}
+
+func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
+	dir := t.TempDir()
+	full := baseClientConfig()
+	full.CAFile, full.License, full.EncryptedDataBagSecret, full.LogLevel, full.PIDFile, full.ShowTime = "/etc/chef/ca.pem", "accept-silent", "/etc/chef/secret", "debug", "/run/chef/client.pid", false
+	full.Proxies = Proxies{HTTP: "http://proxy.corp:3128", HTTPS: "http://proxy.corp:3129", No: "corp.example"}
+	configs := []ClientConfig{baseClientConfig(), full}
+	for _, v := range injections {
+		c := full
+		c.ServerURL, c.ClientKey, c.EncryptedDataBagSecret, c.Proxies.No = "https://chef.example.com/"+v, "/etc/chef/"+v, "/etc/chef/"+v, v
+		configs = append(configs, c)
+	}
+	for i, c := range configs {
+		got, err := RenderClientRB(c)
+		require.NoError(t, err)
+		path := filepath.Join(dir, "client.rb")
+		require.NoError(t, os.WriteFile(path, got, 0o600))
+		s := chefConfigLoad(t, path)
+		want := map[string]any{
+			"chef_server_url": c.ServerURL, "node_name": c.NodeName, "client_key": c.ClientKey,
+			"ssl_verify_mode": ":verify_peer", "authentication_protocol_version": c.AuthProtocol,
+			"file_cache_path": c.FileCachePath, "file_backup_path": c.FileBackupPath,
+			"log_location": "STDOUT", "show_time": c.ShowTime,
+		}
+		if c.License != "" {
+			want["chef_license"] = c.License
+			want["encrypted_data_bag_secret"] = c.EncryptedDataBagSecret
+			want["log_level"] = ":" + c.LogLevel
+			want["pid_file"] = c.PIDFile
+			want["ssl_ca_file"] = c.CAFile
+			want["http_proxy"], want["https_proxy"] = c.Proxies.HTTP, c.Proxies.HTTPS
+			want["no_proxy"] = c.Proxies.noProxy()
+		}
+		for k, v := range want {
+			assert.Equal(t, v, s[k], "config %d: chef-client reads %s as bootagent meant", i, k)
+		}
+	}
+}

@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # Debian packages: unshare and mount (private namespaces), ip (loopback in
 # the test namespace), hostname (the `hostname -f` check), goiardi (the Chef
 # server the tests register with), ruby (`ruby -c` on every client.rb),
-# debootstrap and systemd-container (the boot test's image and
-# systemd-nspawn), rpm (to read the .rpm the build makes).
-packages=(util-linux mount iproute2 hostname goiardi ruby debootstrap systemd-container rpm)
+# ruby-chef-config (Chef's own loader of client.rb, which must read each
+# one as meant), debootstrap and systemd-container (the boot test's image
+# and systemd-nspawn), rpm (to read the .rpm the build makes).
+packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config debootstrap systemd-container rpm)
 # `deps.sh docs` adds graphviz, which renders docs/phases.svg.
 if [[ " $* " == *" docs "* ]]; then
 	packages+=(graphviz)

@@ -391,3 +391,20 @@ func TestADaemonWithExecFalseRunsNothingEvenWhenAsked(t *testing.T) {
 	assert.Empty(t, d.runs(t), "no run, first or requested")
 	assert.Equal(t, PhaseIdle, d.state(t).Phase)
 }
+
+func TestCincClientRunsTheSameWay(t *testing.T) {
+	bin := t.TempDir()
+	require.NoError(t, os.Symlink(testenv.Tool(t, "chefclient-standin"), filepath.Join(bin, "cinc-client")))
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	s := newChefSetup(t, "hostname=web01\n")
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = s.goiardi.URL
+		c.Chef.ClientCommand = []string{"cinc-client", "--record", s.record}
+	})
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	runs := s.runs(t)
+	require.Len(t, runs, 1)
+	assert.Contains(t, fmt.Sprint(runs[0]["args"]), "-c "+filepath.Join(s.root, "etc/chef/client.rb"), "Cinc reads the same client.rb")
+}

@@ -2,7 +2,11 @@ package config
 
 import (
 	"bytes"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
 	"fmt"
 	"strings"
 	"testing"
@@ -600,4 +604,51 @@ chef:
 	} {
 		assertRefused(t, []byte(bad.data), bad.want)
 	}
+}
+
+func TestCloudInitsChefExampleMeansWhatTheEquivalentConfigSays(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	pemKey := string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))
+	indented := "    " + strings.ReplaceAll(strings.TrimSpace(pemKey), "\n", "\n    ")
+	userData := `#cloud-config
+chef:
+  install_type: "packages"
+  server_url: "https://chef.yourorg.com"
+  node_name: "your-node-name"
+  environment: "production"
+  validation_name: "yourorg-validator"
+  validation_cert: |
+` + indented + `
+  run_list:
+    - "recipe[apache2]"
+    - "role[db]"
+  initial_attributes:
+    apache:
+      prefork:
+        maxclients: 100
+      keepalive: "off"
+  chef_license: "accept"
+  encrypted_data_bag_secret: "/etc/chef/encrypted_data_bag_secret"
+  log_level: ":info"
+  exec: true
+`
+	fromUserData, _, err := ApplyUserData(Default(), []byte(userData))
+	require.NoError(t, err)
+	fromFile, err := Parse([]byte(`chef:
+  server_url: https://chef.yourorg.com
+  node_name: your-node-name
+  environment: production
+  validation_client_name: yourorg-validator
+  run_list: ["recipe[apache2]", "role[db]"]
+  initial_attributes: {apache: {prefork: {maxclients: 100}, keepalive: "off"}}
+  license: accept
+  encrypted_data_bag_secret: /etc/chef/encrypted_data_bag_secret
+  log_level: info
+  exec: true
+`), "config.yaml")
+	require.NoError(t, err)
+	assert.Equal(t, strings.TrimSpace(pemKey), strings.TrimSpace(fromUserData.Chef.ValidationCert), "the inline key, which only user-data carries")
+	fromUserData.Chef.ValidationCert = ""
+	assert.Equal(t, fromFile.Chef, fromUserData.Chef)
 }

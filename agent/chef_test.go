@@ -365,6 +365,15 @@ func TestTheLicenseKeyReachesChefClientsEnvironmentOnly(t *testing.T) {
 	_, err = s.engine.Once(context.Background())
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "chef.license_key_file /etc/chef/license.key is readable by others (mode 0644)")
+
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = s.goiardi.URL
+		c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin"), "--record", s.record}
+	})
+	_, err = s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.NoFileExists(t, filepath.Join(s.root, "run/bootagent/chef-client.env"), "without a key file, no key is handed on")
+	assert.Empty(t, s.runs(t)[len(s.runs(t))-1]["license_key_sha256"])
 }
 
 func TestWithExecFalseTheNodeIsRegisteredAndNothingRun(t *testing.T) {

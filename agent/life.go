@@ -307,10 +307,8 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 				spec.EnvironmentFile = e.path(runEnvPath)
 			}
 			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) {
-				if keyFile != "" {
-					if err := e.writeRunEnvironment(keyFile); err != nil {
-						return chef.Outcome{ID: spec.ID}, err
-					}
+				if err := e.writeRunEnvironment(keyFile); err != nil {
+					return chef.Outcome{ID: spec.ID}, err
 				}
 				return e.runner.Run(ctx, spec)
 			})

@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash/fnv"
+	"io/fs"
 	"strings"
 	"time"
 	"unicode"
@@ -87,8 +89,16 @@ const runEnvPath = "/run/bootagent/chef-client.env"
 
 // writeRunEnvironment makes chef-client's environment file: the license
 // key as CHEF_LICENSE_KEY. The key file must be its owner's alone, and the
-// key is never logged.
+// key is never logged. Without a key file, one left by an earlier
+// configuration is removed: it would hold a key no longer meant to be
+// handed on.
 func (e *Engine) writeRunEnvironment(keyFile string) error {
+	if keyFile == "" {
+		if err := atomicfile.Remove(e.root, runEnvPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("chef-client's environment: %w", err)
+		}
+		return nil
+	}
 	fi, err := atomicfile.Stat(e.root, keyFile)
 	if err != nil {
 		return fmt.Errorf("chef.license_key_file: %w", err)

@@ -283,11 +283,11 @@ func flock(root, name string) (func(), error) {
 // node's key, the first-boot JSON, and client.rb, which names the node. The
 // baked config and the validator are the image's.
 func instanceFiles(cfg config.Config) []string {
-	return []string{cfg.Chef.ClientKey, firstBootPath, clientRBPath}
+	return []string{cfg.Chef.ClientKey, firstBootPath, clientRBPath, runEnvPath}
 }
 
 // Clean forgets the instance under root (state, node key, first-boot JSON,
-// client.rb) so that an image can be baked from this machine; every
+// client.rb, chef-client's environment file) so that an image can be baked from this machine; every
 // instance launched from it then registers as itself. The baked config and
 // the validator stay. A file that is a link goes at its target inside the
 // root, as it was written. It refuses while an agent is running, and

@@ -129,7 +129,6 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 		FileCachePath:  ch.FileCachePath,
 		FileBackupPath: ch.FileBackupPath,
 		PIDFile:        ch.PIDFile,
-		ShowTime:       ch.ShowTime,
 		Proxies:        proxies(ch),
 	}
 	if ch.EncryptedDataBagSecret != "" {

@@ -8,9 +8,9 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io/fs"
+	"regexp"
 	"strings"
 	"time"
-	"unicode"
 
 	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/chef"
@@ -82,7 +82,9 @@ func startRun(info runInfo, run func(ctx context.Context) (chef.Outcome, error))
 	return h
 }
 
-// tailText formats the end of a run's output for an error message.
+// licenseKey is what a Chef license key is made of.
+var licenseKey = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
+
 // runEnvPath is chef-client's environment file (root's alone), made before
 // each run from chef.license_key_file.
 const runEnvPath = "/run/bootagent/chef-client.env"
@@ -111,8 +113,11 @@ func (e *Engine) writeRunEnvironment(keyFile string) error {
 		return fmt.Errorf("chef.license_key_file: %w", err)
 	}
 	key := strings.TrimSpace(string(data))
-	if key == "" || strings.ContainsFunc(key, unicode.IsControl) {
-		return fmt.Errorf("chef.license_key_file %s does not hold one license key on one line", keyFile)
+	if !licenseKey.MatchString(key) {
+		// Anything else could be read differently by systemd's
+		// EnvironmentFile= (quotes, backslashes, #) and by a child's
+		// environment.
+		return fmt.Errorf("chef.license_key_file %s does not hold one license key (letters, digits, '.', '_' and '-', on one line)", keyFile)
 	}
 	if _, err := atomicfile.WriteFile(e.root, runEnvPath, []byte("CHEF_LICENSE_KEY="+key+"\n"), 0o600); err != nil {
 		return fmt.Errorf("chef-client's environment: %w", err)
@@ -128,6 +133,7 @@ func fixText(r chef.Result) string {
 	return ""
 }
 
+// tailText formats the end of a run's output for an error message.
 func tailText(lines []string) string {
 	if len(lines) == 0 {
 		return ""

@@ -2,6 +2,7 @@ package chef
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -35,8 +36,8 @@ type ServerOptions struct {
 	// CAFile, when set, is a PEM bundle trusted besides the system's CAs,
 	// inside Root.
 	CAFile string
-	// Proxies, when set, carry the agent's requests to the server, as
-	// client.rb's carry chef-client's; else the environment's do.
+	// Proxies, when set, carry the agent's requests to the server over
+	// the environment's, as client.rb's carry chef-client's.
 	Proxies Proxies
 	// Root is the agent's root directory ("/" when empty): the CA bundle
 	// and the keys the registrar reads are taken inside it, as every file
@@ -124,7 +125,13 @@ func newHTTPClient(o ServerOptions) (*http.Client, error) {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	transport.TLSClientConfig = tlsConfig
 	if o.Proxies.set() {
-		proxy := (&httpproxy.Config{HTTPProxy: o.Proxies.HTTP, HTTPSProxy: o.Proxies.HTTPS, NoProxy: o.Proxies.noProxy()}).ProxyFunc()
+		// What the settings give, over the environment's.
+		pc := httpproxy.FromEnvironment()
+		pc.HTTPProxy, pc.HTTPSProxy = cmp.Or(o.Proxies.HTTP, pc.HTTPProxy), cmp.Or(o.Proxies.HTTPS, pc.HTTPSProxy)
+		if o.Proxies.No != "" {
+			pc.NoProxy = o.Proxies.noProxy()
+		}
+		proxy := pc.ProxyFunc()
 		transport.Proxy = func(req *http.Request) (*url.URL, error) { return proxy(req.URL) }
 	}
 	timeout := o.Timeout

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -160,20 +159,19 @@ type ClientConfig struct {
 	FileCachePath  string
 	FileBackupPath string
 	// PIDFile is chef-client's pid_file, or "".
-	PIDFile  string
-	ShowTime bool
+	PIDFile string
 	// Proxies are chef-client's http_proxy, https_proxy and no_proxy.
 	Proxies Proxies
 }
 
 // Proxies are the proxies to the Chef server: chef-client's settings, and
-// the agent's own for its requests. Empty, both take the environment's.
+// the agent's own for its requests, over the environment's.
 type Proxies struct {
 	HTTP, HTTPS, No string
 }
 
-// set reports whether any proxy is named.
-func (p Proxies) set() bool { return p.HTTP != "" || p.HTTPS != "" }
+// set reports whether any proxy setting is given.
+func (p Proxies) set() bool { return p.HTTP != "" || p.HTTPS != "" || p.No != "" }
 
 // imdsAddresses are never proxied: a proxy would answer for another
 // machine's metadata, or for none. bootagent's own IMDS client never
@@ -249,7 +247,6 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 	// chef-client's output goes to the agent (or the run's journal stream),
 	// which keeps it with the run's id.
 	w.sym("log_location", "STDOUT")
-	w.sym("show_time", strconv.FormatBool(c.ShowTime))
 	if w.err != nil {
 		return nil, w.err
 	}

@@ -25,7 +25,6 @@ func baseClientConfig() ClientConfig {
 		// config's defaults
 		FileCachePath:  "/var/cache/chef",
 		FileBackupPath: "/var/backups/chef",
-		ShowTime:       true,
 	}
 }
 
@@ -116,7 +115,6 @@ func TestRenderClientRBKeepsHostileValuesInertForRuby(t *testing.T) {
 		assert.Equal(t, c.FileCachePath, settings["file_cache_path"])
 		assert.Equal(t, "accept", settings["chef_license"])
 		assert.Equal(t, "warn", settings["log_level"])
-		assert.Equal(t, "true", settings["show_time"])
 	}
 }
 
@@ -156,7 +154,7 @@ func FuzzRenderClientRB(f *testing.F) {
 			if !ok || key == "" {
 				t.Fatalf("malformed line %q", line)
 			}
-			if strings.HasPrefix(lit, ":") || lit == "STDOUT" || lit == "true" || lit == "false" {
+			if strings.HasPrefix(lit, ":") || lit == "STDOUT" {
 				continue
 			}
 			got, ok := unquoteRuby(lit)
@@ -262,7 +260,7 @@ func TestNormalizeKeyPEM(t *testing.T) {
 
 func TestRenderClientRBWritesChefClientsOwnSettings(t *testing.T) {
 	c := baseClientConfig()
-	c.License, c.EncryptedDataBagSecret, c.LogLevel, c.PIDFile, c.ShowTime = "accept-no-persist", "/etc/chef/encrypted_data_bag_secret", "info", "/run/chef/client.pid", false
+	c.License, c.EncryptedDataBagSecret, c.LogLevel, c.PIDFile = "accept-no-persist", "/etc/chef/encrypted_data_bag_secret", "info", "/run/chef/client.pid"
 	c.FileCachePath, c.FileBackupPath = "/srv/chef/cache", "/srv/chef/backup"
 	got, err := RenderClientRB(c)
 	require.NoError(t, err)
@@ -271,7 +269,6 @@ func TestRenderClientRBWritesChefClientsOwnSettings(t *testing.T) {
 		"encrypted_data_bag_secret        '/etc/chef/encrypted_data_bag_secret'\n",
 		"log_level                        :info\n",
 		"pid_file                         '/run/chef/client.pid'\n",
-		"show_time                        false\n",
 		"file_cache_path                  '/srv/chef/cache'\n",
 		"file_backup_path                 '/srv/chef/backup'\n",
 	} {
@@ -308,7 +305,7 @@ ChefConfig::WorkstationConfigLoader.new(ARGV[0]).load
 c = ChefConfig::Config
 keys = %w[chef_server_url node_name client_key ssl_verify_mode trusted_certs_dir ssl_ca_file authentication_protocol_version
   environment policy_name policy_group file_cache_path file_backup_path encrypted_data_bag_secret pid_file chef_license
-  log_level log_location show_time http_proxy https_proxy no_proxy]
+  log_level log_location http_proxy https_proxy no_proxy]
 puts JSON.generate(keys.to_h { |k| v = c[k.to_sym]; [k, v.is_a?(Symbol) ? ":#{v}" : (v.is_a?(IO) ? "STDOUT" : v)] })`
 	out, err := exec.Command(testenv.Tool(t, "ruby"), "-e", script, path).CombinedOutput()
 	require.NoError(t, err, "ChefConfig refused the file:\n%s", out)
@@ -320,7 +317,7 @@ puts JSON.generate(keys.to_h { |k| v = c[k.to_sym]; [k, v.is_a?(Symbol) ? ":#{v}
 func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 	dir := t.TempDir()
 	full := baseClientConfig()
-	full.CAFile, full.License, full.EncryptedDataBagSecret, full.LogLevel, full.PIDFile, full.ShowTime = "/etc/chef/ca.pem", "accept-silent", "/etc/chef/secret", "debug", "/run/chef/client.pid", false
+	full.CAFile, full.License, full.EncryptedDataBagSecret, full.LogLevel, full.PIDFile = "/etc/chef/ca.pem", "accept-silent", "/etc/chef/secret", "debug", "/run/chef/client.pid"
 	full.Proxies = Proxies{HTTP: "http://proxy.corp:3128", HTTPS: "http://proxy.corp:3129", No: "corp.example"}
 	configs := []ClientConfig{baseClientConfig(), full}
 	for _, v := range injections {
@@ -338,7 +335,7 @@ func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 			"chef_server_url": c.ServerURL, "node_name": c.NodeName, "client_key": c.ClientKey,
 			"ssl_verify_mode": ":verify_peer", "authentication_protocol_version": c.AuthProtocol,
 			"file_cache_path": c.FileCachePath, "file_backup_path": c.FileBackupPath,
-			"log_location": "STDOUT", "show_time": c.ShowTime,
+			"log_location": "STDOUT",
 		}
 		if c.License != "" {
 			want["chef_license"] = c.License
@@ -353,4 +350,13 @@ func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 			assert.Equal(t, v, s[k], "config %d: chef-client reads %s as bootagent meant", i, k)
 		}
 	}
+}
+
+func TestANoProxyAloneIsWrittenWithTheIMDSAddresses(t *testing.T) {
+	c := baseClientConfig()
+	c.Proxies = Proxies{No: "corp.example"}
+	got, err := RenderClientRB(c)
+	require.NoError(t, err)
+	assert.Contains(t, string(got), "no_proxy                         'corp.example,169.254.169.254,fd00:ec2::254'\n")
+	assert.NotContains(t, string(got), "http_proxy")
 }

@@ -134,14 +134,13 @@ type Chef struct {
 	FileCachePath  string `yaml:"file_cache_path" json:"file_cache_path"`
 	FileBackupPath string `yaml:"file_backup_path" json:"file_backup_path"`
 	PIDFile        string `yaml:"pid_file" json:"pid_file"`
-	ShowTime       bool   `yaml:"show_time" json:"show_time"`
 	// Exec runs chef-client; false registers the node and writes its
 	// files only (cloud-init's chef exec), for an image whose own
 	// tooling runs chef-client.
 	Exec bool `yaml:"exec" json:"exec"`
 	// HTTPProxy, HTTPSProxy and NoProxy are chef-client's proxy settings,
-	// which the agent's own Chef server requests use too; empty, both
-	// take the environment's (HTTPS_PROXY and the like).
+	// which the agent's own Chef server requests use too, over the
+	// environment's (HTTPS_PROXY and the like).
 	HTTPProxy  string `yaml:"http_proxy" json:"http_proxy"`
 	HTTPSProxy string `yaml:"https_proxy" json:"https_proxy"`
 	NoProxy    string `yaml:"no_proxy" json:"no_proxy"`
@@ -208,7 +207,6 @@ func Default() Config {
 			RequestBudget:        Duration(5 * time.Minute),
 			FileCachePath:        "/var/cache/chef",
 			FileBackupPath:       "/var/backups/chef",
-			ShowTime:             true,
 			Exec:                 true,
 			SSLVerify:            true,
 			// Stale nodes are the first complaint of Chef users in Auto
@@ -517,6 +515,9 @@ func (c Config) validateChef() []error {
 		}
 		if err := checkURL(k.url); err != nil {
 			errs = append(errs, c.invalid(k.key, "%v", err))
+		} else if u, _ := url.Parse(k.url); u.User != nil {
+			// client.rb is world-readable, and the URL is logged.
+			errs = append(errs, c.invalid(k.key, "a proxy URL must not carry a user or password (they would be in client.rb and the logs); give the proxy's address alone"))
 		}
 	}
 	if !slices.Contains(chefLicenses, ch.License) {

@@ -412,8 +412,6 @@ func setKey(c *Config, key string, v any) {
 		c.Chef.FileBackupPath = v.(string)
 	case "chef.pid_file":
 		c.Chef.PIDFile = v.(string)
-	case "chef.show_time":
-		c.Chef.ShowTime = v.(bool)
 	case "chef.exec":
 		c.Chef.Exec = v.(bool)
 	default:

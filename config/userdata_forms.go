@@ -415,7 +415,6 @@ var cloudChefKeys = map[string]struct {
 	"file_cache_path":           {"chef.file_cache_path", kindString},
 	"file_backup_path":          {"chef.file_backup_path", kindString},
 	"pid_file":                  {"chef.pid_file", kindString},
-	"show_time":                 {"chef.show_time", kindBool},
 	"exec":                      {"chef.exec", kindBool},
 }
 

@@ -582,7 +582,6 @@ chef:
   file_cache_path: "/var/cache/chef"
   file_backup_path: "/var/backups/chef"
   pid_file: "/var/run/chef/client.pid"
-  show_time: false
 `
 	cfg, info, err := ApplyUserData(Default(), []byte(data))
 	require.NoError(t, err)
@@ -591,7 +590,6 @@ chef:
 	assert.Equal(t, "/etc/chef/encrypted_data_bag_secret", ch.EncryptedDataBagSecret)
 	assert.Equal(t, "info", ch.LogLevel, "the symbol's colon is cloud-init's spelling")
 	assert.Equal(t, "/var/run/chef/client.pid", ch.PIDFile)
-	assert.False(t, ch.ShowTime)
 	assert.Equal(t, "/var/cache/chef", ch.FileCachePath)
 	assert.Equal(t, "/var/backups/chef", ch.FileBackupPath)
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: install_type, force_install, omnibus_url, omnibus_version",
@@ -651,4 +649,11 @@ chef:
 	assert.Equal(t, strings.TrimSpace(pemKey), strings.TrimSpace(fromUserData.Chef.ValidationCert), "the inline key, which only user-data carries")
 	fromUserData.Chef.ValidationCert = ""
 	assert.Equal(t, fromFile.Chef, fromUserData.Chef)
+}
+
+func TestAProxyURLWithCredentialsIsRefused(t *testing.T) {
+	_, err := Parse([]byte("chef:\n  https_proxy: http://user:hunter2@proxy.corp:3128\n"), "config.yaml")
+	require.ErrorIs(t, err, ErrInvalid)
+	assert.Contains(t, err.Error(), "chef.https_proxy: a proxy URL must not carry a user or password")
+	assert.NotContains(t, err.Error(), "hunter2")
 }

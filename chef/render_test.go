@@ -81,11 +81,17 @@ func rubyEval(t *testing.T, path string) map[string]string {
 o.define_singleton_method(:method_missing) { |n, *a| h[n.to_s] = a[0].to_s }
 o.instance_eval(File.read(ARGV[0]), ARGV[0])
 puts JSON.generate(h)`
-	out, err := exec.Command(testenv.Tool(t, "ruby"), "-rjson", "-e", script, path).CombinedOutput()
-	require.NoError(t, err, "%s", out)
 	var settings map[string]string
-	require.NoError(t, json.Unmarshal(out, &settings), "%s", out)
+	rubyJSON(t, script, path, &settings)
 	return settings
+}
+
+// rubyJSON runs a Ruby script on path and decodes the JSON it prints.
+func rubyJSON(t *testing.T, script, path string, out any) {
+	t.Helper()
+	got, err := exec.Command(testenv.Tool(t, "ruby"), "-rjson", "-e", script, path).CombinedOutput()
+	require.NoError(t, err, "Ruby refused the file:\n%s", got)
+	require.NoError(t, json.Unmarshal(got, out), "%s", got)
 }
 
 func TestRenderClientRBKeepsHostileValuesInertForRuby(t *testing.T) {
@@ -300,17 +306,15 @@ func TestRenderClientRBWritesChefClientsOwnSettings(t *testing.T) {
 // returns the settings bootagent writes as chef-client reads them.
 func chefConfigLoad(t *testing.T, path string) map[string]any {
 	t.Helper()
-	const script = `require "json"; require "chef-config/config"; require "chef-config/workstation_config_loader"
+	const script = `require "chef-config/config"; require "chef-config/workstation_config_loader"
 ChefConfig::WorkstationConfigLoader.new(ARGV[0]).load
 c = ChefConfig::Config
 keys = %w[chef_server_url node_name client_key ssl_verify_mode trusted_certs_dir ssl_ca_file authentication_protocol_version
   environment policy_name policy_group file_cache_path file_backup_path encrypted_data_bag_secret pid_file chef_license
   log_level log_location http_proxy https_proxy no_proxy]
 puts JSON.generate(keys.to_h { |k| v = c[k.to_sym]; [k, v.is_a?(Symbol) ? ":#{v}" : (v.is_a?(IO) ? "STDOUT" : v)] })`
-	out, err := exec.Command(testenv.Tool(t, "ruby"), "-e", script, path).CombinedOutput()
-	require.NoError(t, err, "ChefConfig refused the file:\n%s", out)
 	var settings map[string]any
-	require.NoError(t, json.Unmarshal(out, &settings), "%s", out)
+	rubyJSON(t, script, path, &settings)
 	return settings
 }
 

@@ -38,10 +38,11 @@ deps: ## install the Debian packages and pinned Go tools the tests and demo use
 	@scripts/deps.sh
 
 .PHONY: build
-build: ## build bin/bootagent, version stamped from git describe, and the test stand-in
+build: ## build bin/bootagent, version stamped from git describe, and the test stand-ins
 	go build -trimpath -ldflags "$(LDFLAGS)" -o bin/bootagent ./cmd/bootagent
 	go build -trimpath -o bin/chefclient-standin ./test/chefclient-standin
 	go build -trimpath -o bin/knife-standin ./test/knife-standin
+	install -m 0755 test/chefclient-ruby-standin/chefclient-ruby-standin bin/
 
 .PHONY: test
 test: deps build deb rpm e2e-image ## install what is needed, then run every test (loopback-only network namespace)

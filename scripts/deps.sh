@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 # the test namespace), hostname (the `hostname -f` check), goiardi (the Chef
 # server the tests register with), ruby (`ruby -c` on every client.rb),
 # ruby-chef-config (Chef's own loader of client.rb, which must read each
-# one as meant), debootstrap and systemd-container (the boot test's image
+# one as meant), ruby-mixlib-authentication and ohai (Chef's request
+# signing and Ohai, on which the Ruby chef-client stand-in is built),
+# debootstrap and systemd-container (the boot test's image
 # and systemd-nspawn), rpm (to read the .rpm the build makes).
-packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config debootstrap systemd-container rpm)
+packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm)
 # `deps.sh docs` adds graphviz, which renders docs/phases.svg.
 if [[ " $* " == *" docs "* ]]; then
 	packages+=(graphviz)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Debian bookworm image the boot test boots with systemd-nspawn,
 # once, and caches it: debootstrap from the mirror apt on this machine uses
-# (its default when apt names none), with systemd, D-Bus and goiardi.
+# (its default when apt names none), with systemd, D-Bus, goiardi, and
+# the Ruby libraries of Chef (ruby-chef-config, ruby-mixlib-authentication,
+# ohai) that the Ruby chef-client stand-in is built on.
 set -euo pipefail
 image=$1
-packages=systemd,systemd-sysv,dbus,goiardi,iproute2,hostname,procps,util-linux,libpam-systemd
+packages=systemd,systemd-sysv,dbus,goiardi,iproute2,hostname,procps,util-linux,libpam-systemd,ruby,ruby-chef-config,ruby-mixlib-authentication,ohai
 want="bookworm minbase $packages"
 if [[ -d $image && -f $image.stamp && $(cat "$image.stamp") == "$want" ]]; then
 	exit 0

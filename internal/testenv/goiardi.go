@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 
@@ -25,7 +26,8 @@ type Goiardi struct {
 	Addr string
 	// Process is goiardi's process: whether it is still running.
 	*Process
-	logPath string
+	logPath  string
+	adminKey string
 }
 
 // adminTimeout bounds each request of the admin client, in seconds: goiardi
@@ -82,9 +84,9 @@ func startGoiardi(t testing.TB, extra []string) *Goiardi {
 	}
 	g := &Goiardi{
 		URL: scheme + "://" + addr, Addr: addr, ValidatorName: "chef-validator", ValidatorKey: filepath.Join(dir, "chef-validator.pem"),
-		Process: proc, logPath: log.Name(),
+		Process: proc, logPath: log.Name(), adminKey: filepath.Join(dir, "admin.pem"),
 	}
-	adminKey, err := os.ReadFile(filepath.Join(dir, "admin.pem"))
+	adminKey, err := os.ReadFile(g.adminKey)
 	if err != nil {
 		t.Fatalf("goiardi wrote no admin key: %v", err)
 	}
@@ -153,4 +155,22 @@ func (g *Goiardi) ClientPublicKey(t testing.TB, name string) string {
 	}
 	res.Body.Close()
 	return out.PublicKey
+}
+
+// ChefRepo is the tests' chef-repo (test/chef-repo): a cookbook, a role and
+// an environment for the server to hand a node.
+func ChefRepo() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..", "test", "chef-repo")
+}
+
+// Upload puts the chef-repo at repo on the server as its admin, with
+// `knife-standin upload` (knife upload's way: sandboxes, then the cookbook
+// versions).
+func (g *Goiardi) Upload(t testing.TB, repo string) {
+	t.Helper()
+	out, err := exec.Command(Tool(t, "knife-standin"), "-s", g.URL, "-u", "admin", "-k", g.adminKey, "upload", repo).CombinedOutput()
+	if err != nil {
+		t.Fatalf("upload %s to goiardi: %v\n%s", repo, err, out)
+	}
 }

@@ -1,9 +1,12 @@
 // Command knife-standin is a STAND-IN for the few knife commands the demo
 // and the boot test use to look at the Chef server as an operator would:
-// `node show NAME`, `node list` and `client list`, printed as JSON. knife
-// itself cannot be installed from the package registries reachable here.
+// `node show NAME`, `node list` and `client list`, printed as JSON, and
+// `upload REPO`, which uploads a chef-repo's environments, roles and
+// cookbooks as `knife upload` does. knife itself cannot be installed from
+// the package registries reachable here.
 //
 //	knife-standin -s URL -u admin -k admin.pem node show web01
+//	knife-standin -s URL -u admin -k admin.pem upload test/chef-repo
 package main
 
 import (
@@ -40,7 +43,11 @@ func run(server, user, keyPath string, args []string) error {
 		return err
 	}
 	var out any
-	switch strings.Join(args[:min(2, len(args))], " ") {
+	command := strings.Join(args[:min(2, len(args))], " ")
+	if len(args) > 0 && args[0] == "upload" {
+		command = "upload"
+	}
+	switch command {
 	case "node show":
 		if len(args) != 3 {
 			return fmt.Errorf("usage: node show NAME")
@@ -53,13 +60,19 @@ func run(server, user, keyPath string, args []string) error {
 			"name": n.Name, "chef_environment": n.Environment, "run_list": n.RunList,
 			"policy_name": n.PolicyName, "policy_group": n.PolicyGroup,
 			"normal": n.NormalAttributes, "fqdn": n.AutomaticAttributes["fqdn"], "ohai_time": n.AutomaticAttributes["ohai_time"],
+			"cookbooks": n.AutomaticAttributes["cookbooks"],
 		}
 	case "node list":
 		out, err = c.Nodes.List()
 	case "client list":
 		out, err = c.Clients.List()
+	case "upload":
+		if len(args) != 2 {
+			return fmt.Errorf("usage: upload REPO")
+		}
+		out, err = upload(c, args[1])
 	default:
-		return fmt.Errorf("usage: node show NAME | node list | client list")
+		return fmt.Errorf("usage: node show NAME | node list | client list | upload REPO")
 	}
 	if err != nil {
 		return err

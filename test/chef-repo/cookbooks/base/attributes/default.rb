@@ -1,0 +1,1 @@
+default['base']['motd'] = 'Managed by Chef; bootstrapped by bootagent.'

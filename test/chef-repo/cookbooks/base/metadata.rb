@@ -1,0 +1,5 @@
+name 'base'
+maintainer 'bootagent tests'
+license 'Apache-2.0'
+description 'What every instance of the tests gets'
+version '1.2.0'

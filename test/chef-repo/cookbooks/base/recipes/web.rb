@@ -1,0 +1,3 @@
+include_recipe 'base'
+
+package 'nginx'

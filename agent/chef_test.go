@@ -22,6 +22,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/bootagent/bootagent/chef"
@@ -246,10 +247,16 @@ func TestAFirstRunWhoseLicenseIsNotAcceptedSaysWhatToSet(t *testing.T) {
 }
 
 func TestTheLicenseAndChefClientsSettingsReachClientRB(t *testing.T) {
-	s := newChefSetup(t, "#cloud-config\nhostname: web01\nchef:\n  chef_license: accept\n  log_level: :warn\n  encrypted_data_bag_secret: /etc/chef/encrypted_data_bag_secret\n")
+	s := newChefSetup(t, "#cloud-config\nhostname: web01\nchef:\n  chef_license: accept\n  log_level: :warn\n  encrypted_data_bag_secret: /etc/chef/encrypted_data_bag_secret\n"+
+		"  firstboot_path: /etc/chef/firstboot.json\n  json_attribs: /etc/chef/firstboot.json\n  show_time: false\n  run_list: [base]\n")
 	_, err := s.engine.Once(context.Background())
 	require.NoError(t, err)
+	firstBoot := filepath.Join(s.root, "etc/chef/firstboot.json")
+	assert.JSONEq(t, `{"run_list": ["recipe[base]"]}`, readFile(t, firstBoot), "written where chef.firstboot_path says")
+	assert.Equal(t, firstBoot, s.runs(t)[0]["first_boot"], "and given to the first run's -j")
 	rb := readFile(t, filepath.Join(s.root, "etc/chef/client.rb"))
+	assert.Contains(t, rb, "json_attribs                     '"+firstBoot+"'\n", "taken inside the root")
+	assert.Contains(t, rb, "Mixlib::Log::Formatter.show_time = false\n")
 	assert.Contains(t, rb, "chef_license                     'accept'\n")
 	assert.Contains(t, rb, "log_level                        :warn\n")
 	assert.Contains(t, rb, "encrypted_data_bag_secret        '"+filepath.Join(s.root, "etc/chef/encrypted_data_bag_secret")+"'\n", "taken inside the root, as the client key is")
@@ -325,7 +332,11 @@ func TestTheChefServerIsReachedThroughTheProxyAndIMDSNever(t *testing.T) {
 		c.Chef.ServerURL = "http://" + host
 		c.Chef.HTTPProxy = proxy.URL
 		c.Chef.NoProxy = "internal.example"
-		c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin"), "--record", s.record}
+		// chef-client takes client.rb's proxies with Chef's own code
+		// (ChefConfig's export_proxies and proxy_uri).
+		c.Chef.ClientCommand = []string{"chefclient-ruby-standin", "--record", s.record}
+		c.Chef.License = "accept-no-persist"
+		c.Chef.FileCachePath = filepath.Join(s.root, "var/cache/chef")
 	})
 
 	_, err := s.engine.Once(context.Background())
@@ -333,6 +344,7 @@ func TestTheChefServerIsReachedThroughTheProxyAndIMDSNever(t *testing.T) {
 	seen := proxy.requests()
 	assert.Contains(t, seen, "POST http://"+host+"/clients", "the registration went through the proxy")
 	assert.Contains(t, seen, "GET http://"+host+"/nodes/web01", "and chef-client's run, by client.rb's http_proxy")
+	assert.Contains(t, seen, "PUT http://"+host+"/nodes/web01", "the node saved through it too")
 	for _, r := range seen {
 		assert.NotContains(t, r, "/latest/", "no IMDS request goes through the proxy")
 	}
@@ -416,4 +428,71 @@ func TestCincClientRunsTheSameWay(t *testing.T) {
 	runs := s.runs(t)
 	require.Len(t, runs, 1)
 	assert.Contains(t, fmt.Sprint(runs[0]["args"]), "-c "+filepath.Join(s.root, "etc/chef/client.rb"), "Cinc reads the same client.rb")
+	assert.Equal(t, "{}\n", readFile(t, filepath.Join(s.root, "etc/cinc/ohai/hints/ec2.json")), "Cinc's Ohai reads its hints under /etc/cinc")
+	assert.NoFileExists(t, filepath.Join(s.root, "etc/chef/ohai/hints/ec2.json"))
+}
+
+func TestChefClientRefusesAnUnacceptedLicenseAndConvergesOnceItIsAccepted(t *testing.T) {
+	s := newChefSetup(t, "#cloud-config\nfqdn: web01.example.internal\nchef:\n  run_list: [\"role[web]\"]\n")
+	s.goiardi.Upload(t, testenv.ChefRepo())
+	imdsConfig := testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte("#cloud-config\nfqdn: web01.example.internal\nchef:\n  run_list: [\"role[web]\"]\n")}
+	engine := func(license string) (*Engine, *observer.ObservedLogs, config.Config) {
+		var cfg config.Config
+		e, logs := newEngine(t, imdsConfig, s.root, func(c *config.Config) {
+			c.Chef.ServerURL = s.goiardi.URL
+			// The stand-in built on Chef's own Ruby libraries, its cache
+			// under the root.
+			c.Chef.ClientCommand = []string{"chefclient-ruby-standin", "--record", s.record}
+			c.Chef.FileCachePath = filepath.Join(s.root, "var/cache/chef")
+			c.Chef.License = license
+			cfg = *c
+		})
+		return e, logs, cfg
+	}
+
+	e, logs, cfg := engine("")
+	res, err := e.Once(context.Background())
+	require.Error(t, err)
+	require.NotNil(t, res.FirstRun)
+	assert.Equal(t, chef.ResultLicenseNotAccepted, res.FirstRun.Result, "the Ruby stand-in exits 172 as chef-client does")
+	failed := logs.FilterMessage("chef-client run failed").All()
+	require.Len(t, failed, 1)
+	assert.Contains(t, failed[0].ContextMap()["fix"], "set chef.license: accept")
+	assert.Contains(t, fmt.Sprint(failed[0].ContextMap()["tail"]), "cannot execute without accepting the license")
+	finding := findingNamed(t, Diagnose(context.Background(), s.root, cfg, zap.NewNop()), "chef-client license")
+	assert.Equal(t, DiagWarn, finding.Result)
+	assert.Contains(t, finding.Fix, "set chef.license: accept")
+
+	// The operator follows the fix; the agent restarts with it.
+	e, _, cfg = engine("accept")
+	res, err = e.Once(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	assert.FileExists(t, filepath.Join(s.root, "etc/chef/accepted_licenses/chef_infra_client"), "accept persists chef-client's marker")
+	assert.Equal(t, DiagOK, findingNamed(t, Diagnose(context.Background(), s.root, cfg, zap.NewNop()), "chef-client license").Result)
+
+	// The server solved the run list (role[web] -> base::web) and handed
+	// the node every file of the cookbook, checked by checksum.
+	runs := s.runs(t)
+	require.Len(t, runs, 1)
+	assert.Equal(t, map[string]any{"base": "1.2.0"}, runs[0]["cookbooks"])
+	for _, f := range []string{"metadata.rb", "recipes/default.rb", "recipes/web.rb", "attributes/default.rb", "templates/default/motd.erb", "files/default/issue.net"} {
+		assert.Equal(t, readFile(t, filepath.Join(testenv.ChefRepo(), "cookbooks/base", f)), readFile(t, filepath.Join(s.root, "var/cache/chef/cookbooks/base", f)), f)
+	}
+	node := s.goiardi.Node(t, "web01.example.internal")
+	assert.Equal(t, "web01", node.AutomaticAttributes["hostname"], "Ohai's hostname plugin sees the name bootagent set")
+	assert.Equal(t, []any{"base::web"}, node.AutomaticAttributes["recipes"])
+	assert.Equal(t, []any{"web"}, node.AutomaticAttributes["roles"])
+	assert.NotContains(t, node.AutomaticAttributes, "ec2", "Ohai's ec2 plugin is never run by the tests")
+}
+
+func findingNamed(t *testing.T, d Diagnosis, name string) Finding {
+	t.Helper()
+	for _, f := range d {
+		if f.Name == name {
+			return f
+		}
+	}
+	t.Fatalf("diagnose has no %q finding: %+v", name, d)
+	return Finding{}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -15,6 +14,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/backoff"
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
@@ -105,7 +105,9 @@ func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logg
 		}
 	})
 	add(checkChefClient(cfgWithUserData))
-	add(checkLicense(root, cfgWithUserData, os.Getenv("CHEF_LICENSE")))
+	withTimeout(func(ctx context.Context) {
+		add(checkLicense(root, cfgWithUserData, licenseEnvironment(ctx, root)))
+	})
 	add(checkUnits(root))
 	return d
 }
@@ -238,25 +240,53 @@ func checkChefClient(cfg config.Config) Finding {
 }
 
 // acceptedLicensesDir is where chef-client records an accepted license
-// (Chef's license-acceptance), one file per product.
-const acceptedLicensesDir = "/etc/chef/accepted_licenses"
+// (Chef's license-acceptance), one file per product; licenseMarker is
+// chef-client's.
+const (
+	acceptedLicensesDir = "/etc/chef/accepted_licenses"
+	licenseMarker       = "chef_infra_client"
+)
+
+// licenseEnvironment is CHEF_LICENSE as chef-client's unit will have it:
+// from systemd's own environment, which transient units inherit (not from
+// diagnose's, nor the agent's unit's). Under another --root, or without
+// systemd, it is "".
+func licenseEnvironment(ctx context.Context, root string) string {
+	if filepath.Clean(root) != "/" {
+		return ""
+	}
+	env, err := chef.ManagerEnvironment(ctx)
+	if err != nil {
+		return ""
+	}
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "CHEF_LICENSE="); ok {
+			return v
+		}
+	}
+	return ""
+}
 
 // checkLicense says whether chef-client's license is accepted: by
-// chef.license (client.rb's chef_license), by CHEF_LICENSE in the
-// environment, or by a marker chef-client left when it was accepted on the
-// image. Cinc has no license to accept.
+// chef.license (client.rb's chef_license), by CHEF_LICENSE in systemd's
+// environment (env), or by the marker chef-client left when it was
+// accepted on the image. Cinc has no license to accept, and with chef.exec
+// false bootagent runs no chef-client.
 func checkLicense(root string, cfg config.Config, env string) Finding {
 	c := Finding{Name: "chef-client license"}
-	markers, _ := os.ReadDir(filepath.Join(root, acceptedLicensesDir))
+	marker := filepath.Join(acceptedLicensesDir, licenseMarker)
+	fi, err := atomicfile.Stat(root, marker)
 	switch {
-	case strings.HasPrefix(filepath.Base(cfg.Chef.ClientCommand[0]), "cinc-"):
+	case !cfg.Chef.Exec:
+		c.Result, c.Detail = DiagSkip, "chef.exec is false: bootagent runs no chef-client"
+	case cfg.Chef.Cinc():
 		c.Result, c.Detail = DiagSkip, "Cinc has no license to accept"
 	case cfg.Chef.License != "":
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("chef.license: %s (client.rb's chef_license)", cfg.Chef.License)
 	case env != "":
-		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in the environment", env)
-	case len(markers) > 0:
-		c.Result, c.Detail = DiagOK, fmt.Sprintf("accepted on the image (%s/%s)", acceptedLicensesDir, markers[0].Name())
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in systemd's environment, which chef-client's unit inherits", env)
+	case err == nil && fi.Mode().IsRegular():
+		c.Result, c.Detail = DiagOK, "accepted on the image ("+marker+")"
 	default:
 		c.Result, c.Detail = DiagWarn, "not accepted: chef-client 15 and later refuse to run (exit 172, license_not_accepted)"
 		c.Fix = chef.ResultLicenseNotAccepted.Fix()

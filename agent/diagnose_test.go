@@ -132,6 +132,8 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 	cfg.Chef.License = ""
 
 	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef/accepted_licenses"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/inspec"), []byte("---\nid: inspec\n"), 0o644))
+	assert.Equal(t, DiagWarn, checkLicense(root, cfg, "").Result, "another product's acceptance is not chef-client's")
 	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/chef_infra_client"), []byte("---\nid: infra-client\n"), 0o644))
 	got := checkLicense(root, cfg, "")
 	assert.Equal(t, DiagOK, got.Result)
@@ -139,4 +141,8 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 
 	cfg.Chef.ClientCommand = []string{"/opt/cinc/bin/cinc-client"}
 	assert.Equal(t, DiagSkip, checkLicense(t.TempDir(), cfg, "").Result, "Cinc has no license")
+
+	cfg = config.Default()
+	cfg.Chef.Exec = false
+	assert.Equal(t, DiagSkip, checkLicense(t.TempDir(), cfg, "").Result, "no chef-client is run, so no license is needed")
 }

@@ -297,7 +297,7 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 		case actRun:
 			spec := chef.RunSpec{
 				ID:      a.run.id,
-				Command: e.command(a.plan.cfg.Chef.ClientCommand, a.run.first),
+				Command: e.command(a.plan.cfg.Chef, a.run.first),
 				Timeout: a.timeout,
 				Grace:   runGrace,
 				Log:     l.m.runLog(a.run.id),
@@ -306,7 +306,11 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 			if keyFile != "" {
 				spec.EnvironmentFile = e.path(runEnvPath)
 			}
+			clientRB, log := a.plan.chef.clientRB, l.m.log
 			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) {
+				if err := e.refreshClientRB(log, clientRB); err != nil {
+					return chef.Outcome{ID: spec.ID}, err
+				}
 				if err := e.writeRunEnvironment(keyFile); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}

@@ -21,14 +21,15 @@ import (
 
 // Where chef-client's files live (under the agent's root).
 const (
-	clientRBPath  = "/etc/chef/client.rb"
-	firstBootPath = "/etc/chef/first-boot.json"
+	clientRBPath = "/etc/chef/client.rb"
 	// ec2HintPath tells Ohai's ec2 plugin that this is an EC2 instance,
-	// which it cannot always tell from the hardware (as knife-ec2 does).
-	// The iam hint is never written: it makes Ohai copy the instance
-	// role's data into the node's attributes, for the Chef server and
-	// everyone who can read nodes to see.
-	ec2HintPath = "/etc/chef/ohai/hints/ec2.json"
+	// which it cannot always tell from the hardware (as knife-ec2 does);
+	// Cinc's Ohai reads its hints under /etc/cinc (cincHintPath). The iam
+	// hint is never written: it makes Ohai copy the instance role's data
+	// into the node's attributes, for the Chef server and everyone who can
+	// read nodes to see.
+	ec2HintPath  = "/etc/chef/ohai/hints/ec2.json"
+	cincHintPath = "/etc/cinc/ohai/hints/ec2.json"
 )
 
 // registerRetry paces retries of Chef server requests during registration:
@@ -53,6 +54,7 @@ var clientRBKeys = map[string]string{
 	"file_cache_path":           "chef.file_cache_path",
 	"file_backup_path":          "chef.file_backup_path",
 	"pid_file":                  "chef.pid_file",
+	"json_attribs":              "chef.json_attribs",
 	"encrypted_data_bag_secret": "chef.encrypted_data_bag_secret",
 	"http_proxy":                "chef.http_proxy",
 	"https_proxy":               "chef.https_proxy",
@@ -129,6 +131,7 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 		FileCachePath:  ch.FileCachePath,
 		FileBackupPath: ch.FileBackupPath,
 		PIDFile:        ch.PIDFile,
+		ShowTime:       ch.ShowTime,
 		Proxies:        proxies(ch),
 	}
 	if ch.EncryptedDataBagSecret != "" {
@@ -136,6 +139,9 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 	}
 	if ch.TrustedCerts != "" {
 		rb.CAFile = under(ch.TrustedCerts)
+	}
+	if ch.JSONAttribs != "" {
+		rb.JSONAttribs = under(ch.JSONAttribs)
 	}
 	if p.clientRB, err = chef.RenderClientRB(rb); err != nil {
 		key := "chef.server_url"
@@ -151,6 +157,14 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 		}
 	}
 	return p, nil
+}
+
+// hintPath is where the Ohai of chef.client_command reads the EC2 hint.
+func hintPath(ch config.Chef) string {
+	if ch.Cinc() {
+		return cincHintPath
+	}
+	return ec2HintPath
 }
 
 // registrar talks to the Chef server cfg names, for the agent under root.
@@ -215,8 +229,8 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	}{
 		{clientRBPath, p.clientRB, 0o644},
 		// The first run's attributes may be secrets of the application.
-		{firstBootPath, p.firstBoot, 0o600},
-		{ec2HintPath, []byte("{}\n"), 0o644},
+		{ch.FirstBootPath, p.firstBoot, 0o600},
+		{hintPath(ch), []byte("{}\n"), 0o644},
 	} {
 		if err := e.writeFile(log, f.path, f.data, f.mode); err != nil {
 			return reg, err

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -12,8 +13,11 @@ import (
 	"strings"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/bootagent/bootagent/atomicfile"
 	"github.com/bootagent/bootagent/chef"
+	"github.com/bootagent/bootagent/config"
 )
 
 // runGrace is how long a chef-client run that got SIGTERM (a timeout, a
@@ -45,11 +49,11 @@ func newRunID(now time.Time) string {
 
 // command is chef-client's command line: chef.client_command with the
 // files the agent wrote, the first-boot JSON on a first run.
-func (e *Engine) command(clientCommand []string, firstBoot bool) []string {
-	cmd := append([]string{}, clientCommand...)
+func (e *Engine) command(ch config.Chef, firstBoot bool) []string {
+	cmd := append([]string{}, ch.ClientCommand...)
 	cmd = append(cmd, "-c", e.path(clientRBPath))
 	if firstBoot {
-		cmd = append(cmd, "-j", e.path(firstBootPath))
+		cmd = append(cmd, "-j", e.path(ch.FirstBootPath))
 	}
 	return cmd
 }
@@ -122,6 +126,27 @@ func (e *Engine) writeRunEnvironment(keyFile string) error {
 	if _, err := atomicfile.WriteFile(e.root, runEnvPath, []byte("CHEF_LICENSE_KEY="+key+"\n"), 0o600); err != nil {
 		return fmt.Errorf("chef-client's environment: %w", err)
 	}
+	return nil
+}
+
+// refreshClientRB rewrites client.rb before a run when the configuration
+// now renders it differently from the one written at registration (a
+// license accepted, a log level changed): chef-client reads what the agent
+// is configured with, not what it was when the node was made. The node name
+// in it is the registered one, since runs follow a registration of this
+// plan's name.
+func (e *Engine) refreshClientRB(log *zap.Logger, want []byte) error {
+	have, err := atomicfile.ReadFile(e.root, clientRBPath)
+	if err == nil && bytes.Equal(have, want) {
+		return nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("read client.rb: %w", err)
+	}
+	if err := e.writeFile(log, clientRBPath, want, 0o644); err != nil {
+		return fmt.Errorf("rewrite client.rb: %w", err)
+	}
+	log.Info("client.rb rewritten: the configuration changed since it was written", zap.String("path", e.path(clientRBPath)))
 	return nil
 }
 

@@ -283,7 +283,7 @@ func flock(root, name string) (func(), error) {
 // node's key, the first-boot JSON, and client.rb, which names the node. The
 // baked config and the validator are the image's.
 func instanceFiles(cfg config.Config) []string {
-	return []string{cfg.Chef.ClientKey, firstBootPath, clientRBPath, runEnvPath}
+	return []string{cfg.Chef.ClientKey, cfg.Chef.FirstBootPath, clientRBPath, runEnvPath}
 }
 
 // Clean forgets the instance under root (state, node key, first-boot JSON,

@@ -82,7 +82,7 @@ func TestCleanForgetsTheInstanceButKeepsTheValidator(t *testing.T) {
 
 	removed, err := Clean(s.root, config.Default())
 	require.NoError(t, err)
-	assert.ElementsMatch(t, []string{statePath, "/etc/chef/client.pem", firstBootPath, clientRBPath}, removed)
+	assert.ElementsMatch(t, []string{statePath, "/etc/chef/client.pem", "/etc/chef/first-boot.json", clientRBPath}, removed)
 	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
 	require.NoError(t, err, "the validator stays for the next instance")
 	st, err := ReadState(s.root)

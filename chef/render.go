@@ -160,6 +160,11 @@ type ClientConfig struct {
 	FileBackupPath string
 	// PIDFile is chef-client's pid_file, or "".
 	PIDFile string
+	// JSONAttribs is json_attribs (a JSON file applied on every run), or "".
+	JSONAttribs string
+	// ShowTime sets whether chef-client's log lines carry the time (the
+	// Mixlib::Log formatter's show_time); nil leaves it.
+	ShowTime *bool
 	// Proxies are chef-client's http_proxy, https_proxy and no_proxy.
 	Proxies Proxies
 }
@@ -238,6 +243,7 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 		w.str("no_proxy", c.Proxies.noProxy())
 	}
 	w.optional("pid_file", c.PIDFile)
+	w.optional("json_attribs", c.JSONAttribs)
 	if c.License != "" && w.known("chef_license", c.License, licenses) {
 		w.str("chef_license", c.License)
 	}
@@ -247,6 +253,12 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 	// chef-client's output goes to the agent (or the run's journal stream),
 	// which keeps it with the run's id.
 	w.sym("log_location", "STDOUT")
+	if c.ShowTime != nil {
+		// cloud-init writes Chef::Log::Formatter.show_time, which hands
+		// Mixlib::Log its argument list ([false], which is true): only the
+		// formatter's own setter turns the time off.
+		fmt.Fprintf(&w.b, "Mixlib::Log::Formatter.show_time = %t\n", *c.ShowTime)
+	}
 	if w.err != nil {
 		return nil, w.err
 	}

@@ -2,6 +2,7 @@ package chef
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -301,18 +302,21 @@ func TestRenderClientRBWritesChefClientsOwnSettings(t *testing.T) {
 	}
 }
 
-// chefConfigLoad loads client.rb the way chef-client does, with Chef's own
-// ChefConfig::WorkstationConfigLoader (Debian's ruby-chef-config), and
-// returns the settings bootagent writes as chef-client reads them.
+// chefConfigLoad loads client.rb the way chef-client does, with the Ruby
+// stand-in's load_config (Chef's own ChefConfig::WorkstationConfigLoader,
+// from Debian's ruby-chef-config, with Chef::Log loaded), and returns the
+// settings bootagent writes as chef-client reads them.
 func chefConfigLoad(t *testing.T, path string) map[string]any {
 	t.Helper()
-	const script = `require "chef-config/config"; require "chef-config/workstation_config_loader"
-ChefConfig::WorkstationConfigLoader.new(ARGV[0]).load
+	script := fmt.Sprintf(`load %q
+load_config(ARGV[0])
 c = ChefConfig::Config
-keys = %w[chef_server_url node_name client_key ssl_verify_mode trusted_certs_dir ssl_ca_file authentication_protocol_version
+keys = %%w[chef_server_url node_name client_key ssl_verify_mode trusted_certs_dir ssl_ca_file authentication_protocol_version
   environment policy_name policy_group file_cache_path file_backup_path encrypted_data_bag_secret pid_file chef_license
-  log_level log_location http_proxy https_proxy no_proxy]
-puts JSON.generate(keys.to_h { |k| v = c[k.to_sym]; [k, v.is_a?(Symbol) ? ":#{v}" : (v.is_a?(IO) ? "STDOUT" : v)] })`
+  log_level log_location http_proxy https_proxy no_proxy json_attribs]
+settings = keys.to_h { |k| v = c[k.to_sym]; [k, v.is_a?(Symbol) ? ":#{v}" : (v.is_a?(IO) ? "STDOUT" : v)] }
+settings["show_time"] = Mixlib::Log::Formatter.class_variable_get(:@@show_time)
+puts JSON.generate(settings)`, testenv.Tool(t, "chefclient-ruby-standin"))
 	var settings map[string]any
 	rubyJSON(t, script, path, &settings)
 	return settings
@@ -323,10 +327,12 @@ func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 	full := baseClientConfig()
 	full.CAFile, full.License, full.EncryptedDataBagSecret, full.LogLevel, full.PIDFile = "/etc/chef/ca.pem", "accept-silent", "/etc/chef/secret", "debug", "/run/chef/client.pid"
 	full.Proxies = Proxies{HTTP: "http://proxy.corp:3128", HTTPS: "http://proxy.corp:3129", No: "corp.example"}
+	full.JSONAttribs, full.ShowTime = "/etc/chef/first-boot.json", new(false)
 	configs := []ClientConfig{baseClientConfig(), full}
 	for _, v := range injections {
 		c := full
 		c.ServerURL, c.ClientKey, c.EncryptedDataBagSecret, c.Proxies.No = "https://chef.example.com/"+v, "/etc/chef/"+v, "/etc/chef/"+v, v
+		c.JSONAttribs = "/etc/chef/" + v
 		configs = append(configs, c)
 	}
 	for i, c := range configs {
@@ -349,6 +355,10 @@ func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 			want["ssl_ca_file"] = c.CAFile
 			want["http_proxy"], want["https_proxy"] = c.Proxies.HTTP, c.Proxies.HTTPS
 			want["no_proxy"] = c.Proxies.noProxy()
+			want["json_attribs"] = c.JSONAttribs
+			want["show_time"] = false
+		} else {
+			want["show_time"] = true // Mixlib::Log's default, untouched
 		}
 		for k, v := range want {
 			assert.Equal(t, v, s[k], "config %d: chef-client reads %s as bootagent meant", i, k)
@@ -363,4 +373,20 @@ func TestANoProxyAloneIsWrittenWithTheIMDSAddresses(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, string(got), "no_proxy                         'corp.example,169.254.169.254,fd00:ec2::254'\n")
 	assert.NotContains(t, string(got), "http_proxy")
+}
+
+func TestShowTimeIsWrittenSoThatChefClientTurnsTheTimeOff(t *testing.T) {
+	dir := t.TempDir()
+	c := baseClientConfig()
+	c.ShowTime = new(false)
+	got, err := RenderClientRB(c)
+	require.NoError(t, err)
+	ours := filepath.Join(dir, "client.rb")
+	require.NoError(t, os.WriteFile(ours, got, 0o600))
+	assert.Equal(t, false, chefConfigLoad(t, ours)["show_time"])
+
+	// cloud-init's line, read by Chef's own Chef::Log, leaves the time on.
+	theirs := filepath.Join(dir, "cloud-init.rb")
+	require.NoError(t, os.WriteFile(theirs, append(got, "Chef::Log::Formatter.show_time = false\n"...), 0o600))
+	assert.Equal(t, []any{false}, chefConfigLoad(t, theirs)["show_time"], "an argument list, which Ruby takes as true")
 }

@@ -45,6 +45,26 @@ func NewUnitRunner(ctx context.Context, log *zap.Logger) (*UnitRunner, error) {
 // Close ends the D-Bus connection.
 func (u *UnitRunner) Close() { u.conn.Close() }
 
+// ManagerEnvironment is systemd's own environment (`systemctl
+// show-environment`): what a transient unit, and so chef-client under the
+// UnitRunner, inherits besides its environment file.
+func ManagerEnvironment(ctx context.Context) ([]string, error) {
+	conn, err := dbus.ConnectSystemBus(dbus.WithContext(ctx))
+	if err != nil {
+		return nil, fmt.Errorf("connect to the system bus: %w", err)
+	}
+	defer func() { _ = conn.Close() }()
+	v, err := conn.Object("org.freedesktop.systemd1", "/org/freedesktop/systemd1").GetProperty("org.freedesktop.systemd1.Manager.Environment")
+	if err != nil {
+		return nil, fmt.Errorf("systemd's environment: %w", err)
+	}
+	env, ok := v.Value().([]string)
+	if !ok {
+		return nil, fmt.Errorf("systemd's environment is a %s, not a list of strings", v.Signature())
+	}
+	return env, nil
+}
+
 // UnitName is the transient unit of a run.
 func UnitName(runID string) string { return UnitPrefix + runID + ".service" }
 

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -134,6 +135,18 @@ type Chef struct {
 	FileCachePath  string `yaml:"file_cache_path" json:"file_cache_path"`
 	FileBackupPath string `yaml:"file_backup_path" json:"file_backup_path"`
 	PIDFile        string `yaml:"pid_file" json:"pid_file"`
+	// FirstBootPath is where the first run's JSON (run list, policy and
+	// initial attributes) is written, for chef-client's -j on that run
+	// (cloud-init's firstboot_path).
+	FirstBootPath string `yaml:"firstboot_path" json:"firstboot_path"`
+	// JSONAttribs is client.rb's json_attribs: a JSON file chef-client
+	// applies on every run, not only the first; "" for none. cloud-init
+	// points it at its first-boot file, which resets the run list on each
+	// run; set it to chef.firstboot_path to keep that behaviour.
+	JSONAttribs string `yaml:"json_attribs" json:"json_attribs"`
+	// ShowTime is client.rb's Chef::Log::Formatter.show_time (timestamps
+	// on chef-client's log lines); nil leaves chef-client's default.
+	ShowTime *bool `yaml:"show_time" json:"show_time"`
 	// Exec runs chef-client; false registers the node and writes its
 	// files only (cloud-init's chef exec), for an image whose own
 	// tooling runs chef-client.
@@ -164,6 +177,12 @@ const maxRequestBudget = 10 * time.Minute
 
 // Enabled reports whether the Chef steps run: only when a server is named.
 func (c Chef) Enabled() bool { return c.ServerURL != "" }
+
+// Cinc reports whether chef.client_command runs Cinc (cinc-client), whose
+// own files live under /etc/cinc and which has no license to accept.
+func (c Chef) Cinc() bool {
+	return len(c.ClientCommand) > 0 && strings.HasPrefix(filepath.Base(c.ClientCommand[0]), "cinc-")
+}
 
 // Metrics configures the Prometheus exposition.
 type Metrics struct {
@@ -207,6 +226,7 @@ func Default() Config {
 			RequestBudget:        Duration(5 * time.Minute),
 			FileCachePath:        "/var/cache/chef",
 			FileBackupPath:       "/var/backups/chef",
+			FirstBootPath:        "/etc/chef/first-boot.json",
 			Exec:                 true,
 			SSLVerify:            true,
 			// Stale nodes are the first complaint of Chef users in Auto
@@ -491,6 +511,7 @@ func (c Config) validateChef() []error {
 		{"chef.client_key", ch.ClientKey},
 		{"chef.file_cache_path", ch.FileCachePath},
 		{"chef.file_backup_path", ch.FileBackupPath},
+		{"chef.firstboot_path", ch.FirstBootPath},
 	} {
 		if !strings.HasPrefix(k.path, "/") {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
@@ -501,6 +522,7 @@ func (c Config) validateChef() []error {
 		{"chef.encrypted_data_bag_secret", ch.EncryptedDataBagSecret},
 		{"chef.pid_file", ch.PIDFile},
 		{"chef.license_key_file", ch.LicenseKeyFile},
+		{"chef.json_attribs", ch.JSONAttribs},
 	} {
 		if k.path != "" && !strings.HasPrefix(k.path, "/") {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))

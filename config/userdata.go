@@ -412,6 +412,13 @@ func setKey(c *Config, key string, v any) {
 		c.Chef.FileBackupPath = v.(string)
 	case "chef.pid_file":
 		c.Chef.PIDFile = v.(string)
+	case "chef.firstboot_path":
+		c.Chef.FirstBootPath = v.(string)
+	case "chef.json_attribs":
+		c.Chef.JSONAttribs = v.(string)
+	case "chef.show_time":
+		show := v.(bool)
+		c.Chef.ShowTime = &show
 	case "chef.exec":
 		c.Chef.Exec = v.(bool)
 	default:

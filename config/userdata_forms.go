@@ -415,6 +415,9 @@ var cloudChefKeys = map[string]struct {
 	"file_cache_path":           {"chef.file_cache_path", kindString},
 	"file_backup_path":          {"chef.file_backup_path", kindString},
 	"pid_file":                  {"chef.pid_file", kindString},
+	"firstboot_path":            {"chef.firstboot_path", kindString},
+	"json_attribs":              {"chef.json_attribs", kindString},
+	"show_time":                 {"chef.show_time", kindBool},
 	"exec":                      {"chef.exec", kindBool},
 }
 

@@ -582,6 +582,9 @@ chef:
   file_cache_path: "/var/cache/chef"
   file_backup_path: "/var/backups/chef"
   pid_file: "/var/run/chef/client.pid"
+  firstboot_path: "/etc/chef/firstboot.json"
+  json_attribs: "/etc/chef/firstboot.json"
+  show_time: false
 `
 	cfg, info, err := ApplyUserData(Default(), []byte(data))
 	require.NoError(t, err)
@@ -592,6 +595,11 @@ chef:
 	assert.Equal(t, "/var/run/chef/client.pid", ch.PIDFile)
 	assert.Equal(t, "/var/cache/chef", ch.FileCachePath)
 	assert.Equal(t, "/var/backups/chef", ch.FileBackupPath)
+	assert.Equal(t, "/etc/chef/firstboot.json", ch.FirstBootPath)
+	assert.Equal(t, "/etc/chef/firstboot.json", ch.JSONAttribs, "cloud-init's way: the first-boot file on every run")
+	require.NotNil(t, ch.ShowTime)
+	assert.False(t, *ch.ShowTime)
+	assert.Nil(t, Default().Chef.ShowTime, "unset, chef-client's default holds")
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: install_type, force_install, omnibus_url, omnibus_version",
 		"only the install keys are left to cloud-init")
 
@@ -599,6 +607,9 @@ chef:
 		{"#cloud-config\nchef:\n  chef_license: yes-please\n", `chef.license: "yes-please" is not one of accept, accept-silent, accept-no-persist`},
 		{"#cloud-config\nchef:\n  log_level: :loud\n", `chef.log_level: "loud" is not one of auto, trace, debug, info, warn, error, fatal`},
 		{"#cloud-config\nchef:\n  encrypted_data_bag_secret: secret.txt\n", `chef.encrypted_data_bag_secret: "secret.txt" must be an absolute path`},
+		{"#cloud-config\nchef:\n  firstboot_path: firstboot.json\n", `chef.firstboot_path: "firstboot.json" must be an absolute path`},
+		{"#cloud-config\nchef:\n  json_attribs: attrs.json\n", `chef.json_attribs: "attrs.json" must be an absolute path`},
+		{"#cloud-config\nchef:\n  show_time: sometimes\n", `chef.show_time`},
 	} {
 		assertRefused(t, []byte(bad.data), bad.want)
 	}

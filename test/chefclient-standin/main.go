@@ -35,7 +35,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -44,7 +43,6 @@ import (
 	"time"
 
 	gochef "github.com/go-chef/chef"
-	"golang.org/x/net/http/httpproxy"
 )
 
 func main() {
@@ -177,9 +175,7 @@ func converge(s map[string]string, jsonPath string) (gochef.Node, error) {
 	if !strings.HasSuffix(base, "/") {
 		base += "/"
 	}
-	// client.rb's proxies, as chef-client takes them.
-	proxy := (&httpproxy.Config{HTTPProxy: s["http_proxy"], HTTPSProxy: s["https_proxy"], NoProxy: s["no_proxy"]}).ProxyFunc()
-	transport := &http.Transport{TLSClientConfig: tlsConfig, Proxy: func(r *http.Request) (*url.URL, error) { return proxy(r.URL) }}
+	transport := &http.Transport{TLSClientConfig: tlsConfig}
 	c, err := gochef.NewClient(&gochef.Config{
 		Name: s["node_name"], Key: string(key), BaseURL: base,
 		AuthenticationVersion: s["authentication_protocol_version"],

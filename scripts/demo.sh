@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo: a first boot of a "fresh instance" against AWS's own IMDS
-# emulator and a real Chef server (goiardi), with the chef-client stand-in
-# (test/chefclient-standin: Chef Infra Client cannot be installed here). It
+# emulator and a real Chef server (goiardi) holding a small chef-repo
+# (test/chef-repo), with the Ruby chef-client stand-in built on Chef's own
+# libraries (test/chefclient-ruby-standin: Chef Infra Client cannot be
+# installed here). It
 # runs in a private network and UTS namespace, so the host name it sets and
 # the traffic it sends never leave this sandbox; the files it writes go
 # under a temporary root.
@@ -9,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 agent=$repo/bin/bootagent
-standin=$repo/bin/chefclient-standin
+standin=$repo/bin/chefclient-ruby-standin
 knife=$repo/bin/knife-standin
 mock=$repo/.tools/bin/ec2-metadata-mock
 
@@ -70,6 +72,18 @@ for port_ in "$port" "$chef_port"; do
 	done
 done
 cp "$work/goiardi/chef-validator.pem" "$root/etc/chef/validation.pem"
+knife_() { "$knife" -s "http://127.0.0.1:$chef_port" -u admin -k "$work/goiardi/admin.pem" "$@"; }
+# The organisation's chef-repo is on the server before the instance boots.
+knife_ upload "$repo/test/chef-repo" >/dev/null
+
+# chef-client runs on the instance, where /etc/hosts is the one bootagent
+# wrote: the demo's is under its root, so the stand-in (and Ohai in it) is
+# shown that one in a mount namespace of its own.
+cat >"$work/chef-client" <<SH
+#!/bin/sh
+exec unshare --mount -- sh -c 'mount --bind "\$0" /etc/hosts && exec "\$@"' "$root/etc/hosts" "$standin" "\$@"
+SH
+chmod 0755 "$work/chef-client"
 
 # The baked config: IMDS and the Chef server (the demo's are on loopback).
 cat >"$work/config.yaml" <<YAML
@@ -77,7 +91,11 @@ imds:
   endpoint: http://127.0.0.1:$port
 chef:
   server_url: http://127.0.0.1:$chef_port
-  client_command: ["$standin"]
+  client_command: ["$work/chef-client"]
+  # The image's chef-client has not accepted its license; bootagent does.
+  license: accept
+  # chef-client's cache, under the demo's root rather than this machine's.
+  file_cache_path: $root/var/cache/chef
 YAML
 
 section "the AWS IMDS emulator (IMDSv2 only) serves this user-data"
@@ -94,7 +112,10 @@ section "bootagent once --root $root"
 "$agent" once --config "$work/config.yaml" --root "$root"
 
 section "the node, as the Chef server sees it (knife node show, stand-in)"
-"$knife" -s "http://127.0.0.1:$chef_port" -u admin -k "$work/goiardi/admin.pem" node show web01.demo.internal
+knife_ node show web01.demo.internal
+
+section "the cookbooks the Chef server handed the node (chef-client's cache)"
+(cd "$root/var/cache/chef/cookbooks" && find . -type f | sort | sed 's|^\./|    |')
 
 section "after"
 echo "kernel hostname: $(hostname)"

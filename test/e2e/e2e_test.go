@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io/fs"
@@ -71,10 +73,17 @@ func state(t *testing.T, img *image) agentState {
 // waitIdle waits until the agent has converged and is idle.
 func waitIdle(t *testing.T, m *machine, img *image, runs int) {
 	t.Helper()
+
 	testenv.Eventually(t, 60*time.Second, func() bool {
 		s := state(t, img)
 		return s.Phase == "idle" && len(standinRuns(t, img)) >= runs
-	}, "the agent converges (%d runs) and goes idle; journal:\n%s", runs, journal(m))
+	}, "the agent converges (%d runs) and goes idle; journal:\n%s\nchef-client's:\n%s", runs, journal(m), runsJournal(m))
+}
+
+// runsJournal is the end of the chef-client runs' journal.
+func runsJournal(m *machine) string {
+	out, _ := m.try("journalctl", "-b", "-u", "bootagent-chef-client-*", "--no-pager", "-n", "40")
+	return out
 }
 
 func journal(m *machine) string {
@@ -115,7 +124,8 @@ func TestBoot(t *testing.T) {
 		assert.Contains(t, knife(m, "client", "list"), firstNode)
 		node := knife(m, "node", "show", firstNode)
 		assert.Equal(t, []any{"role[web]", "recipe[base]"}, node["run_list"])
-		assert.Equal(t, "web01.e2e.internal", node["fqdn"], "saved by the stand-in with the node's own key")
+		assert.Equal(t, "web01.e2e.internal", node["fqdn"], "Ohai's fqdn, saved by the stand-in with the node's own key")
+		assert.Equal(t, map[string]any{"base": map[string]any{"version": "1.2.0"}}, node["cookbooks"])
 
 		runs := standinRuns(t, img)
 		require.Len(t, runs, 1)
@@ -123,11 +133,29 @@ func TestBoot(t *testing.T) {
 		agentInvocation := m.show("bootagent.service", "InvocationID")["InvocationID"]
 		assert.NotEmpty(t, runs[0]["invocation_id"], "chef-client was started by systemd")
 		assert.NotEqual(t, agentInvocation, runs[0]["invocation_id"], "in a unit of its own, not the agent's")
+		sum := sha256.Sum256([]byte(licenseKey))
+		assert.Equal(t, hex.EncodeToString(sum[:]), runs[0]["license_key_sha256"], "the license key reached the unit's environment (EnvironmentFiles)")
 		assert.Contains(t, m.sh("journalctl", "--no-pager", "-u", "bootagent-chef-client-*"), "Starting Chef Infra Client")
 		assert.Empty(t, strings.TrimSpace(m.sh("systemctl", "list-units", "--all", "--no-legend", "bootagent-chef-client-*")), "the finished run's unit is removed")
 		_, err := m.try("test", "-e", "/etc/chef/validation.pem")
 		assert.Error(t, err, "the validator is deleted after registration")
 		assert.Equal(t, "600 root\n", m.sh("stat", "-c", "%a %U", "/etc/chef/client.pem"))
+	})
+
+	t.Run("2b: chef-client's own view: Ohai sees the name applied, and the run list's cookbooks are in its cache", func(t *testing.T) {
+		// ohai prints one JSON list per attribute asked for.
+		out := m.sh("ohai", "fqdn", "hostname", "domain")
+		var ohai [][]string
+		for dec := json.NewDecoder(strings.NewReader(out)); dec.More(); {
+			var v []string
+			require.NoError(t, dec.Decode(&v), "%s", out)
+			ohai = append(ohai, v)
+		}
+		assert.Equal(t, [][]string{{"web01.e2e.internal"}, {"web01"}, {"e2e.internal"}}, ohai, "ohai fqdn hostname domain")
+		for _, f := range []string{"metadata.rb", "recipes/default.rb", "recipes/web.rb", "templates/default/motd.erb", "files/default/issue.net"} {
+			assert.Equal(t, img.read("/srv/chef-repo/cookbooks/base/"+f), img.read("/var/cache/chef/cookbooks/base/"+f), "%s, downloaded with the node's key and its checksum checked", f)
+		}
+		assert.FileExists(t, img.path("/etc/chef/accepted_licenses/chef_infra_client"), "chef.license: accept reached chef-client")
 	})
 
 	t.Run("3: the journal has the agent's structured fields", func(t *testing.T) {
@@ -164,6 +192,7 @@ func TestBoot(t *testing.T) {
 		// No key material in the whole journal of the boot.
 		everything := m.sh("journalctl", "--no-pager", "-o", "json", "-b")
 		assert.NotContains(t, everything, "PRIVATE KEY")
+		assert.NotContains(t, everything, licenseKey, "nor the license key")
 		for _, key := range []string{"/etc/goiardi/chef-validator.pem", "/etc/chef/client.pem"} {
 			lines := strings.Split(strings.TrimSpace(img.read(key)), "\n")
 			require.Greater(t, len(lines), 3)
@@ -177,6 +206,16 @@ func TestBoot(t *testing.T) {
 		for _, want := range []string{"IMDSv1", "disabled: IMDSv2 only", "web01.e2e.internal", "bootagent.service and bootagent.path enabled", "the server accepts /etc/chef/client.pem"} {
 			assert.Contains(t, out, want)
 		}
+		assert.Contains(t, out, "chef.license: accept (client.rb's chef_license)")
+
+		// Without chef.license, CHEF_LICENSE counts where chef-client's
+		// unit inherits it from: systemd's own environment.
+		img.write("/root/no-license.yaml", strings.Replace(img.read("/etc/bootagent/config.yaml"), "  license: accept\n", "", 1))
+		m.sh("systemctl", "set-environment", "CHEF_LICENSE=accept-silent")
+		defer m.sh("systemctl", "unset-environment", "CHEF_LICENSE")
+		out, _ = m.try("bootagent", "diagnose", "--config", "/root/no-license.yaml")
+		assert.Contains(t, out, "CHEF_LICENSE=accept-silent in systemd's environment, which chef-client's unit inherits")
+
 		status := m.sh("bootagent", "status")
 		for _, want := range []string{"bootstrapped  true", "  imds", "  hostname", "  register", "last run"} {
 			assert.Contains(t, status, want)
@@ -254,12 +293,15 @@ func TestBoot(t *testing.T) {
 		assert.Contains(t, out, "removed /etc/chef/client.pem")
 		// The image is baked and launched: a new instance.
 		img.instance("i-0e2e0000000000003", userData)
+		// The runs before: an earlier boot may have been powered off
+		// before its run ended.
+		before := len(standinRuns(t, img))
 		m := img.boot()
 		defer m.poweroff()
 		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Bootstrapped }, "bootstrapped")
 		assert.NotContains(t, journal(m), "a new instance: the state was left by another one", "clean left nothing to adopt")
 		assert.Contains(t, knife(m, "client", "list"), "web01-i-0e2e0000000000003")
-		waitIdle(t, m, img, 4)
+		waitIdle(t, m, img, before+1)
 		runs := standinRuns(t, img)
 		assert.Equal(t, "/etc/chef/first-boot.json", runs[len(runs)-1]["first_boot"], "a fresh first boot")
 	})

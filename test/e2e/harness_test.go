@@ -31,7 +31,9 @@ type image struct {
 // newImage copies the cached base image (BOOTAGENT_E2E_IMAGE, built by
 // `make e2e-image`) and installs the agent's .deb and the test harness in
 // it: the IMDS emulator, goiardi's validator put where an image bakes it,
-// the chef-client and knife stand-ins, and the agent's baked config.
+// the tests' chef-repo uploaded to goiardi before the agent starts, the
+// chef-client stand-in built on Chef's own Ruby libraries, the knife
+// stand-in, and the agent's baked config.
 func newImage(t testing.TB) *image {
 	t.Helper()
 	testenv.RequirePrivateNetwork(t)
@@ -49,9 +51,10 @@ func newImage(t testing.TB) *image {
 
 	img.copy(debs[0], "/root/bootagent.deb", 0o644)
 	img.nspawn("dpkg", "-i", "/root/bootagent.deb")
-	for _, tool := range []string{"ec2-metadata-mock", "chefclient-standin", "knife-standin"} {
+	for _, tool := range []string{"ec2-metadata-mock", "chefclient-ruby-standin", "knife-standin"} {
 		img.copy(testenv.Tool(t, tool), "/usr/local/bin/"+tool, 0o755)
 	}
+	run(t, "cp", "-a", testenv.ChefRepo(), img.path("/srv/chef-repo"))
 	img.write("/etc/systemd/system/aemm.service", `[Unit]
 Description=AWS IMDS emulator (test harness: on EC2, IMDS is there before boot)
 Before=bootagent.service
@@ -68,13 +71,14 @@ ExecStartPost=/bin/bash -c 'until echo > /dev/tcp/127.0.0.1/1338; do sleep 0.02;
 WantedBy=multi-user.target
 `)
 	img.write("/etc/systemd/system/e2e-validator.service", `[Unit]
-Description=Put goiardi's validator where an image bakes it (test harness)
+Description=Put goiardi's validator where an image bakes it, and the organisation's chef-repo on goiardi (test harness)
 After=goiardi.service
 Wants=goiardi.service
 Before=bootagent.service
 [Service]
 Type=oneshot
 ExecStart=/bin/bash -c 'until [ -s /etc/goiardi/chef-validator.pem ]; do sleep 0.05; done; until echo > /dev/tcp/127.0.0.1/4545; do sleep 0.05; done 2>/dev/null; install -D -m 0600 /etc/goiardi/chef-validator.pem /etc/chef/validation.pem'
+ExecStart=/usr/local/bin/knife-standin -s http://127.0.0.1:4545 -u admin -k /etc/goiardi/admin.pem upload /srv/chef-repo
 [Install]
 WantedBy=multi-user.target
 `)
@@ -85,16 +89,25 @@ WantedBy=multi-user.target
 		}
 	}
 	// goiardi keeps its data on disk every second, so that nodes outlive
-	// a reboot of the container.
+	// a reboot of the container, and names itself by the address it
+	// listens on in the cookbook file URLs it hands out (by default, the
+	// host name at its start, which resolves to 127.0.1.1).
 	conf := img.read("/etc/goiardi/goiardi.conf")
-	img.write("/etc/goiardi/goiardi.conf", strings.Replace(conf, "freeze-interval = 120", "freeze-interval = 1", 1))
+	conf = strings.Replace(conf, "freeze-interval = 120", "freeze-interval = 1", 1)
+	img.write("/etc/goiardi/goiardi.conf", strings.Replace(conf, `#hostname = "chef.local"`, `hostname = "127.0.0.1"`, 1))
 	img.write("/etc/bootagent/config.yaml", `imds:
   endpoint: http://127.0.0.1:1338
 chef:
   server_url: http://127.0.0.1:4545
   node_name: "{hostname}-{instance_id}"
-  client_command: [/usr/local/bin/chefclient-standin, --record, /var/log/standin.jsonl, --sleep-file, /etc/standin-sleep]
+  client_command: [/usr/local/bin/chefclient-ruby-standin, --record, /var/log/standin.jsonl, --sleep-file, /etc/standin-sleep]
+  license: accept
+  license_key_file: /etc/chef/license.key
 `)
+	img.write("/etc/chef/license.key", licenseKey+"\n")
+	if err := os.Chmod(img.path("/etc/chef/license.key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	return img
 }
 
@@ -179,6 +192,9 @@ func (m *machine) Write(p []byte) (int, error) {
 	defer m.mu.Unlock()
 	return m.out.Write(p)
 }
+
+// licenseKey is the Chef license key the image carries for chef-client.
+const licenseKey = "e2e-license-key-0001"
 
 // bootTimeout bounds a whole boot of the container, checks included.
 const bootTimeout = "300"

@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -384,8 +385,47 @@ func TestTheLicenseKeyReachesChefClientsEnvironmentOnly(t *testing.T) {
 	})
 	_, err = s.engine.Once(context.Background())
 	require.NoError(t, err)
-	assert.NoFileExists(t, filepath.Join(s.root, "run/bootagent/chef-client.env"), "without a key file, no key is handed on")
+	assert.NotContains(t, readFile(t, filepath.Join(s.root, "run/bootagent/chef-client.env")), key, "without a key file, no key is handed on")
 	assert.Empty(t, s.runs(t)[len(s.runs(t))-1]["license_key_sha256"])
+}
+
+func TestChefClientsProxiesWinOverTheEnvironmentsAndIMDSIsNeverProxied(t *testing.T) {
+	const host = "chef.corp.example:4000" // resolvable only by the proxy
+	// The image's own proxy, in the environment chef-client inherits:
+	// nothing listens there.
+	for _, v := range []string{"http_proxy", "HTTP_PROXY"} {
+		t.Setenv(v, "http://127.0.0.1:9")
+	}
+	t.Setenv("NO_PROXY", "internal.example")
+	s := newChefSetup(t, "hostname=web01\n")
+	proxy := newForwardProxy(t, host, s.goiardi.URL)
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = "http://" + host
+		c.Chef.HTTPProxy = proxy.URL
+		c.Chef.ClientCommand = []string{"chefclient-ruby-standin", "--record", s.record}
+		c.Chef.License = "accept-no-persist"
+		c.Chef.FileCachePath = filepath.Join(s.root, "var/cache/chef")
+	})
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err, "chef-client took client.rb's proxy, not the environment's")
+	assert.Contains(t, proxy.requests(), "PUT http://"+host+"/nodes/web01")
+
+	// Without configured proxies, the inherited one stays, but IMDS is
+	// kept off it: as chef-client (and Ohai's ec2 plugin) would decide.
+	s = newChefSetup(t, "hostname=web01\n")
+	_, err = s.engine.Once(context.Background())
+	require.NoError(t, err, "the agent's own requests to a loopback server take no proxy")
+	env := readFile(t, filepath.Join(s.root, "run/bootagent/chef-client.env"))
+	assert.Contains(t, env, "NO_PROXY=internal.example,169.254.169.254,fd00:ec2::254\n", "the inherited no_proxy, with IMDS")
+	script := fmt.Sprintf(`load %q
+File.readlines(ARGV[0], chomp: true).each { |l| k, v = l.split("=", 2); ENV[k] = v }
+chef = %%w[169.254.169.254 chef.example.org].map { |h| ChefConfig::Config.proxy_uri("http", h, 80)&.to_s }
+ohai = %%w[http://169.254.169.254/ http://chef.example.org/].map { |u| URI(u).find_proxy&.to_s }
+puts JSON.generate(chef + ohai)`, testenv.Tool(t, "chefclient-ruby-standin"))
+	out, err := exec.Command("ruby", "-W0", "-rjson", "-e", script, filepath.Join(s.root, "run/bootagent/chef-client.env")).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.JSONEq(t, `[null, "http://127.0.0.1:9", null, "http://127.0.0.1:9"]`, string(out),
+		"IMDS direct, the rest through the image's proxy, by ChefConfig's proxy_uri (chef-client) and Net::HTTP's (Ohai's ec2 plugin)")
 }
 
 func TestWithExecFalseTheNodeIsRegisteredAndNothingRun(t *testing.T) {
@@ -484,6 +524,26 @@ func TestChefClientRefusesAnUnacceptedLicenseAndConvergesOnceItIsAccepted(t *tes
 	assert.Equal(t, []any{"base::web"}, node.AutomaticAttributes["recipes"])
 	assert.Equal(t, []any{"web"}, node.AutomaticAttributes["roles"])
 	assert.NotContains(t, node.AutomaticAttributes, "ec2", "Ohai's ec2 plugin is never run by the tests")
+}
+
+func TestAChangedServerDoesNotRepointARegisteredNodesClientRB(t *testing.T) {
+	s := newChefSetup(t, "hostname=web01\n")
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	before := readFile(t, filepath.Join(s.root, "etc/chef/client.rb"))
+
+	other := testenv.StartGoiardi(t)
+	e, logs := newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = other.URL
+		c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin"), "--record", s.record}
+	})
+	res, err := e.Once(context.Background())
+	require.NoError(t, err, "chef-client still runs against the server the node is on")
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	assert.Equal(t, before, readFile(t, filepath.Join(s.root, "etc/chef/client.rb")))
+	warned := logs.FilterMessageSnippet("client.rb keeps the registration's").All()
+	require.Len(t, warned, 1)
+	assert.Contains(t, warned[0].ContextMap()["fix"], "bootagent deregister and bootagent clean")
 }
 
 func findingNamed(t *testing.T, d Diagnosis, name string) Finding {

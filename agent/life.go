@@ -302,16 +302,14 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 				Grace:   runGrace,
 				Log:     l.m.runLog(a.run.id),
 			}
-			keyFile := a.plan.cfg.Chef.LicenseKeyFile
-			if keyFile != "" {
-				spec.EnvironmentFile = e.path(runEnvPath)
-			}
+			keyFile, runProxies := a.plan.cfg.Chef.LicenseKeyFile, proxies(a.plan.cfg.Chef)
+			spec.EnvironmentFile = e.path(runEnvPath)
 			clientRB, log := a.plan.chef.clientRB, l.m.log
 			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) {
 				if err := e.refreshClientRB(log, clientRB); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}
-				if err := e.writeRunEnvironment(keyFile); err != nil {
+				if err := e.writeRunEnvironment(keyFile, runProxies); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}
 				return e.runner.Run(ctx, spec)

@@ -742,8 +742,14 @@ func (m *machine) nextRegistration(now time.Time) []action {
 		m.st.RegisteredAt = nil
 	}
 	// Recorded before the first request: a termination from now on
-	// removes whatever the registration got to make.
+	// removes whatever the registration got to make, and clean the files
+	// it got to write.
 	m.st.NodeName, m.st.ClientName = node, node
+	for _, f := range []string{m.plan.cfg.Chef.ClientKey, m.plan.cfg.Chef.FirstBootPath} {
+		if !slices.Contains(m.st.InstanceFiles, f) {
+			m.st.InstanceFiles = append(m.st.InstanceFiles, f)
+		}
+	}
 	return []action{actRegister{plan: m.plan}}
 }
 

@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io/fs"
+	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -90,51 +92,75 @@ func startRun(info runInfo, run func(ctx context.Context) (chef.Outcome, error))
 var licenseKey = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
 
 // runEnvPath is chef-client's environment file (root's alone), made before
-// each run from chef.license_key_file.
+// each run: the license key from chef.license_key_file, and the proxies.
 const runEnvPath = "/run/bootagent/chef-client.env"
 
 // writeRunEnvironment makes chef-client's environment file: the license
-// key as CHEF_LICENSE_KEY. The key file must be its owner's alone, and the
-// key is never logged. Without a key file, one left by an earlier
-// configuration is removed: it would hold a key no longer meant to be
-// handed on.
-func (e *Engine) writeRunEnvironment(keyFile string) error {
-	if keyFile == "" {
-		if err := atomicfile.Remove(e.root, runEnvPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("chef-client's environment: %w", err)
+// key as CHEF_LICENSE_KEY, when there is a key file, and the proxies
+// (chef.Proxies.Environment, over what chef-client would inherit). The
+// key file must be its owner's alone, and the key is never logged.
+func (e *Engine) writeRunEnvironment(keyFile string, proxies chef.Proxies) error {
+	lines := proxies.Environment(os.Getenv)
+	if keyFile != "" {
+		key, err := e.readLicenseKey(keyFile)
+		if err != nil {
+			return err
 		}
-		return nil
+		lines = append([]string{"CHEF_LICENSE_KEY=" + key}, lines...)
 	}
+	if _, err := atomicfile.WriteFile(e.root, runEnvPath, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		return fmt.Errorf("chef-client's environment: %w", err)
+	}
+	return nil
+}
+
+// readLicenseKey reads the license key from keyFile, which must be its
+// owner's alone and hold one key.
+func (e *Engine) readLicenseKey(keyFile string) (string, error) {
 	fi, err := atomicfile.Stat(e.root, keyFile)
 	if err != nil {
-		return fmt.Errorf("chef.license_key_file: %w", err)
+		return "", fmt.Errorf("chef.license_key_file: %w", err)
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
-		return fmt.Errorf("chef.license_key_file %s is readable by others (mode %04o): a license key is a secret; chmod 600 it", keyFile, fi.Mode().Perm())
+		return "", fmt.Errorf("chef.license_key_file %s is readable by others (mode %04o): a license key is a secret; chmod 600 it", keyFile, fi.Mode().Perm())
 	}
 	data, err := atomicfile.ReadFile(e.root, keyFile)
 	if err != nil {
-		return fmt.Errorf("chef.license_key_file: %w", err)
+		return "", fmt.Errorf("chef.license_key_file: %w", err)
 	}
 	key := strings.TrimSpace(string(data))
 	if !licenseKey.MatchString(key) {
 		// Anything else could be read differently by systemd's
 		// EnvironmentFile= (quotes, backslashes, #) and by a child's
 		// environment.
-		return fmt.Errorf("chef.license_key_file %s does not hold one license key (letters, digits, '.', '_' and '-', on one line)", keyFile)
+		return "", fmt.Errorf("chef.license_key_file %s does not hold one license key (letters, digits, '.', '_' and '-', on one line)", keyFile)
 	}
-	if _, err := atomicfile.WriteFile(e.root, runEnvPath, []byte("CHEF_LICENSE_KEY="+key+"\n"), 0o600); err != nil {
-		return fmt.Errorf("chef-client's environment: %w", err)
+	return key, nil
+}
+
+// identitySettings are the client.rb settings that name the node's
+// registration: the server, the node, and its key.
+var identitySettings = []string{"chef_server_url", "node_name", "client_key"}
+
+// identity is the lines of client.rb that set identitySettings.
+func identity(rb []byte) []string {
+	var lines []string
+	for _, l := range strings.Split(string(rb), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && slices.Contains(identitySettings, f[0]) {
+			lines = append(lines, l)
+		}
 	}
-	return nil
+	return lines
 }
 
 // refreshClientRB rewrites client.rb before a run when the configuration
 // now renders it differently from the one written at registration (a
 // license accepted, a log level changed): chef-client reads what the agent
-// is configured with, not what it was when the node was made. The node name
-// in it is the registered one, since runs follow a registration of this
-// plan's name.
+// is configured with, not what it was when the node was made. A changed
+// server or key is not taken: the node is registered on the server, with
+// the key, that client.rb names, and chef-client pointed elsewhere would
+// fail every run. The node name cannot differ, since runs follow a
+// registration of this plan's name.
 func (e *Engine) refreshClientRB(log *zap.Logger, want []byte) error {
 	have, err := atomicfile.ReadFile(e.root, clientRBPath)
 	if err == nil && bytes.Equal(have, want) {
@@ -142,6 +168,11 @@ func (e *Engine) refreshClientRB(log *zap.Logger, want []byte) error {
 	}
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("read client.rb: %w", err)
+	}
+	if err == nil && !slices.Equal(identity(have), identity(want)) {
+		log.Warn("chef.server_url or chef.client_key changed since the node was registered: client.rb keeps the registration's, and is not rewritten",
+			zap.String("fix", "to move the node, run bootagent deregister and bootagent clean, then restart the agent: it registers anew"))
+		return nil
 	}
 	if err := e.writeFile(log, clientRBPath, want, 0o644); err != nil {
 		return fmt.Errorf("rewrite client.rb: %w", err)

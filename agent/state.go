@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -110,6 +111,11 @@ type State struct {
 	// another name before, with the same key: the node name changed. They
 	// are removed at termination too.
 	FormerNodes []string `json:"former_nodes,omitempty"`
+	// InstanceFiles are the instance's own files a registration writes
+	// (the node's key, the first-boot JSON), where that boot's
+	// configuration, user-data included, put them: clean removes them
+	// there, whatever the baked config says.
+	InstanceFiles []string `json:"instance_files,omitempty"`
 	// FirstRunDone is true once a chef-client run with the first-boot JSON
 	// succeeded; later runs go without it.
 	FirstRunDone bool          `json:"first_run_done"`
@@ -301,8 +307,16 @@ func Clean(root string, cfg config.Config) ([]string, error) {
 		return nil, err
 	}
 	defer unlock()
+	files := instanceFiles(cfg)
+	if st, err := loadState(root); err == nil {
+		for _, p := range st.InstanceFiles {
+			if !slices.Contains(files, p) {
+				files = append(files, p)
+			}
+		}
+	}
 	var removed []string
-	for _, p := range append([]string{statePath}, instanceFiles(cfg)...) {
+	for _, p := range append([]string{statePath}, files...) {
 		switch err := atomicfile.Remove(root, p); {
 		case err == nil:
 			removed = append(removed, p)

@@ -82,13 +82,27 @@ func TestCleanForgetsTheInstanceButKeepsTheValidator(t *testing.T) {
 
 	removed, err := Clean(s.root, config.Default())
 	require.NoError(t, err)
-	assert.ElementsMatch(t, []string{statePath, "/etc/chef/client.pem", "/etc/chef/first-boot.json", clientRBPath}, removed)
+	assert.ElementsMatch(t, []string{statePath, "/etc/chef/client.pem", "/etc/chef/first-boot.json", clientRBPath, runEnvPath}, removed)
 	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
 	require.NoError(t, err, "the validator stays for the next instance")
 	st, err := ReadState(s.root)
 	require.NoError(t, err)
 	assert.Empty(t, st.InstanceID)
 	assert.Equal(t, 2, StatusCode(st))
+}
+
+func TestCleanRemovesTheFilesWhereUserDataPutThem(t *testing.T) {
+	s := newChefSetup(t, "#cloud-config\nhostname: web01\nchef:\n  firstboot_path: /etc/chef/firstboot.json\n  client_key: /etc/chef/node.pem\n")
+	_, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	require.FileExists(t, filepath.Join(s.root, "etc/chef/firstboot.json"))
+
+	// The baked config knows nothing of user-data's paths.
+	removed, err := Clean(s.root, config.Default())
+	require.NoError(t, err)
+	assert.Subset(t, removed, []string{"/etc/chef/firstboot.json", "/etc/chef/node.pem"})
+	assert.NoFileExists(t, filepath.Join(s.root, "etc/chef/firstboot.json"), "the previous instance's attributes do not go into the image")
+	assert.NoFileExists(t, filepath.Join(s.root, "etc/chef/node.pem"))
 }
 
 func TestCleanAndOnceRefuseWhileAnAgentIsRunning(t *testing.T) {

@@ -184,14 +184,56 @@ func (p Proxies) set() bool { return p.HTTP != "" || p.HTTPS != "" || p.No != ""
 var imdsAddresses = []string{"169.254.169.254", "fd00:ec2::254"}
 
 // noProxy is no_proxy with the IMDS addresses added.
-func (p Proxies) noProxy() string {
-	list := strings.FieldsFunc(p.No, func(r rune) bool { return r == ',' || r == ' ' })
+func (p Proxies) noProxy() string { return withIMDS(p.No) }
+
+// withIMDS is a no_proxy list with the IMDS addresses added.
+func withIMDS(noProxy string) string {
+	list := strings.FieldsFunc(noProxy, func(r rune) bool { return r == ',' || r == ' ' })
 	for _, a := range imdsAddresses {
 		if !slices.Contains(list, a) {
 			list = append(list, a)
 		}
 	}
 	return strings.Join(list, ",")
+}
+
+// inheritedNoProxy keeps the entries of an inherited no_proxy that are
+// plain host, domain or address patterns, so that the line they go into
+// means the same to systemd and to chef-client.
+var inheritedNoProxy = regexp.MustCompile(`^[A-Za-z0-9._:*/\[\]-]+$`)
+
+// Environment is the proxy part of chef-client's environment, in lower and
+// upper case, each setting over the inherited one (env: the agent's own),
+// as the agent's requests take them: chef-client exports client.rb's
+// proxies only where the environment has none (ChefConfig's
+// export_proxies), so an inherited HTTPS_PROXY would otherwise win over
+// them. no_proxy is always set, with the IMDS addresses: an inherited proxy
+// would otherwise carry Ohai's ec2 plugin to IMDS.
+func (p Proxies) Environment(env func(string) string) []string {
+	var lines []string
+	add := func(name, value string) {
+		lines = append(lines, name+"="+value, strings.ToUpper(name)+"="+value)
+	}
+	if p.HTTP != "" {
+		add("http_proxy", p.HTTP)
+	}
+	if p.HTTPS != "" {
+		add("https_proxy", p.HTTPS)
+	}
+	if p.No != "" {
+		add("no_proxy", p.noProxy())
+		return lines
+	}
+	var keep []string
+	for _, name := range []string{"no_proxy", "NO_PROXY"} {
+		for _, e := range strings.FieldsFunc(env(name), func(r rune) bool { return r == ',' || r == ' ' }) {
+			if inheritedNoProxy.MatchString(e) && !slices.Contains(keep, e) {
+				keep = append(keep, e)
+			}
+		}
+	}
+	add("no_proxy", withIMDS(strings.Join(keep, ",")))
+	return lines
 }
 
 // trustedCertsDir is chef-client's own default for a root install, written
@@ -202,8 +244,9 @@ const trustedCertsDir = "/etc/chef/trusted_certs"
 // symbol, so only these are.
 var logLevels = []string{"auto", "trace", "debug", "info", "warn", "error", "fatal"}
 
-// licenses are the chef_license values chef-client knows.
-var licenses = []string{"accept", "accept-silent", "accept-no-persist"}
+// Licenses are the license acceptance values chef-client knows (client.rb's
+// chef_license, CHEF_LICENSE, --chef-license).
+var Licenses = []string{"accept", "accept-silent", "accept-no-persist"}
 
 // RenderClientRB renders client.rb. Every value is a Ruby literal made by
 // rubyString or a fixed symbol, so no setting can inject code.
@@ -212,8 +255,9 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 		return nil, err
 	}
 	w := &rbWriter{}
-	w.b.WriteString("# Written by bootagent at registration; it rewrites this file. Put local\n" +
-		"# settings in /etc/chef/client.d/*.rb, which chef-client also reads.\n")
+	w.b.WriteString("# Written by bootagent from its configuration, at registration and before a\n" +
+		"# run when that changed; it rewrites this file. Put local settings in\n" +
+		"# /etc/chef/client.d/*.rb, which chef-client also reads.\n")
 	w.str("chef_server_url", c.ServerURL)
 	w.str("node_name", c.NodeName)
 	w.str("client_key", c.ClientKey)
@@ -244,7 +288,7 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 	}
 	w.optional("pid_file", c.PIDFile)
 	w.optional("json_attribs", c.JSONAttribs)
-	if c.License != "" && w.known("chef_license", c.License, licenses) {
+	if c.License != "" && w.known("chef_license", c.License, Licenses) {
 		w.str("chef_license", c.License)
 	}
 	if c.LogLevel != "" && w.known("log_level", c.LogLevel, logLevels) {

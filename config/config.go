@@ -178,6 +178,30 @@ const maxRequestBudget = 10 * time.Minute
 // Enabled reports whether the Chef steps run: only when a server is named.
 func (c Chef) Enabled() bool { return c.ServerURL != "" }
 
+// checkFirstBootPath keeps the first-boot JSON, which user-data may place,
+// to a .json file directly in chef-client's own directory, and off every
+// other file the agent or chef-client reads: written as root (0600) and
+// given to chef-client, it must not replace a key, a secret or anything
+// outside Chef's files.
+func checkFirstBootPath(ch Chef) error {
+	p := ch.FirstBootPath
+	if dir := filepath.Dir(p); filepath.Clean(p) != p || (dir != "/etc/chef" && dir != "/etc/cinc") || filepath.Ext(p) != ".json" {
+		return fmt.Errorf("%q must be a .json file in /etc/chef or /etc/cinc", p)
+	}
+	for _, other := range []struct{ key, path string }{
+		{"chef.client_key", ch.ClientKey},
+		{"chef.validation_key", ch.ValidationKey},
+		{"chef.license_key_file", ch.LicenseKeyFile},
+		{"chef.encrypted_data_bag_secret", ch.EncryptedDataBagSecret},
+		{"chef.trusted_certs", ch.TrustedCerts},
+	} {
+		if other.path != "" && filepath.Clean(other.path) == p {
+			return fmt.Errorf("%q is %s's file too", p, other.key)
+		}
+	}
+	return nil
+}
+
 // Cinc reports whether chef.client_command runs Cinc (cinc-client), whose
 // own files live under /etc/cinc and which has no license to accept.
 func (c Chef) Cinc() bool {
@@ -511,7 +535,6 @@ func (c Config) validateChef() []error {
 		{"chef.client_key", ch.ClientKey},
 		{"chef.file_cache_path", ch.FileCachePath},
 		{"chef.file_backup_path", ch.FileBackupPath},
-		{"chef.firstboot_path", ch.FirstBootPath},
 	} {
 		if !strings.HasPrefix(k.path, "/") {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
@@ -528,6 +551,9 @@ func (c Config) validateChef() []error {
 			errs = append(errs, c.invalid(k.key, "%q must be an absolute path", k.path))
 		}
 	}
+	if err := checkFirstBootPath(ch); err != nil {
+		errs = append(errs, c.invalid("chef.firstboot_path", "%v", err))
+	}
 	for _, k := range []struct{ key, url string }{
 		{"chef.http_proxy", ch.HTTPProxy},
 		{"chef.https_proxy", ch.HTTPSProxy},
@@ -540,7 +566,12 @@ func (c Config) validateChef() []error {
 		} else if u, _ := url.Parse(k.url); u.User != nil {
 			// client.rb is world-readable, and the URL is logged.
 			errs = append(errs, c.invalid(k.key, "a proxy URL must not carry a user or password (they would be in client.rb and the logs); give the proxy's address alone"))
+		} else if !proxyChars.MatchString(k.url) {
+			errs = append(errs, c.invalid(k.key, "%q: a proxy address is a scheme, a host and a port (letters, digits and . - : / [ ])", k.url))
 		}
+	}
+	if ch.NoProxy != "" && !noProxyChars.MatchString(ch.NoProxy) {
+		errs = append(errs, c.invalid("chef.no_proxy", "%q: hosts, domains and addresses separated by commas or spaces (letters, digits and . - : * / [ ])", ch.NoProxy))
 	}
 	if !slices.Contains(chefLicenses, ch.License) {
 		errs = append(errs, c.invalid("chef.license", "%q is not one of accept, accept-silent, accept-no-persist (or empty, to leave it to the image)", ch.License))
@@ -550,6 +581,14 @@ func (c Config) validateChef() []error {
 	}
 	return errs
 }
+
+// proxyChars and noProxyChars are what proxy settings are made of: they go
+// into chef-client's environment file as they are, where a quote, a
+// backslash or a # would be read differently by systemd.
+var (
+	proxyChars   = regexp.MustCompile(`^[A-Za-z0-9._:/\[\]-]+$`)
+	noProxyChars = regexp.MustCompile(`^[A-Za-z0-9._:*/\[\], -]+$`)
+)
 
 // chefLicenses are chef-client's chef_license values, and "" for none.
 var chefLicenses = []string{"", "accept", "accept-silent", "accept-no-persist"}

@@ -607,7 +607,11 @@ chef:
 		{"#cloud-config\nchef:\n  chef_license: yes-please\n", `chef.license: "yes-please" is not one of accept, accept-silent, accept-no-persist`},
 		{"#cloud-config\nchef:\n  log_level: :loud\n", `chef.log_level: "loud" is not one of auto, trace, debug, info, warn, error, fatal`},
 		{"#cloud-config\nchef:\n  encrypted_data_bag_secret: secret.txt\n", `chef.encrypted_data_bag_secret: "secret.txt" must be an absolute path`},
-		{"#cloud-config\nchef:\n  firstboot_path: firstboot.json\n", `chef.firstboot_path: "firstboot.json" must be an absolute path`},
+		{"#cloud-config\nchef:\n  firstboot_path: firstboot.json\n", `chef.firstboot_path: "firstboot.json" must be a .json file in /etc/chef or /etc/cinc`},
+		{"#cloud-config\nchef:\n  firstboot_path: /etc/sudoers.d/chef.json\n", `chef.firstboot_path: "/etc/sudoers.d/chef.json" must be a .json file in /etc/chef or /etc/cinc`},
+		{"#cloud-config\nchef:\n  firstboot_path: /etc/chef/../passwd.json\n", `must be a .json file in /etc/chef or /etc/cinc`},
+		{"#cloud-config\nchef:\n  firstboot_path: /etc/chef/client.pem\n", `must be a .json file in /etc/chef or /etc/cinc`},
+		{"#cloud-config\nchef:\n  firstboot_path: /etc/chef/key.json\n  client_key: /etc/chef/key.json\n", `chef.firstboot_path: "/etc/chef/key.json" is chef.client_key's file too`},
 		{"#cloud-config\nchef:\n  json_attribs: attrs.json\n", `chef.json_attribs: "attrs.json" must be an absolute path`},
 		{"#cloud-config\nchef:\n  show_time: sometimes\n", `chef.show_time`},
 	} {

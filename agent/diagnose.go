@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -283,12 +284,15 @@ func checkLicense(root string, cfg config.Config, env string) Finding {
 		c.Result, c.Detail = DiagSkip, "Cinc has no license to accept"
 	case cfg.Chef.License != "":
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("chef.license: %s (client.rb's chef_license)", cfg.Chef.License)
-	case env != "":
+	case slices.Contains(chef.Licenses, env):
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in systemd's environment, which chef-client's unit inherits", env)
 	case err == nil && fi.Mode().IsRegular():
 		c.Result, c.Detail = DiagOK, "accepted on the image ("+marker+")"
 	default:
 		c.Result, c.Detail = DiagWarn, "not accepted: chef-client 15 and later refuse to run (exit 172, license_not_accepted)"
+		if env != "" {
+			c.Detail += fmt.Sprintf("; CHEF_LICENSE=%s in systemd's environment accepts nothing", env)
+		}
 		c.Fix = chef.ResultLicenseNotAccepted.Fix()
 	}
 	return c

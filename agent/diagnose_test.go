@@ -127,6 +127,9 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 	assert.Contains(t, checkLicense(root, cfg, "").Fix, "set chef.license: accept")
 
 	assert.Equal(t, DiagOK, checkLicense(root, cfg, "accept-no-persist").Result, "CHEF_LICENSE")
+	got := checkLicense(root, cfg, "yes")
+	assert.Equal(t, DiagWarn, got.Result, "chef-client accepts only its own values")
+	assert.Contains(t, got.Detail, "CHEF_LICENSE=yes in systemd's environment accepts nothing")
 	cfg.Chef.License = "accept"
 	assert.Contains(t, checkLicense(root, cfg, "").Detail, "chef.license: accept")
 	cfg.Chef.License = ""
@@ -135,7 +138,7 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/inspec"), []byte("---\nid: inspec\n"), 0o644))
 	assert.Equal(t, DiagWarn, checkLicense(root, cfg, "").Result, "another product's acceptance is not chef-client's")
 	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/chef_infra_client"), []byte("---\nid: infra-client\n"), 0o644))
-	got := checkLicense(root, cfg, "")
+	got = checkLicense(root, cfg, "")
 	assert.Equal(t, DiagOK, got.Result)
 	assert.Contains(t, got.Detail, "accepted on the image (/etc/chef/accepted_licenses/chef_infra_client)")
 

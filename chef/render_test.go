@@ -328,11 +328,14 @@ func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 	full.CAFile, full.License, full.EncryptedDataBagSecret, full.LogLevel, full.PIDFile = "/etc/chef/ca.pem", "accept-silent", "/etc/chef/secret", "debug", "/run/chef/client.pid"
 	full.Proxies = Proxies{HTTP: "http://proxy.corp:3128", HTTPS: "http://proxy.corp:3129", No: "corp.example"}
 	full.JSONAttribs, full.ShowTime = "/etc/chef/first-boot.json", new(false)
-	configs := []ClientConfig{baseClientConfig(), full}
+	policy := full
+	policy.Environment, policy.PolicyName, policy.PolicyGroup, policy.SSLVerify = "", "webapp", "prod", false
+	configs := []ClientConfig{baseClientConfig(), full, policy}
 	for _, v := range injections {
 		c := full
 		c.ServerURL, c.ClientKey, c.EncryptedDataBagSecret, c.Proxies.No = "https://chef.example.com/"+v, "/etc/chef/"+v, "/etc/chef/"+v, v
-		c.JSONAttribs = "/etc/chef/" + v
+		c.JSONAttribs, c.CAFile, c.PIDFile = "/etc/chef/"+v, "/etc/chef/"+v, "/run/"+v
+		c.FileCachePath, c.FileBackupPath = "/var/cache/"+v, "/var/backups/"+v
 		configs = append(configs, c)
 	}
 	for i, c := range configs {
@@ -345,7 +348,15 @@ func TestChefClientReadsEveryClientRBAsMeant(t *testing.T) {
 			"chef_server_url": c.ServerURL, "node_name": c.NodeName, "client_key": c.ClientKey,
 			"ssl_verify_mode": ":verify_peer", "authentication_protocol_version": c.AuthProtocol,
 			"file_cache_path": c.FileCachePath, "file_backup_path": c.FileBackupPath,
-			"log_location": "STDOUT",
+			"trusted_certs_dir": "/etc/chef/trusted_certs", "log_location": "STDOUT",
+		}
+		if !c.SSLVerify {
+			want["ssl_verify_mode"] = ":verify_none"
+		}
+		if c.PolicyName != "" {
+			want["policy_name"], want["policy_group"] = c.PolicyName, c.PolicyGroup
+		} else {
+			want["environment"] = c.Environment
 		}
 		if c.License != "" {
 			want["chef_license"] = c.License

@@ -16,8 +16,9 @@ import (
 // first run) and reports, from the journal's own clock, the time from
 // systemd starting the unit to the host name applied and to READY (the
 // agent's own work: key and registration included), and, separately, the
-// Ruby chef-client stand-in's first run (Ohai, the cookbooks' download, the
-// node saved); then it watches the agent idle for BOOTAGENT_BENCH_IDLE (10m
+// Ruby chef-client stand-in's first run as the agent times it (its unit
+// started, Ruby and Chef's libraries loaded, Ohai, the cookbooks'
+// download, the node saved); then it watches the agent idle for BOOTAGENT_BENCH_IDLE (10m
 // by default) and reports its peak and idle memory (VmHWM, VmRSS) and its
 // CPU time.
 func BenchmarkBoot(b *testing.B) {

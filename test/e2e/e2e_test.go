@@ -152,7 +152,7 @@ func TestBoot(t *testing.T) {
 			ohai = append(ohai, v)
 		}
 		assert.Equal(t, [][]string{{"web01.e2e.internal"}, {"web01"}, {"e2e.internal"}}, ohai, "ohai fqdn hostname domain")
-		for _, f := range []string{"metadata.rb", "recipes/default.rb", "recipes/web.rb", "templates/default/motd.erb", "files/default/issue.net"} {
+		for _, f := range []string{"metadata.rb", "attributes/default.rb", "recipes/default.rb", "recipes/web.rb", "templates/default/motd.erb", "files/default/issue.net"} {
 			assert.Equal(t, img.read("/srv/chef-repo/cookbooks/base/"+f), img.read("/var/cache/chef/cookbooks/base/"+f), "%s, downloaded with the node's key and its checksum checked", f)
 		}
 		assert.FileExists(t, img.path("/etc/chef/accepted_licenses/chef_infra_client"), "chef.license: accept reached chef-client")

@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 
 	gochef "github.com/go-chef/chef"
@@ -30,6 +31,11 @@ func main() {
 	}
 }
 
+// is reports whether the command line starts with the words of a command.
+func is(args []string, words ...string) bool {
+	return len(args) >= len(words) && slices.Equal(args[:len(words)], words)
+}
+
 func run(server, user, keyPath string, args []string) error {
 	key, err := os.ReadFile(keyPath)
 	if err != nil {
@@ -43,12 +49,8 @@ func run(server, user, keyPath string, args []string) error {
 		return err
 	}
 	var out any
-	command := strings.Join(args[:min(2, len(args))], " ")
-	if len(args) > 0 && args[0] == "upload" {
-		command = "upload"
-	}
-	switch command {
-	case "node show":
+	switch {
+	case is(args, "node", "show"):
 		if len(args) != 3 {
 			return fmt.Errorf("usage: node show NAME")
 		}
@@ -62,11 +64,11 @@ func run(server, user, keyPath string, args []string) error {
 			"normal": n.NormalAttributes, "fqdn": n.AutomaticAttributes["fqdn"], "ohai_time": n.AutomaticAttributes["ohai_time"],
 			"cookbooks": n.AutomaticAttributes["cookbooks"],
 		}
-	case "node list":
+	case is(args, "node", "list"):
 		out, err = c.Nodes.List()
-	case "client list":
+	case is(args, "client", "list"):
 		out, err = c.Clients.List()
-	case "upload":
+	case is(args, "upload"):
 		if len(args) != 2 {
 			return fmt.Errorf("usage: upload REPO")
 		}

@@ -71,6 +71,9 @@ type chefPlan struct {
 	// validator is the validator key given in user-data, normalised; nil
 	// when it is read from chef.validation_key.
 	validator []byte
+	// key is the key pair made ahead for this registration, or nil: it is
+	// made when the registration needs it.
+	key *keyAhead
 }
 
 // planChef validates the Chef settings and renders chef-client's files, so
@@ -211,6 +214,9 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	}
 	r := registrar(cfg, e.root, log, e.clock, e.retryPolicy(registerRetry))
 	r.Stop = stop
+	if p.key != nil {
+		r.NewKey = p.key.take
+	}
 	reg, err := r.Register(ctx, chef.Registration{
 		NodeName:      p.nodeName,
 		ClientKeyPath: ch.ClientKey,

@@ -3,6 +3,7 @@ package hostname
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/godbus/dbus/v5"
 )
@@ -20,14 +21,18 @@ type hostnamed struct {
 	obj  dbus.BusObject
 }
 
-func dialHostnamed(ctx context.Context) (*hostnamed, error) {
+// dialHostnamed connects to hostnamed, for as long as ctx lasts, giving it
+// timeout to answer (D-Bus may have to start it).
+func dialHostnamed(ctx context.Context, timeout time.Duration) (*hostnamed, error) {
 	conn, err := dbus.ConnectSystemBus(dbus.WithContext(ctx))
 	if err != nil {
 		return nil, fmt.Errorf("connect to the system bus: %w", err)
 	}
 	h := &hostnamed{conn: conn, obj: conn.Object(hostnamedName, hostnamedPath)}
 	// Reading a property activates hostnamed and proves it answers.
-	if _, _, err := h.Names(ctx); err != nil {
+	actx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if _, err := h.Static(actx); err != nil {
 		h.close()
 		return nil, err
 	}
@@ -38,16 +43,8 @@ func (h *hostnamed) close() { _ = h.conn.Close() }
 
 func (*hostnamed) String() string { return "systemd-hostnamed" }
 
-func (h *hostnamed) Names(ctx context.Context) (string, string, error) {
-	kernel, err := h.property(ctx, "Hostname")
-	if err != nil {
-		return "", "", err
-	}
-	static, err := h.property(ctx, "StaticHostname")
-	if err != nil {
-		return "", "", err
-	}
-	return kernel, static, nil
+func (h *hostnamed) Static(ctx context.Context) (string, error) {
+	return h.property(ctx, "StaticHostname")
 }
 
 func (h *hostnamed) property(ctx context.Context, name string) (string, error) {
@@ -62,15 +59,8 @@ func (h *hostnamed) property(ctx context.Context, name string) (string, error) {
 	return s, nil
 }
 
-func (h *hostnamed) SetKernel(ctx context.Context, name string) error {
-	// The last argument, interactive=false, keeps polkit from prompting.
-	if err := h.obj.CallWithContext(ctx, hostnamedIface+".SetHostname", 0, name, false).Err; err != nil {
-		return fmt.Errorf("hostnamed: set hostname %q: %w", name, err)
-	}
-	return nil
-}
-
 func (h *hostnamed) SetStatic(ctx context.Context, name string) error {
+	// The last argument, interactive=false, keeps polkit from prompting.
 	if err := h.obj.CallWithContext(ctx, hostnamedIface+".SetStaticHostname", 0, name, false).Err; err != nil {
 		return fmt.Errorf("hostnamed: set static hostname %q: %w", name, err)
 	}

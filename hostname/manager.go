@@ -10,20 +10,25 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/bootagent/bootagent/atomicfile"
 )
 
-// system reads and sets the two names a Linux host has: the kernel's
-// (transient) and the static one in /etc/hostname.
-type system interface {
-	Names(ctx context.Context) (kernel, static string, err error)
-	SetKernel(ctx context.Context, name string) error
+// statics reads and sets the static host name (/etc/hostname): through
+// systemd-hostnamed when it runs, so that its listeners hear of the change,
+// or directly.
+type statics interface {
+	Static(ctx context.Context) (string, error)
 	SetStatic(ctx context.Context, name string) error
 	String() string
 }
+
+// hostnamedTimeout bounds connecting to systemd-hostnamed, activation
+// included; past it the static name is written directly.
+const hostnamedTimeout = 10 * time.Second
 
 // Policy says what Apply manages.
 type Policy struct {
@@ -44,42 +49,54 @@ type Change struct {
 // Manager applies a host name under a root directory.
 type Manager struct {
 	root string
-	sys  system
 	log  *zap.Logger
+	// static is how the static name is set, known once ready is closed:
+	// finding out (connecting to hostnamed, which D-Bus may have to start)
+	// goes on while the name is not yet known, and never holds up the
+	// kernel name.
+	static statics
+	ready  chan struct{}
 }
 
 // New returns a Manager for root. When root is "/" and systemd-hostnamed
-// answers on the system bus, names are set through it, so that everything
-// listening for hostname changes hears of it; otherwise the kernel name is
-// set directly and /etc/hostname is written under root.
+// answers on the system bus, the static name is set through it, so that
+// everything listening for hostname changes hears of it; otherwise
+// /etc/hostname is written under root. The connection is made in the
+// background: New does not wait for it. The kernel name is always set with
+// sethostname(2), at once.
 func New(ctx context.Context, root string, log *zap.Logger) *Manager {
-	m := &Manager{root: root, log: log}
-	if filepath.Clean(root) == "/" {
-		h, err := dialHostnamed(ctx)
-		if err == nil {
-			m.sys = h
-			log.Debug("setting names through systemd-hostnamed")
-			return m
-		}
-		log.Debug("systemd-hostnamed not available; setting names directly", zap.Error(err))
+	m := &Manager{root: root, log: log, ready: make(chan struct{})}
+	if filepath.Clean(root) != "/" {
+		m.static = direct{root: root, log: log}
+		close(m.ready)
+		return m
 	}
-	m.sys = direct{root: root, log: log}
+	go func() {
+		defer close(m.ready)
+		h, err := dialHostnamed(ctx, hostnamedTimeout)
+		if err != nil {
+			log.Debug("systemd-hostnamed not available; writing /etc/hostname directly", zap.Error(err))
+			m.static = direct{root: root, log: log}
+			return
+		}
+		log.Debug("setting the static name through systemd-hostnamed")
+		m.static = h
+	}()
 	return m
 }
 
 // Close releases the D-Bus connection, if any.
 func (m *Manager) Close() {
-	if h, ok := m.sys.(*hostnamed); ok {
+	<-m.ready
+	if h, ok := m.static.(*hostnamed); ok {
 		h.close()
 	}
 }
 
-// Via names the way names are set, for logs.
-func (m *Manager) Via() string { return m.sys.String() }
-
 // Apply makes the host carry n and reports what it had to change; nothing
-// when the host already does. /etc/hosts is written first, so that the
-// new name resolves from the moment the kernel carries it.
+// when the host already does. /etc/hosts is written first, so that the new
+// name resolves from the moment the kernel carries it; the kernel name
+// next, at once; the static name last, once the way to set it is known.
 func (m *Manager) Apply(ctx context.Context, n Name, p Policy) ([]Change, error) {
 	var changes []Change
 	if p.ManageEtcHosts {
@@ -92,21 +109,30 @@ func (m *Manager) Apply(ctx context.Context, n Name, p Policy) ([]Change, error)
 		}
 	}
 	want := n.Kernel(p.PreferFQDN)
-	kernel, static, err := m.sys.Names(ctx)
+	kernel, err := os.Hostname()
+	if err != nil {
+		return changes, fmt.Errorf("read kernel hostname: %w", err)
+	}
+	if kernel != want {
+		if err := syscall.Sethostname([]byte(want)); err != nil {
+			return changes, fmt.Errorf("set kernel hostname %q: %w", want, err)
+		}
+		changes = append(changes, Change{What: "kernel hostname", Old: kernel, New: want})
+	}
+	select {
+	case <-m.ready:
+	case <-ctx.Done():
+		return changes, ctx.Err()
+	}
+	static, err := m.static.Static(ctx)
 	if err != nil {
 		return changes, err
 	}
 	if static != want {
-		if err := m.sys.SetStatic(ctx, want); err != nil {
+		if err := m.static.SetStatic(ctx, want); err != nil {
 			return changes, err
 		}
 		changes = append(changes, Change{What: "static hostname", Old: static, New: want})
-	}
-	if kernel != want {
-		if err := m.sys.SetKernel(ctx, want); err != nil {
-			return changes, err
-		}
-		changes = append(changes, Change{What: "kernel hostname", Old: kernel, New: want})
 	}
 	return changes, nil
 }
@@ -178,25 +204,20 @@ func (m *Manager) TameCloudInit() (bool, error) {
 	return true, nil
 }
 
-// direct sets the kernel name with sethostname(2) and writes /etc/hostname
-// under root.
+// direct reads and writes /etc/hostname under root.
 type direct struct {
 	root string
 	log  *zap.Logger
 }
 
-func (direct) String() string { return "sethostname and /etc/hostname" }
+func (direct) String() string { return "/etc/hostname" }
 
-func (d direct) Names(context.Context) (string, string, error) {
-	kernel, err := os.Hostname()
-	if err != nil {
-		return "", "", fmt.Errorf("read kernel hostname: %w", err)
-	}
+func (d direct) Static(context.Context) (string, error) {
 	data, err := atomicfile.ReadFile(d.root, "/etc/hostname")
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return "", "", err
+		return "", err
 	}
-	return kernel, staticName(data), nil
+	return staticName(data), nil
 }
 
 // staticName reads /etc/hostname as systemd does: the first line that is
@@ -209,13 +230,6 @@ func staticName(data []byte) string {
 		}
 	}
 	return ""
-}
-
-func (direct) SetKernel(_ context.Context, name string) error {
-	if err := syscall.Sethostname([]byte(name)); err != nil {
-		return fmt.Errorf("set kernel hostname %q: %w", name, err)
-	}
-	return nil
 }
 
 func (d direct) SetStatic(_ context.Context, name string) error {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -41,7 +42,6 @@ func TestApplySetsEveryNameAndThenNothing(t *testing.T) {
 	root := newRoot(t)
 	m := New(context.Background(), root, zaptest.NewLogger(t))
 	defer m.Close()
-	assert.Equal(t, "sethostname and /etc/hostname", m.Via())
 	n, err := Make("web01", "example.internal")
 	require.NoError(t, err)
 	policy := Policy{PreferFQDN: true, ManageEtcHosts: true}
@@ -50,8 +50,8 @@ func TestApplySetsEveryNameAndThenNothing(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []Change{
 		{What: "/etc/hosts entry", Old: "", New: "127.0.1.1\tweb01.example.internal web01"},
-		{What: "static hostname", Old: "debian", New: "web01.example.internal"},
 		{What: "kernel hostname", Old: "ip-10-0-7-10", New: "web01.example.internal"},
+		{What: "static hostname", Old: "debian", New: "web01.example.internal"},
 	}, changes)
 	kernel, err := os.Hostname()
 	require.NoError(t, err)
@@ -153,4 +153,62 @@ func TestTameCloudInit(t *testing.T) {
 	wrote, err = m.TameCloudInit()
 	require.NoError(t, err)
 	assert.False(t, wrote, "an up-to-date drop-in is not rewritten")
+}
+
+// slowHostnamed is a static-name setter that is not there yet, as
+// hostnamed while D-Bus activates it; it records the kernel name at the
+// moment the static name is set.
+type slowHostnamed struct {
+	static, kernelAtSet string
+}
+
+func (*slowHostnamed) String() string { return "slow hostnamed" }
+
+func (h *slowHostnamed) Static(context.Context) (string, error) { return h.static, nil }
+
+func (h *slowHostnamed) SetStatic(_ context.Context, name string) error {
+	h.kernelAtSet, _ = os.Hostname()
+	h.static = name
+	return nil
+}
+
+func TestTheKernelNameDoesNotWaitForHostnamed(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	require.NoError(t, syscall.Sethostname([]byte("localhost")))
+	h := &slowHostnamed{static: "debian"}
+	m := &Manager{root: newRoot(t), log: zaptest.NewLogger(t), ready: make(chan struct{})}
+	n, err := Make("web01", "example.internal")
+	require.NoError(t, err)
+
+	type result struct {
+		changes []Change
+		err     error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, err := m.Apply(context.Background(), n, Policy{PreferFQDN: true, ManageEtcHosts: true})
+		done <- result{c, err}
+	}()
+	// hostnamed answers only once the kernel carries the name: Apply
+	// cannot be waiting for it before that, or this test would hang.
+	testenv.Eventually(t, 10*time.Second, func() bool { k, _ := os.Hostname(); return k == "web01.example.internal" }, "the kernel name is set before hostnamed answers")
+	m.static = h
+	close(m.ready)
+	r := <-done
+	require.NoError(t, r.err)
+	assert.Equal(t, "web01.example.internal", h.static, "the static name through hostnamed, once it answers")
+	assert.Equal(t, "web01.example.internal", h.kernelAtSet)
+	assert.Equal(t, []string{"/etc/hosts entry", "kernel hostname", "static hostname"}, []string{r.changes[0].What, r.changes[1].What, r.changes[2].What})
+}
+
+func TestApplyGivesUpWaitingForTheStaticNameWithItsContext(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	m := &Manager{root: newRoot(t), log: zaptest.NewLogger(t), ready: make(chan struct{})}
+	n, err := Make("web01", "")
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	changes, err := m.Apply(ctx, n, Policy{})
+	require.ErrorIs(t, err, context.Canceled)
+	assert.Equal(t, "kernel hostname", changes[len(changes)-1].What, "the kernel name was set all the same")
 }

@@ -556,3 +556,36 @@ func findingNamed(t *testing.T, d Diagnosis, name string) Finding {
 	t.Fatalf("diagnose has no %q finding: %+v", name, d)
 	return Finding{}
 }
+
+func TestAFirstBootMakesTheKeyWhileIMDSIsRead(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		key      bool   // the node's key is on disk
+		previous string // the instance the state names
+		ahead    bool
+	}{
+		{name: "first boot", ahead: true},
+		{name: "restart of a registered instance", key: true, previous: "i-0123456789abcdef0"},
+		{name: "a new instance from an image with another's state", key: true, previous: "i-0aaaaaaaaaaaaaaaa", ahead: true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newChefSetup(t, "hostname=web01\n")
+			if tt.key {
+				require.NoError(t, os.WriteFile(filepath.Join(s.root, "etc/chef/client.pem"), []byte("an old key"), 0o600))
+			}
+			b, err := s.engine.bootstrap(context.Background(), s.engine.metadata(s.engine.cfg), s.engine.cfg, tt.previous, func(event) {})
+			require.NoError(t, err)
+			require.NotNil(t, b.plan.chef)
+			if !tt.ahead {
+				assert.Nil(t, b.plan.chef.key, "the key on disk is the node's")
+				return
+			}
+			require.NotNil(t, b.plan.chef.key)
+			ahead, err := b.plan.chef.key.take()
+			require.NoError(t, err)
+			_, err = s.engine.register(context.Background(), zap.NewNop(), b.plan.cfg, b.plan.chef, nil)
+			require.NoError(t, err)
+			assert.Equal(t, string(ahead), readFile(t, filepath.Join(s.root, "etc/chef/client.pem")), "the registration took the key made ahead")
+		})
+	}
+}

@@ -88,6 +88,13 @@ func WaitListening(t testing.TB, addr string, timeout time.Duration, exited <-ch
 	}
 }
 
+// Later is a text made when it is printed: given to Eventually as an
+// argument (a journal, a log), the failure shows it as it is at the end of
+// the wait, not at its start.
+type Later func() string
+
+func (l Later) String() string { return l() }
+
 // Eventually polls cond until it is true, or fails the test with msg after
 // timeout.
 func Eventually(t testing.TB, timeout time.Duration, cond func() bool, msg string, args ...any) {

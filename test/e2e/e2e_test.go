@@ -77,7 +77,7 @@ func waitIdle(t *testing.T, m *machine, img *image, runs int) {
 	testenv.Eventually(t, 60*time.Second, func() bool {
 		s := state(t, img)
 		return s.Phase == "idle" && len(standinRuns(t, img)) >= runs
-	}, "the agent converges (%d runs) and goes idle; journal:\n%s\nchef-client's:\n%s", runs, journal(m), runsJournal(m))
+	}, "the agent converges (%d runs) and goes idle; journal:\n%s\nchef-client's:\n%s", runs, testenv.Later(func() string { return journal(m) }), testenv.Later(func() string { return runsJournal(m) }))
 }
 
 // runsJournal is the end of the chef-client runs' journal.
@@ -261,7 +261,7 @@ func TestBoot(t *testing.T) {
 		testenv.Eventually(t, 30*time.Second, func() bool {
 			s := state(t, img)
 			return s.LastRun != nil && strings.Contains(unit, s.LastRun.ID) && s.LastRun.Result == "success"
-		}, "the restarted agent follows the run to its end; journal:\n%s", journal(m))
+		}, "the restarted agent follows the run to its end; journal:\n%s", testenv.Later(func() string { return journal(m) }))
 		assert.Contains(t, journal(m), "following a chef-client run that was going when the agent restarted")
 		assert.Len(t, standinRuns(t, img), 2, "one run, not restarted")
 	})
@@ -321,7 +321,7 @@ ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-
 		testenv.Eventually(t, 60*time.Second, func() bool {
 			_, present := knife(m, "client", "list")[node]
 			return !present
-		}, "the client is removed; journal:\n%s", journal(m))
+		}, "the client is removed; journal:\n%s", testenv.Later(func() string { return journal(m) }))
 		_, err := m.try("knife-standin", "-s", "http://127.0.0.1:4545", "-u", "admin", "-k", "/etc/goiardi/admin.pem", "node", "show", node)
 		assert.Error(t, err, "the node is removed")
 		assert.Equal(t, "deregistered", state(t, img).Phase)
@@ -342,14 +342,14 @@ ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-
 		m := img.boot()
 		defer m.poweroff()
 		const node = "web01-i-0e2e0000000000005"
-		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Phase == "terminating" }, "the termination is noticed during the run; journal:\n%s", journal(m))
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Phase == "terminating" }, "the termination is noticed during the run; journal:\n%s", testenv.Later(func() string { return journal(m) }))
 		unit := strings.Fields(m.sh("systemctl", "list-units", "--no-legend", "--plain", "--state=active", "bootagent-chef-client-*") + " -")[0]
 		require.NotEqual(t, "-", unit, "the run goes on")
 
 		m.sh("systemctl", "stop", "bootagent.service")
 		assert.NotEqual(t, "active\n", m.sh("systemctl", "show", "-P", "ActiveState", unit), "the run's unit is stopped")
 		_, present := knife(m, "client", "list")[node]
-		assert.False(t, present, "the client is removed before the agent exits; journal:\n%s", journal(m))
+		assert.False(t, present, "the client is removed before the agent exits; journal:\n%s", testenv.Later(func() string { return journal(m) }))
 		s := state(t, img)
 		assert.Equal(t, "deregistered", s.Phase)
 		require.NotNil(t, s.LastRun)

@@ -100,6 +100,17 @@ bench: deps build deb e2e-image ## benchmarks: decoding, registration, whole `on
 		go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 60m -exec "unshare --uts --" ./... | tee bin/bench.txt
 	@scripts/benchtable.sh bin/bench.txt
 
+# BOOTS is how many times `make bench-boot` boots each variant.
+BOOTS ?= 5
+# BENCH_IMAGE is E2E_IMAGE with cloud-init and curl, for `make bench-boot`.
+BENCH_IMAGE := $(CURDIR)/.cache/e2e/bookworm-bench
+
+.PHONY: bench-boot
+bench-boot: deps build deb ## boots side by side in systemd-nspawn: Debian's cloud-init, a shell floor, bootagent's .deb (BOOTS each, 5)
+	@scripts/e2e-image.sh $(BENCH_IMAGE) cloud-init,curl,python3-cffi-backend
+	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_BENCH_IMAGE=$(BENCH_IMAGE) BOOTAGENT_BENCH_BOOTS=$(BOOTS) \
+		go test -run '^$$' -bench '^BenchmarkBootSideBySide$$' -benchtime 1x -timeout 60m -exec "unshare --uts --" ./test/e2e/ | tee bin/bench-boot.txt
+
 # FLEET is how many agents `make bench-fleet` launches at once, FLEET_RATE the
 # requests a second its throttled Chef server takes.
 FLEET      ?= 500

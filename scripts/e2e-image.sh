@@ -4,9 +4,16 @@
 # (its default when apt names none), with systemd, D-Bus, goiardi, and
 # the Ruby libraries of Chef (ruby-chef-config, ruby-mixlib-authentication,
 # ohai) that the Ruby chef-client stand-in is built on.
+#
+#   e2e-image.sh IMAGE [EXTRA,PACKAGES]
+#
+# The extra packages make another image from the same list: `make
+# bench-boot` adds cloud-init and curl (and python3-cffi-backend, which
+# provides a virtual package cloud-init needs and debootstrap does not
+# resolve), to boot them beside bootagent.
 set -euo pipefail
 image=$1
-packages=systemd,systemd-sysv,dbus,goiardi,iproute2,hostname,procps,util-linux,libpam-systemd,ruby,ruby-chef-config,ruby-mixlib-authentication,ohai
+packages=systemd,systemd-sysv,dbus,goiardi,iproute2,hostname,procps,util-linux,libpam-systemd,ruby,ruby-chef-config,ruby-mixlib-authentication,ohai${2:+,$2}
 want="bookworm minbase $packages"
 if [[ -d $image && -f $image.stamp && $(cat "$image.stamp") == "$want" ]]; then
 	exit 0

@@ -36,11 +36,17 @@ type image struct {
 // stand-in, and the agent's baked config.
 func newImage(t testing.TB) *image {
 	t.Helper()
-	testenv.RequirePrivateNetwork(t)
 	base := os.Getenv("BOOTAGENT_E2E_IMAGE")
 	if base == "" {
 		t.Fatal("BOOTAGENT_E2E_IMAGE is not set; `make test` builds the image and sets it")
 	}
+	return newImageFrom(t, base)
+}
+
+// newImageFrom is newImage from another cached image (base).
+func newImageFrom(t testing.TB, base string) *image {
+	t.Helper()
+	testenv.RequirePrivateNetwork(t)
 	dist := os.Getenv("BOOTAGENT_DIST")
 	debs, _ := filepath.Glob(filepath.Join(dist, "*.deb"))
 	if len(debs) != 1 {

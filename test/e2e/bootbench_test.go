@@ -124,9 +124,13 @@ WantedBy=multi-user.target
 	{name: "bootagent (.deb)", unit: "bootagent.service", units: []string{"bootagent.service"}, prepare: func(img *image) {
 		img.disableCloudInit()
 		// The name only, and the agent ordered after IMDS alone, as on
-		// EC2 (the boot test's drop-in also waits for goiardi).
+		// EC2: the boot test's drop-in and its validator unit (ordered
+		// before the agent) wait for goiardi.
 		img.write("/etc/bootagent/config.yaml", "imds:\n  endpoint: http://127.0.0.1:1338\n")
 		img.write("/etc/systemd/system/bootagent.service.d/e2e.conf", "[Unit]\nAfter=aemm.service\n")
+		if err := os.Remove(img.path("/etc/systemd/system/multi-user.target.wants/e2e-validator.service")); err != nil {
+			img.t.Fatal(err)
+		}
 	}},
 	{name: registering, unit: "bootagent.service", units: []string{"bootagent.service"}, prepare: func(img *image) {
 		img.disableCloudInit()

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -116,6 +117,10 @@ type Engine struct {
 	trigger chan struct{}
 	reload  chan config.Config
 	close   []func()
+	// key is the node's key pair, made ahead for a first boot's
+	// registration (keyAhead).
+	keyOnce sync.Once
+	key     *keyAhead
 	// healthyUntil is the time (UnixNano on the agent's clock) until which
 	// the agent counts as healthy; the owner of the state moves it on
 	// while its loop turns and its polls end. The systemd watchdog and

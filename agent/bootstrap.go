@@ -73,8 +73,10 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	b := booted{started: timer.start}
 	// A first boot will register: its key pair is made while IMDS is read.
 	var key *keyAhead
-	if _, err := atomicfile.Stat(e.root, base.Chef.ClientKey); base.Chef.Enabled() && errors.Is(err, fs.ErrNotExist) {
-		key = makeKeyAhead()
+	if base.Chef.Enabled() {
+		if _, err := atomicfile.Stat(e.root, base.Chef.ClientKey); errors.Is(err, fs.ErrNotExist) {
+			key = e.keyAhead()
+		}
 	}
 	id, waited, err := md.Wait(ctx, base.IMDS.WaitTimeout.D())
 	if err != nil {
@@ -96,7 +98,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 			return b, err
 		}
 		if key == nil && base.Chef.Enabled() {
-			key = makeKeyAhead()
+			key = e.keyAhead()
 		}
 	}
 
@@ -170,13 +172,18 @@ type keyAhead struct {
 	err  error
 }
 
-func makeKeyAhead() *keyAhead {
-	k := &keyAhead{done: make(chan struct{})}
-	go func() {
-		defer close(k.done)
-		k.pem, k.err = chef.GenerateKey()
-	}()
-	return k
+// keyAhead starts making the key pair, once for the Engine: a bootstrap
+// tried again takes the same one rather than making another.
+func (e *Engine) keyAhead() *keyAhead {
+	e.keyOnce.Do(func() {
+		k := &keyAhead{done: make(chan struct{})}
+		go func() {
+			defer close(k.done)
+			k.pem, k.err = chef.GenerateKey()
+		}()
+		e.key = k
+	})
+	return e.key
 }
 
 // take waits for the key; it is chef.Registrar's NewKey.

@@ -581,6 +581,9 @@ func TestAFirstBootMakesTheKeyWhileIMDSIsRead(t *testing.T) {
 				return
 			}
 			require.NotNil(t, b.plan.chef.key)
+			again, err := s.engine.bootstrap(context.Background(), s.engine.metadata(s.engine.cfg), s.engine.cfg, tt.previous, func(event) {})
+			require.NoError(t, err)
+			assert.Same(t, b.plan.chef.key, again.plan.chef.key, "a bootstrap tried again makes no second key")
 			ahead, err := b.plan.chef.key.take()
 			require.NoError(t, err)
 			_, err = s.engine.register(context.Background(), zap.NewNop(), b.plan.cfg, b.plan.chef, nil)

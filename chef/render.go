@@ -186,9 +186,14 @@ var imdsAddresses = []string{"169.254.169.254", "fd00:ec2::254"}
 // noProxy is no_proxy with the IMDS addresses added.
 func (p Proxies) noProxy() string { return withIMDS(p.No) }
 
+// noProxyEntries splits a no_proxy list, which takes commas and spaces.
+func noProxyEntries(noProxy string) []string {
+	return strings.FieldsFunc(noProxy, func(r rune) bool { return r == ',' || r == ' ' })
+}
+
 // withIMDS is a no_proxy list with the IMDS addresses added.
 func withIMDS(noProxy string) string {
-	list := strings.FieldsFunc(noProxy, func(r rune) bool { return r == ',' || r == ' ' })
+	list := noProxyEntries(noProxy)
 	for _, a := range imdsAddresses {
 		if !slices.Contains(list, a) {
 			list = append(list, a)
@@ -226,7 +231,7 @@ func (p Proxies) Environment(env func(string) string) []string {
 	}
 	var keep []string
 	for _, name := range []string{"no_proxy", "NO_PROXY"} {
-		for _, e := range strings.FieldsFunc(env(name), func(r rune) bool { return r == ',' || r == ' ' }) {
+		for _, e := range noProxyEntries(env(name)) {
 			if inheritedNoProxy.MatchString(e) && !slices.Contains(keep, e) {
 				keep = append(keep, e)
 			}

@@ -144,8 +144,9 @@ type Chef struct {
 	// points it at its first-boot file, which resets the run list on each
 	// run; set it to chef.firstboot_path to keep that behaviour.
 	JSONAttribs string `yaml:"json_attribs" json:"json_attribs"`
-	// ShowTime is client.rb's Chef::Log::Formatter.show_time (timestamps
-	// on chef-client's log lines); nil leaves chef-client's default.
+	// ShowTime is whether chef-client's log lines carry the time (written
+	// to client.rb as Mixlib::Log::Formatter.show_time); nil leaves
+	// chef-client's default.
 	ShowTime *bool `yaml:"show_time" json:"show_time"`
 	// Exec runs chef-client; false registers the node and writes its
 	// files only (cloud-init's chef exec), for an image whose own

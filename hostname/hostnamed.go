@@ -41,8 +41,6 @@ func dialHostnamed(ctx context.Context, timeout time.Duration) (*hostnamed, erro
 
 func (h *hostnamed) close() { _ = h.conn.Close() }
 
-func (*hostnamed) String() string { return "systemd-hostnamed" }
-
 func (h *hostnamed) Static(ctx context.Context) (string, error) {
 	return h.property(ctx, "StaticHostname")
 }

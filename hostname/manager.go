@@ -23,7 +23,6 @@ import (
 type statics interface {
 	Static(ctx context.Context) (string, error)
 	SetStatic(ctx context.Context, name string) error
-	String() string
 }
 
 // hostnamedTimeout bounds connecting to systemd-hostnamed, activation
@@ -209,8 +208,6 @@ type direct struct {
 	root string
 	log  *zap.Logger
 }
-
-func (direct) String() string { return "/etc/hostname" }
 
 func (d direct) Static(context.Context) (string, error) {
 	data, err := atomicfile.ReadFile(d.root, "/etc/hostname")

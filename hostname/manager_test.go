@@ -162,8 +162,6 @@ type slowHostnamed struct {
 	static, kernelAtSet string
 }
 
-func (*slowHostnamed) String() string { return "slow hostnamed" }
-
 func (h *slowHostnamed) Static(context.Context) (string, error) { return h.static, nil }
 
 func (h *slowHostnamed) SetStatic(_ context.Context, name string) error {

@@ -192,18 +192,17 @@ func (e *Engine) observeIMDS(path string, err error) {
 
 // chooseRunner runs chef-client as a transient unit when systemd manages
 // the agent on the real root, so that a run survives an agent restart and
-// has its own journal stream; as a child process otherwise.
+// has its own journal stream; as a child process otherwise, and when
+// systemd cannot be reached.
 func (e *Engine) chooseRunner(ctx context.Context, systemd bool) chef.Runner {
 	log := e.log.Named("chef")
+	p := chef.ProcessRunner{Log: log, Clock: e.clock}
 	if systemd && filepath.Clean(e.root) == "/" {
-		u, err := chef.NewUnitRunner(ctx, log)
-		if err == nil {
-			e.close = append(e.close, u.Close)
-			return u
-		}
-		log.Warn("cannot reach systemd; chef-client runs as a child process", zap.Error(err))
+		u := chef.NewUnitRunner(ctx, log, p)
+		e.close = append(e.close, u.Close)
+		return u
 	}
-	return chef.ProcessRunner{Log: log, Clock: e.clock}
+	return p
 }
 
 // retryPolicy is p, unless Options.Backoff replaced every policy.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -29,21 +30,77 @@ const unitPoll = time.Second
 // bounded by RuntimeMaxSec, and survives a restart of the agent, which
 // follows it again when it comes back.
 type UnitRunner struct {
-	conn *sddbus.Conn
-	log  *zap.Logger
+	log *zap.Logger
+	// fallback runs chef-client when systemd cannot be reached.
+	fallback Runner
+	// unitDirs are where systemd keeps the transient units it has loaded.
+	unitDirs []string
+	// ready is closed once the connection to systemd is made or failed;
+	// conn and err are set before.
+	ready  chan struct{}
+	conn   *sddbus.Conn
+	cancel context.CancelFunc
+	err    error
 }
 
-// NewUnitRunner connects to systemd on the system bus.
-func NewUnitRunner(ctx context.Context, log *zap.Logger) (*UnitRunner, error) {
-	conn, err := sddbus.NewSystemConnectionContext(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("connect to systemd: %w", err)
+// systemdTimeout bounds the connection to systemd. At boot the system bus
+// may itself be starting; a bus that does not answer in this time is not
+// going to.
+const systemdTimeout = 10 * time.Second
+
+// transientDirs are where systemd writes the transient units it has loaded
+// (systemd.unit(5)): /run/systemd/transient, and /run/systemd/system on
+// systemd older than 226. A unit of a run is in one of them for as long as
+// systemd has it loaded, so an empty glob there says no run is going
+// without asking systemd.
+var transientDirs = []string{"/run/systemd/transient", "/run/systemd/system"}
+
+// NewUnitRunner returns at once a runner that connects to systemd on the
+// system bus in the background: nothing before the first run needs the
+// connection, so the boot does not wait for the bus (or for its start).
+// When systemd cannot be reached, runs go to fallback.
+func NewUnitRunner(ctx context.Context, log *zap.Logger, fallback Runner) *UnitRunner {
+	u := &UnitRunner{log: log, fallback: fallback, unitDirs: transientDirs, ready: make(chan struct{})}
+	go func() {
+		defer close(u.ready)
+		// The connection lives as long as the context it is made with, so
+		// the bound on making it cancels that context only when it fires.
+		cctx, cancel := context.WithCancel(ctx)
+		late := time.AfterFunc(systemdTimeout, cancel)
+		conn, err := sddbus.NewSystemConnectionContext(cctx)
+		if !late.Stop() && err == nil {
+			conn.Close()
+			err = fmt.Errorf("no answer in %s", systemdTimeout)
+		}
+		if err != nil {
+			cancel()
+			u.err = fmt.Errorf("connect to systemd: %w", err)
+			log.Warn("cannot reach systemd; chef-client runs as a child process", zap.Error(err))
+			return
+		}
+		u.conn, u.cancel = conn, cancel
+	}()
+	return u
+}
+
+// connection waits for the connection to systemd.
+func (u *UnitRunner) connection(ctx context.Context) (*sddbus.Conn, error) {
+	select {
+	case <-u.ready:
+		return u.conn, u.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
-	return &UnitRunner{conn: conn, log: log}, nil
 }
 
-// Close ends the D-Bus connection.
-func (u *UnitRunner) Close() { u.conn.Close() }
+// Close ends the D-Bus connection, once it is made.
+func (u *UnitRunner) Close() {
+	<-u.ready
+	if u.conn != nil {
+		u.conn.Close()
+		u.cancel()
+	}
+}
 
 // ManagerEnvironment is systemd's own environment (`systemctl
 // show-environment`): what a transient unit, and so chef-client under the
@@ -73,6 +130,13 @@ func UnitName(runID string) string { return UnitPrefix + runID + ".service" }
 // unless the cause is ErrEndRun (see Follow).
 func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	name := UnitName(spec.ID)
+	conn, err := u.connection(ctx)
+	if ctx.Err() != nil {
+		return Outcome{ID: spec.ID, Unit: name}, ctx.Err()
+	}
+	if err != nil {
+		return u.fallback.Run(ctx, spec)
+	}
 	if err := lookCommand(spec.Command); err != nil {
 		return Outcome{ID: spec.ID, Unit: name}, err
 	}
@@ -101,7 +165,7 @@ func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 		}{{spec.EnvironmentFile, false}})})
 	}
 	done := make(chan string, 1)
-	if _, err := u.conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
+	if _, err := conn.StartTransientUnitContext(ctx, name, "fail", props, done); err != nil {
 		return Outcome{ID: spec.ID, Unit: name}, fmt.Errorf("start unit %s (%s): %w", name, strings.Join(spec.Command, " "), err)
 	}
 	select {
@@ -120,9 +184,18 @@ func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 }
 
 // Running returns the ID of a run whose unit is still going, left by an
-// earlier life of the agent, if there is one.
+// earlier life of the agent, if there is one. It asks systemd only when a
+// unit of a run is loaded at all: a boot's first start of the agent finds
+// none, and does not wait for the bus.
 func (u *UnitRunner) Running(ctx context.Context) (string, bool, error) {
-	units, err := u.conn.ListUnitsByPatternsContext(ctx, nil, []string{UnitPrefix + "*.service"})
+	if !u.unitsLoaded() {
+		return "", false, nil
+	}
+	conn, err := u.connection(ctx)
+	if err != nil {
+		return "", false, err
+	}
+	units, err := conn.ListUnitsByPatternsContext(ctx, nil, []string{UnitPrefix + "*.service"})
 	if err != nil {
 		return "", false, fmt.Errorf("list chef-client units: %w", err)
 	}
@@ -141,6 +214,9 @@ func (u *UnitRunner) Running(ctx context.Context) (string, bool, error) {
 func (u *UnitRunner) Follow(ctx context.Context, id string) (Outcome, error) {
 	name := UnitName(id)
 	out := Outcome{ID: id, Unit: name}
+	if _, err := u.connection(ctx); err != nil {
+		return out, err
+	}
 	tick := time.NewTicker(unitPoll)
 	defer tick.Stop()
 	for {
@@ -171,6 +247,17 @@ func (u *UnitRunner) Follow(ctx context.Context, id string) (Outcome, error) {
 		case <-tick.C:
 		}
 	}
+}
+
+// unitsLoaded says whether systemd has a unit of a run loaded, by its
+// transient unit file.
+func (u *UnitRunner) unitsLoaded() bool {
+	for _, dir := range u.unitDirs {
+		if m, _ := filepath.Glob(filepath.Join(dir, UnitPrefix+"*.service")); len(m) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // stop stops a run's unit, waits for the stop job (bounded by the unit's

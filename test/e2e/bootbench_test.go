@@ -199,20 +199,8 @@ func BenchmarkBootSideBySide(b *testing.B) {
 	fmt.Println("| --- | --- | --- | --- | --- |")
 	for _, v := range bootVariants {
 		r := results[v.name]
-		col := func(f func(bootTiming) float64) string {
-			var xs []float64
-			for _, t := range r {
-				if x := f(t); x > 0 {
-					xs = append(xs, x)
-				}
-			}
-			if len(xs) == 0 {
-				return "—"
-			}
-			slices.Sort(xs)
-			return fmt.Sprintf("%.0f (%.0f..%.0f)", xs[len(xs)/2], xs[0], xs[len(xs)-1])
-		}
-		rss := col(func(t bootTiming) float64 { return t.rssMiB })
+		col := func(f func(bootTiming) float64) string { return column("%.0f", r, f) }
+		rss := column("%.1f", r, func(t bootTiming) float64 { return t.rssMiB })
 		if rss != "—" {
 			rss = strings.Replace(rss, " (", " MiB (", 1)
 		}
@@ -323,4 +311,20 @@ func journalOf(m *machine, units []string) string {
 	}
 	out, _ := m.try(args...)
 	return status + "\n" + out
+}
+
+// column is one cell of the table: the median (min..max) of what f gives
+// for the boots, formatted with verb; "—" when no boot gave a figure.
+func column(verb string, r []bootTiming, f func(bootTiming) float64) string {
+	var xs []float64
+	for _, t := range r {
+		if x := f(t); x > 0 {
+			xs = append(xs, x)
+		}
+	}
+	if len(xs) == 0 {
+		return "—"
+	}
+	slices.Sort(xs)
+	return fmt.Sprintf(verb+" ("+verb+".."+verb+")", xs[len(xs)/2], xs[0], xs[len(xs)-1])
 }

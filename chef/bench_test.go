@@ -41,7 +41,7 @@ func BenchmarkRegister(b *testing.B) {
 		}
 		r := &Registrar{
 			Server: ServerOptions{URL: g.URL, AuthProtocol: "1.3", SSLVerify: true}, Log: zap.NewNop(),
-			Backoff: backoff.Policy{Initial: time.Second, Max: time.Second}, Budget: time.Second,
+			Backoff: backoff.Policy{Initial: time.Second, Max: time.Second}, Budget: time.Second, Clock: backoff.RealClock{},
 			NewKey: func() ([]byte, error) { return key, nil },
 		}
 		reg := Registration{

@@ -70,7 +70,8 @@ type Options struct {
 	// Namer applies host names; nil builds a hostname.Manager for Root.
 	Namer Namer
 	// Runner runs chef-client; nil picks a transient systemd unit when
-	// Systemd is set and Root is the real root, a child process otherwise.
+	// Systemd is set and Root is the real root (a child process when
+	// systemd cannot be reached), a child process otherwise.
 	Runner chef.Runner
 	// Notifier tells systemd the agent's state; nil speaks sd_notify (a
 	// no-op when systemd did not start the agent).

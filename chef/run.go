@@ -189,7 +189,8 @@ const tailLines = 20
 // ProcessRunner runs chef-client as a child process in its own process
 // group, streaming its output into the log line by line. It is used where
 // systemd is not the agent's manager (tests, the demo, `bootagent once`
-// from a shell). When ctx ends the run is stopped like a timed-out one.
+// from a shell), and by the UnitRunner when systemd cannot be reached.
+// When ctx ends the run is stopped like a timed-out one.
 type ProcessRunner struct {
 	Log   *zap.Logger
 	Clock backoff.Clock

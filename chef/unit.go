@@ -4,7 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
+	"io/fs"
+	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -33,44 +34,47 @@ type UnitRunner struct {
 	log *zap.Logger
 	// fallback runs chef-client when systemd cannot be reached.
 	fallback Runner
-	// unitDirs are where systemd keeps the transient units it has loaded.
-	unitDirs []string
+	// unitDir is where systemd keeps the transient units it has loaded.
+	unitDir string
 	// ready is closed once the connection to systemd is made or failed;
-	// conn and err are set before.
+	// conn and err are set before. cancel ends the connection (and a dial
+	// still going).
 	ready  chan struct{}
 	conn   *sddbus.Conn
 	cancel context.CancelFunc
 	err    error
 }
 
-// systemdTimeout bounds the connection to systemd. At boot the system bus
-// may itself be starting; a bus that does not answer in this time is not
-// going to.
-const systemdTimeout = 10 * time.Second
+// systemdTimeout bounds the connection to systemd. It is made in the
+// background, so the bound costs the boot nothing; it is systemd's own
+// default start timeout (DefaultTimeoutStartSec): a bus that has not
+// answered by then is broken, not starting.
+const systemdTimeout = 90 * time.Second
 
-// transientDirs are where systemd writes the transient units it has loaded
-// (systemd.unit(5)): /run/systemd/transient, and /run/systemd/system on
-// systemd older than 226. A unit of a run is in one of them for as long as
-// systemd has it loaded, so an empty glob there says no run is going
-// without asking systemd.
-var transientDirs = []string{"/run/systemd/transient", "/run/systemd/system"}
+// transientDir is where systemd writes the transient units it has loaded
+// (systemd.unit(5); every systemd that runs the units, 240 and later for
+// Type=exec). A unit of a run is there from the moment it is made until
+// systemd unloads it, failed units included, so a directory without one
+// says no run is going, without asking systemd.
+const transientDir = "/run/systemd/transient"
 
 // NewUnitRunner returns at once a runner that connects to systemd on the
-// system bus in the background: nothing before the first run needs the
-// connection, so the boot does not wait for the bus (or for its start).
-// When systemd cannot be reached, runs go to fallback.
+// system bus in the background: only the runs, and the lookup for a run
+// left going when a unit of one is loaded, need the connection, so the
+// boot does not wait for the bus (or for its start). When systemd cannot
+// be reached, runs go to fallback, each with a warning.
 func NewUnitRunner(ctx context.Context, log *zap.Logger, fallback Runner) *UnitRunner {
-	u := &UnitRunner{log: log, fallback: fallback, unitDirs: transientDirs, ready: make(chan struct{})}
+	cctx, cancel := context.WithCancel(ctx)
+	u := &UnitRunner{log: log, fallback: fallback, unitDir: transientDir, ready: make(chan struct{}), cancel: cancel}
 	go func() {
 		defer close(u.ready)
 		// The connection lives as long as the context it is made with, so
 		// the bound on making it cancels that context only when it fires.
-		cctx, cancel := context.WithCancel(ctx)
 		late := time.AfterFunc(systemdTimeout, cancel)
 		conn, err := sddbus.NewSystemConnectionContext(cctx)
-		if !late.Stop() && err == nil {
+		if err == nil && (!late.Stop() || cctx.Err() != nil) {
 			conn.Close()
-			err = fmt.Errorf("no answer in %s", systemdTimeout)
+			err = fmt.Errorf("no answer in %s, or the agent is stopping: %w", systemdTimeout, cctx.Err())
 		}
 		if err != nil {
 			cancel()
@@ -78,13 +82,20 @@ func NewUnitRunner(ctx context.Context, log *zap.Logger, fallback Runner) *UnitR
 			log.Warn("cannot reach systemd; chef-client runs as a child process", zap.Error(err))
 			return
 		}
-		u.conn, u.cancel = conn, cancel
+		u.conn = conn
 	}()
 	return u
 }
 
-// connection waits for the connection to systemd.
+// connection waits for the connection to systemd. One already made (or
+// failed) is returned even when ctx has ended: the caller decides what an
+// ended ctx means (a run told to end still stops its unit).
 func (u *UnitRunner) connection(ctx context.Context) (*sddbus.Conn, error) {
+	select {
+	case <-u.ready:
+		return u.conn, u.err
+	default:
+	}
 	select {
 	case <-u.ready:
 		return u.conn, u.err
@@ -93,12 +104,12 @@ func (u *UnitRunner) connection(ctx context.Context) (*sddbus.Conn, error) {
 	}
 }
 
-// Close ends the D-Bus connection, once it is made.
+// Close ends the D-Bus connection, or the dial still going.
 func (u *UnitRunner) Close() {
+	u.cancel()
 	<-u.ready
 	if u.conn != nil {
 		u.conn.Close()
-		u.cancel()
 	}
 }
 
@@ -131,10 +142,11 @@ func UnitName(runID string) string { return UnitPrefix + runID + ".service" }
 func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 	name := UnitName(spec.ID)
 	conn, err := u.connection(ctx)
-	if ctx.Err() != nil {
+	if conn == nil && ctx.Err() != nil {
 		return Outcome{ID: spec.ID, Unit: name}, ctx.Err()
 	}
 	if err != nil {
+		spec.logger(u.log).Warn("chef-client runs as a child process: systemd cannot be reached", zap.Error(err))
 		return u.fallback.Run(ctx, spec)
 	}
 	if err := lookCommand(spec.Command); err != nil {
@@ -191,7 +203,9 @@ func (u *UnitRunner) Running(ctx context.Context) (string, bool, error) {
 	if !u.unitsLoaded() {
 		return "", false, nil
 	}
-	conn, err := u.connection(ctx)
+	// The dial is bounded on its own; ctx is the lookup's.
+	<-u.ready
+	conn, err := u.conn, u.err
 	if err != nil {
 		return "", false, err
 	}
@@ -249,11 +263,15 @@ func (u *UnitRunner) Follow(ctx context.Context, id string) (Outcome, error) {
 	}
 }
 
-// unitsLoaded says whether systemd has a unit of a run loaded, by its
-// transient unit file.
+// unitsLoaded says whether systemd may have a unit of a run loaded, by
+// its transient unit file. A directory that cannot be read may hold one.
 func (u *UnitRunner) unitsLoaded() bool {
-	for _, dir := range u.unitDirs {
-		if m, _ := filepath.Glob(filepath.Join(dir, UnitPrefix+"*.service")); len(m) > 0 {
+	entries, err := os.ReadDir(u.unitDir)
+	if err != nil {
+		return !errors.Is(err, fs.ErrNotExist)
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), UnitPrefix) && strings.HasSuffix(e.Name(), ".service") {
 			return true
 		}
 	}

@@ -14,23 +14,56 @@ import (
 
 // A first start of the agent in a boot asks nothing of systemd: with no
 // run's unit loaded, Running answers before the bus does (here, never).
-// With one loaded, it waits for systemd's answer.
-func TestRunningAsksSystemdOnlyWhenARunsUnitIsLoaded(t *testing.T) {
-	old, current := t.TempDir(), t.TempDir()
-	require.NoError(t, os.WriteFile(filepath.Join(current, "other.service"), nil, 0o644))
-	u := &UnitRunner{log: zap.NewNop(), unitDirs: []string{old, current}, ready: make(chan struct{})}
-
+// With one loaded, or a directory it cannot read, it waits for systemd.
+func TestRunningAsksSystemdOnlyWhenARunsUnitMayBeLoaded(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "other.service"), nil, 0o644))
+	u := &UnitRunner{log: zap.NewNop(), unitDir: dir, ready: make(chan struct{})}
 	id, found, err := u.Running(context.Background())
 	require.NoError(t, err)
 	assert.False(t, found)
 	assert.Empty(t, id)
-
-	require.NoError(t, os.WriteFile(filepath.Join(old, UnitName("20261202T0512-1")), nil, 0o644))
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	_, found, err = u.Running(ctx)
-	require.ErrorIs(t, err, context.DeadlineExceeded, "the bus is asked, and has not answered")
+	u.unitDir = filepath.Join(dir, "absent")
+	_, found, err = u.Running(context.Background())
+	require.NoError(t, err, "no transient units at all")
 	assert.False(t, found)
+
+	asks := func(why string) {
+		t.Helper()
+		asked := make(chan struct{})
+		go func() {
+			defer close(asked)
+			_, _, err := u.Running(context.Background())
+			assert.ErrorIs(t, err, os.ErrClosed, why)
+		}()
+		select {
+		case <-asked:
+			t.Fatalf("%s: Running answered without waiting for systemd", why)
+		case <-time.After(20 * time.Millisecond):
+		}
+		u.err = os.ErrClosed
+		close(u.ready)
+		<-asked
+		u.ready, u.err = make(chan struct{}), nil
+	}
+	u.unitDir = dir
+	require.NoError(t, os.WriteFile(filepath.Join(dir, UnitName("20261202T0512-1")), nil, 0o644))
+	asks("a run's unit is loaded")
+	u.unitDir = filepath.Join(dir, "other.service")
+	asks("the directory cannot be read")
+}
+
+// A connection made (or failed) is what a caller whose context has ended
+// gets, so that a run told to end still stops its unit.
+func TestTheConnectionWinsOverAnEndedContext(t *testing.T) {
+	u := &UnitRunner{ready: make(chan struct{}), err: os.ErrClosed}
+	close(u.ready)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for range 100 {
+		_, err := u.connection(ctx)
+		require.ErrorIs(t, err, os.ErrClosed)
+	}
 }
 
 type recordingRunner struct{ ran []string }

@@ -9,13 +9,21 @@ SHELL := /bin/bash
 TOOLS   := $(CURDIR)/.tools/bin
 VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo unknown)
 LDFLAGS := -s -w -X main.version=$(VERSION)
-# bootagent is built without cgo: a static binary, with Go's own DNS
-# resolver (files, then DNS per resolv.conf), no dynamic loader or libc to
-# map at start, and 1.5 MiB less resident (make bench-boot).
+# bootagent is built without cgo: a static binary that runs on any glibc
+# (or none), with Go's own DNS resolver (files, then DNS per resolv.conf),
+# no dynamic loader or libc to map at start, and 1.5 MiB less resident
+# (make bench-boot). -trimpath and -buildvcs=false keep it reproducible: the
+# same commit builds the same bytes.
+GO_BUILD := CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "$(LDFLAGS)"
 # Package versions must start with a digit: a v1.2.3 tag gives 1.2.3, an
 # untagged tree 0.0.0+git<commit>.
+# PKG_RELEASE is the packaging's revision (Debian's, rpm's release).
+PKG_RELEASE := 1
 PKG_VERSION := $(shell v=$$(git describe --tags --match 'v[0-9]*' 2>/dev/null) && echo $${v\#v} || echo 0.0.0+git$$(git rev-parse --short HEAD 2>/dev/null || echo unknown))
-PKG_ARCH    := $(shell go env GOARCH)
+# ARCH picks one architecture for `make build deb rpm release`; both are
+# built by default.
+ARCH   ?=
+ARCHES := $(or $(ARCH),amd64 arm64)
 GO_TEST_ENV := PATH="$(CURDIR)/bin:$(TOOLS):$$PATH" GOFLAGS=-mod=readonly GOPROXY=off
 
 # FUZZTIME is how long `make fuzz` runs each fuzz target.
@@ -41,11 +49,16 @@ deps: ## install the Debian packages and pinned Go tools the tests and demo use
 	@scripts/deps.sh
 
 .PHONY: build
-build: ## build bin/bootagent, version stamped from git describe, and the test stand-ins
-	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o bin/bootagent ./cmd/bootagent
+build: ## build bin/bootagent (this machine's), bin/linux_ARCH/bootagent for each of ARCHES (static, stamped), and the test stand-ins
+	for a in $(ARCHES); do GOOS=linux GOARCH=$$a $(GO_BUILD) -o bin/linux_$$a/bootagent ./cmd/bootagent; done
+	$(GO_BUILD) -o bin/bootagent ./cmd/bootagent
 	go build -trimpath -o bin/chefclient-standin ./test/chefclient-standin
 	go build -trimpath -o bin/knife-standin ./test/knife-standin
 	install -m 0755 test/chefclient-ruby-standin/chefclient-ruby-standin bin/
+
+.PHONY: man
+man: deps ## render the man pages bootagent(8) and bootagent.yaml(5) into bin/man with go-md2man
+	@scripts/man.sh bin/man
 
 .PHONY: test
 test: deps build deb rpm e2e-image ## install what is needed, then run every test (loopback-only network namespace)
@@ -66,15 +79,24 @@ E2E_IMAGE := $(CURDIR)/.cache/e2e/bookworm
 e2e-image: deps
 	@scripts/e2e-image.sh $(E2E_IMAGE)
 
+.PHONY: changelog
+changelog:
+	@mkdir -p bin && scripts/changelog.sh $(PKG_VERSION)-$(PKG_RELEASE) >bin/changelog.yaml
+
 .PHONY: deb
-deb: build ## build dist/bootagent_VERSION_ARCH.deb with nfpm
+deb: build man changelog ## build dist/bootagent_VERSION-1_ARCH.deb for each of ARCHES with nfpm
 	@mkdir -p dist && rm -f dist/*.deb
-	PKG_VERSION=$(PKG_VERSION) PKG_ARCH=$(PKG_ARCH) $(TOOLS)/nfpm pkg --packager deb --config packaging/nfpm.yaml --target dist/
+	for a in $(ARCHES); do PKG_VERSION=$(PKG_VERSION) PKG_RELEASE=$(PKG_RELEASE) PKG_ARCH=$$a $(TOOLS)/nfpm pkg --packager deb --config packaging/nfpm.yaml --target dist/; done
 
 .PHONY: rpm
-rpm: build ## build dist/bootagent-VERSION.ARCH.rpm with nfpm
+rpm: build man changelog ## build dist/bootagent-VERSION-1.ARCH.rpm for each of ARCHES with nfpm
 	@mkdir -p dist && rm -f dist/*.rpm
-	PKG_VERSION=$(PKG_VERSION) PKG_ARCH=$(PKG_ARCH) $(TOOLS)/nfpm pkg --packager rpm --config packaging/nfpm.yaml --target dist/
+	for a in $(ARCHES); do PKG_VERSION=$(PKG_VERSION) PKG_RELEASE=$(PKG_RELEASE) PKG_ARCH=$$a $(TOOLS)/nfpm pkg --packager rpm --config packaging/nfpm.yaml --target dist/; done
+
+.PHONY: release
+release: deb rpm ## the packages of ARCHES, the man pages and SHA256SUMS, in dist/
+	cp bin/man/bootagent.8 bin/man/bootagent.yaml.5 dist/
+	cd dist && rm -f SHA256SUMS && sha256sum -- * >SHA256SUMS.new && mv SHA256SUMS.new SHA256SUMS
 
 .PHONY: demo
 demo: deps build ## run a first boot against the AWS IMDS emulator and show the result

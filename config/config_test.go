@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -156,4 +158,26 @@ func TestThePackerExampleConfigLoads(t *testing.T) {
 	cfg, err := Load("../packaging/packer/config.yaml", false)
 	require.NoError(t, err)
 	assert.Equal(t, "{hostname}-{instance_id}", cfg.Chef.NodeName)
+}
+
+// The README's configuration reference, from which bootagent.yaml(5) is
+// made (scripts/man.sh), names every key of the file, and no other.
+func TestTheReferenceNamesEveryKey(t *testing.T) {
+	data, err := os.ReadFile("../README.md")
+	require.NoError(t, err)
+	section := string(data)
+	start := strings.Index(section, "\n## Configuration reference\n")
+	require.NotEqual(t, -1, start)
+	section = section[start+1:]
+	if end := strings.Index(section, "\n## "); end != -1 {
+		section = section[:end]
+	}
+	var documented []string
+	key := regexp.MustCompile("`([a-z0-9_]+\\.[a-z0-9_]+)`")
+	for _, row := range regexp.MustCompile("(?m)^\\| (`[^|]*`) \\|").FindAllStringSubmatch(section, -1) {
+		for _, m := range key.FindAllStringSubmatch(row[1], -1) {
+			documented = append(documented, m[1])
+		}
+	}
+	assert.ElementsMatch(t, yamlKeys(reflect.TypeFor[Config]()), documented)
 }

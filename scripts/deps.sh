@@ -13,8 +13,11 @@ cd "$(dirname "$0")/.."
 # one as meant), ruby-mixlib-authentication and ohai (Chef's request
 # signing and Ohai, on which the Ruby chef-client stand-in is built),
 # debootstrap and systemd-container (the boot test's image
-# and systemd-nspawn), rpm (to read the .rpm the build makes).
-packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm)
+# and systemd-nspawn), rpm (to read the .rpm the build makes and install it
+# into a scratch root), lintian and rpmlint (the packages' gates; rpmlint
+# reads each file's type with python3-magic),
+# qemu-user-static (runs the arm64 binary).
+packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm lintian rpmlint python3-magic qemu-user-static)
 # `deps.sh docs` adds graphviz, which renders docs/phases.svg.
 if [[ " $* " == *" docs "* ]]; then
 	packages+=(graphviz)
@@ -47,6 +50,7 @@ install_tool() {
 }
 install_tool github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock v1.13.0 ec2-metadata-mock
 install_tool github.com/goreleaser/nfpm/v2/cmd/nfpm v2.45.2 nfpm
+install_tool github.com/cpuguy83/go-md2man/v2 v2.0.7 go-md2man
 if [[ " $* " == *" lint "* ]]; then
 	install_tool github.com/golangci/golangci-lint/v2/cmd/golangci-lint v2.15.0 golangci-lint
 fi

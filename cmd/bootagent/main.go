@@ -31,7 +31,8 @@ var version = "unknown"
 
 const usage = `usage:
   bootagent run    [--config FILE] [--root DIR]   the daemon (systemd Type=notify)
-  bootagent once   [--config FILE] [--root DIR]   one full bootstrap pass, then exit
+  bootagent once   [--config FILE] [--root DIR] [--json]
+                                                 one full bootstrap pass, then exit
   bootagent status [--root DIR] [--json] [--wait[=DURATION]]
                                                  the agent's state; exit 0 bootstrapped,
                                                  1 failed, 2 in progress
@@ -42,10 +43,12 @@ const usage = `usage:
   bootagent deregister [--config FILE] [--root DIR] [--timeout DURATION]
                                                  remove this instance's node and client from
                                                  the Chef server (shutdown hooks, lifecycle scripts)
-  bootagent userdata check [--config FILE] [--json] [FILE|-]
+  bootagent userdata check [--config FILE] [--root DIR] [--json] [FILE|-]
                                                  print what user-data would apply
   bootagent version
 
+The commands that take --config also take --log-level debug|info|warn|error.
+bootagent(8) and bootagent.yaml(5) say more.
 Exit status: 0 success, 1 runtime failure, 2 usage or invalid configuration/user-data.
 `
 
@@ -196,7 +199,10 @@ func watchSignals(sigs <-chan os.Signal, reload, trigger func()) (context.Contex
 
 func runAgent(cmd string, args []string, stdout, stderr io.Writer, sigs chan os.Signal) error {
 	fs, common := newFlagSet(cmd, stderr)
-	asJSON := fs.Bool("json", false, "print the result as JSON (once)")
+	asJSON := new(bool)
+	if cmd == "once" {
+		fs.BoolVar(asJSON, "json", false, "print the result as JSON")
+	}
 	if err := parse(fs, args); err != nil {
 		return err
 	}

@@ -5,9 +5,9 @@
 # (`packer plugins install` it, or `packer init` with your own
 # required_plugins block).
 #
-#   make deb
+#   make deb ARCH=amd64        # or ARCH=arm64 for a Graviton image
 #   packer build -var source_ami=ami-0123456789abcdef0 \
-#     -var package=dist/bootagent_0.1.0_amd64.deb \
+#     -var package=dist/bootagent_0.1.0-1_amd64.deb \
 #     -var validator_key=acme-validator.pem packaging/packer
 
 variable "region" {

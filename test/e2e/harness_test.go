@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,9 +49,9 @@ func newImageFrom(t testing.TB, base string) *image {
 	t.Helper()
 	testenv.RequirePrivateNetwork(t)
 	dist := os.Getenv("BOOTAGENT_DIST")
-	debs, _ := filepath.Glob(filepath.Join(dist, "*.deb"))
+	debs, _ := filepath.Glob(filepath.Join(dist, "*_"+runtime.GOARCH+".deb"))
 	if len(debs) != 1 {
-		t.Fatalf("want one .deb in BOOTAGENT_DIST=%q, found %v; `make test` builds it", dist, debs)
+		t.Fatalf("want one %s .deb in BOOTAGENT_DIST=%q, found %v; `make test` builds it", runtime.GOARCH, dist, debs)
 	}
 	img := &image{t: t, root: filepath.Join(t.TempDir(), "root")}
 	run(t, "cp", "-a", base, img.root)

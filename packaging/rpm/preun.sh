@@ -1,0 +1,5 @@
+# %systemd_preun: on erase (no version left), stop and disable the units;
+# on upgrade, leave them to %postun.
+if [ "$1" -eq 0 ]; then
+	systemctl --no-reload disable --now bootagent.path bootagent.service >/dev/null 2>&1 || :
+fi

@@ -83,13 +83,18 @@ e2e-image: deps
 changelog:
 	@mkdir -p bin && scripts/changelog.sh $(PKG_VERSION)-$(PKG_RELEASE) >bin/changelog.yaml
 
+# The notices of Go and the modules the static binary is made of.
+.PHONY: notices
+notices:
+	@mkdir -p bin && scripts/notices.sh >bin/THIRD-PARTY-NOTICES && gzip -9nkf bin/THIRD-PARTY-NOTICES
+
 .PHONY: deb
-deb: build man changelog ## build dist/bootagent_VERSION-1_ARCH.deb for each of ARCHES with nfpm
+deb: build man changelog notices ## build dist/bootagent_VERSION-1_ARCH.deb for each of ARCHES with nfpm
 	@mkdir -p dist && rm -f dist/*.deb
 	for a in $(ARCHES); do PKG_VERSION=$(PKG_VERSION) PKG_RELEASE=$(PKG_RELEASE) PKG_ARCH=$$a $(TOOLS)/nfpm pkg --packager deb --config packaging/nfpm.yaml --target dist/; done
 
 .PHONY: rpm
-rpm: build man changelog ## build dist/bootagent-VERSION-1.ARCH.rpm for each of ARCHES with nfpm
+rpm: build man changelog notices ## build dist/bootagent-VERSION-1.ARCH.rpm for each of ARCHES with nfpm
 	@mkdir -p dist && rm -f dist/*.rpm
 	for a in $(ARCHES); do PKG_VERSION=$(PKG_VERSION) PKG_RELEASE=$(PKG_RELEASE) PKG_ARCH=$$a $(TOOLS)/nfpm pkg --packager rpm --config packaging/nfpm.yaml --target dist/; done
 

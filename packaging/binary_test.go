@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -126,4 +127,20 @@ func TestTheArm64BinaryRuns(t *testing.T) {
 	hosts, err := os.ReadFile(filepath.Join(root, "etc/hosts"))
 	require.NoError(t, err)
 	assert.True(t, bytes.Contains(hosts, []byte("arm01.example.internal arm01")), "/etc/hosts:\n%s", hosts)
+}
+
+// The notices the .deb carries name Go and every module the shipped
+// binary says it is built from, at its version.
+func TestTheNoticesNameEveryModuleOfTheBinary(t *testing.T) {
+	dir := t.TempDir()
+	output(t, "dpkg-deb", "-x", built(t, "deb", runtime.GOARCH), dir)
+	notices := output(t, "zcat", filepath.Join(dir, "usr/share/doc/bootagent/THIRD-PARTY-NOTICES.gz"))
+	info, err := buildinfo.ReadFile(filepath.Join(dir, "usr/bin/bootagent"))
+	require.NoError(t, err)
+	assert.Contains(t, notices, "Go "+strings.TrimPrefix(info.GoVersion, "go")+": the standard library and runtime\n")
+	require.NotEmpty(t, info.Deps)
+	for _, m := range info.Deps {
+		assert.Contains(t, notices, "\n"+m.Path+" "+m.Version+"\n", "the notices of %s", m.Path)
+	}
+	assert.Contains(t, notices, "Redistribution and use in source and binary forms")
 }

@@ -64,7 +64,7 @@ func TestTheDebsCarryTheAgentUnitsConfigAndDocumentation(t *testing.T) {
 		t.Run(arch, func(t *testing.T) {
 			deb := built(t, "deb", arch)
 			listing := output(t, "dpkg-deb", "-c", deb)
-			for _, f := range append(wantFiles, "/usr/share/doc/bootagent/copyright", "/usr/share/doc/bootagent/changelog.Debian.gz", "/usr/share/lintian/overrides/bootagent") {
+			for _, f := range append(wantFiles, "/usr/share/doc/bootagent/copyright", "/usr/share/doc/bootagent/changelog.Debian.gz", "/usr/share/lintian/overrides/bootagent", "/usr/share/doc/bootagent/THIRD-PARTY-NOTICES.gz") {
 				assert.Contains(t, listing, " ."+f, "dpkg-deb -c lists %s", f)
 			}
 			assert.Regexp(t, `-rwxr-xr-x root/root +\d+ .* \./usr/bin/bootagent`, listing)
@@ -107,7 +107,7 @@ func TestTheRpmsCarryTheSameFilesMarkedAsFedoraDoes(t *testing.T) {
 				assert.Contains(t, listing, f)
 			}
 			assert.Equal(t, "/etc/bootagent/config.yaml\n", output(t, "rpm", "-qp", "--configfiles", rpm))
-			assert.Equal(t, "/usr/share/licenses/bootagent/LICENSE\n", output(t, "rpm", "-qp", "--licensefiles", rpm))
+			assert.Equal(t, "/usr/share/licenses/bootagent/LICENSE\n/usr/share/licenses/bootagent/THIRD-PARTY-NOTICES\n", output(t, "rpm", "-qp", "--licensefiles", rpm))
 			assert.ElementsMatch(t, []string{"/usr/share/doc/bootagent/README.md", "/usr/share/man/man5/bootagent.yaml.5.gz", "/usr/share/man/man8/bootagent.8.gz"},
 				strings.Fields(output(t, "rpm", "-qp", "--docfiles", rpm)))
 			assert.Equal(t, rpmArch[arch]+" System Environment/Daemons Apache-2.0", output(t, "rpm", "-qp", "--qf", "%{ARCH} %{GROUP} %{LICENSE}", rpm))

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/bootagent/bootagent/backoff"
@@ -284,7 +285,24 @@ func newMachine(o machineOptions, st State) *machine {
 	m.drift = repeatLog{log: m.log, msg: "hostname check failed", recovered: "hostname check works again"}
 	m.bootFailures = repeatLog{log: m.log, msg: "bootstrap failed; retrying", recovered: "bootstrap succeeded after failures"}
 	m.regFailures = repeatLog{log: m.log, msg: "registration failed; retrying", recovered: "registration succeeded after failures"}
+	m.showRuns()
 	return m
+}
+
+// showRuns sets the run metrics from the state, so that a restarted agent
+// says when the last runs were, not that there were none.
+func (m *machine) showRuns() {
+	if r := m.st.LastRun; r != nil {
+		m.metrics.LastRunTimestamp.Set(float64(r.Start.UnixNano()) / 1e9)
+		m.metrics.LastRunDuration.Set(r.Duration.Seconds())
+		m.metrics.LastRunExitCode.Set(float64(r.ExitCode))
+	}
+	if t := m.st.LastSuccess; t != nil {
+		m.metrics.LastSuccessTimestamp.Set(float64(t.UnixNano()) / 1e9)
+	}
+	if t := m.st.NextRun; t != nil {
+		m.metrics.NextRunTimestamp.Set(float64(t.UnixNano()) / 1e9)
+	}
 }
 
 // step applies one event and returns what to do about it.
@@ -385,6 +403,10 @@ func (m *machine) identify(id imds.Identity) {
 		m.st.InstanceID = id.InstanceID
 	default:
 		m.st = State{Version: stateVersion, InstanceID: id.InstanceID, Boot: m.st.Boot}
+		// The runs shown were another instance's.
+		for _, g := range []prometheus.Gauge{m.metrics.LastRunTimestamp, m.metrics.LastRunDuration, m.metrics.LastRunExitCode, m.metrics.LastSuccessTimestamp, m.metrics.NextRunTimestamp} {
+			g.Set(0)
+		}
 	}
 	m.res.Identity = id
 	m.metrics.Info.Reset()
@@ -413,6 +435,7 @@ func (m *machine) booted(now time.Time, b booted) {
 		return
 	}
 	m.res.NodeName = p.chef.nodeName
+	m.metrics.RunPeriod.Set(m.period().Seconds())
 	if b.lifecycleErr != nil {
 		m.log.Warn("could not read the Auto Scaling lifecycle state; going on with the last one known", zap.String("lifecycle_state", m.notices().LifecycleState), zap.Error(b.lifecycleErr))
 	} else {
@@ -512,10 +535,12 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 	}
 	out := ev.out
 	m.metrics.Runs.WithLabelValues(string(out.Result)).Inc()
-	m.metrics.LastRunTimestamp.Set(float64(out.Start.UnixNano()) / 1e9)
-	m.metrics.LastRunDuration.Set(out.Duration.Seconds())
-	m.metrics.LastRunExitCode.Set(float64(out.ExitCode))
 	m.st.LastRun = &out
+	if !out.Result.Failed() {
+		start := out.Start.UTC()
+		m.st.LastSuccess = &start
+	}
+	m.showRuns()
 	if r.first {
 		m.milestone("first_converge", now)
 		if !out.Result.Failed() {

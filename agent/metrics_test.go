@@ -6,14 +6,20 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
 
+	"github.com/bootagent/bootagent/backoff"
+	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/metrics"
 )
 
 // sample returns the value of the one sample of family whose labels match.
@@ -60,6 +66,9 @@ func TestOnceWritesItsMetricsToTheTextfile(t *testing.T) {
 	assert.Equal(t, 1.0, sample(t, families, "bootagent_chef_runs_total", map[string]string{"result": "success"}))
 	assert.Equal(t, 0.0, sample(t, families, "bootagent_chef_last_run_exit_code", nil))
 	assert.Positive(t, sample(t, families, "bootagent_chef_last_run_timestamp_seconds", nil))
+	assert.Equal(t, sample(t, families, "bootagent_chef_last_run_timestamp_seconds", nil), sample(t, families, "bootagent_chef_last_success_timestamp_seconds", nil), "the run succeeded")
+	cfg := s.engine.cfg.Chef
+	assert.InDelta(t, (cfg.Interval.D() + splayFor("i-0123456789abcdef0", cfg.Splay.D())).Seconds(), sample(t, families, "bootagent_chef_run_period_seconds", nil), 0.001)
 	var previous float64
 	for _, step := range []string{"imds", "hostname", "registered", "first_converge"} {
 		v := sample(t, families, "bootagent_bootstrap_seconds", map[string]string{"step": step})
@@ -95,4 +104,31 @@ func TestEveryLogLineAboutTheInstanceNamesIt(t *testing.T) {
 		}
 	}
 	assert.True(t, identified)
+}
+
+// A restarted agent shows the runs its state recorded, not none: an alert
+// on a stale converge does not fire because the agent restarted, nor
+// stay silent because it did.
+func TestARestartedAgentShowsTheRunsOfItsState(t *testing.T) {
+	start := time.Date(2026, 12, 2, 6, 0, 0, 0, time.UTC)
+	next := start.Add(30 * time.Minute)
+	success := start.Add(-time.Hour)
+	m := metrics.New()
+	newMachine(machineOptions{log: zap.NewNop(), metrics: m, clock: backoff.RealClock{}, retry: noJitter}, State{
+		Version: stateVersion, InstanceID: "i-0123456789abcdef0",
+		LastRun:     &chef.Outcome{Start: start, Duration: 42 * time.Second, ExitCode: 1, Result: chef.ResultFailed},
+		LastSuccess: &success, NextRun: &next,
+	})
+	assert.Equal(t, float64(start.Unix()), gauge(t, m.LastRunTimestamp))
+	assert.Equal(t, 42.0, gauge(t, m.LastRunDuration))
+	assert.Equal(t, 1.0, gauge(t, m.LastRunExitCode))
+	assert.Equal(t, float64(success.Unix()), gauge(t, m.LastSuccessTimestamp))
+	assert.Equal(t, float64(next.Unix()), gauge(t, m.NextRunTimestamp))
+}
+
+func gauge(t *testing.T, g prometheus.Gauge) float64 {
+	t.Helper()
+	var m dto.Metric
+	require.NoError(t, g.Write(&m))
+	return m.GetGauge().GetValue()
 }

@@ -121,6 +121,8 @@ type State struct {
 	FirstRunDone bool          `json:"first_run_done"`
 	Boot         Boot          `json:"boot"`
 	LastRun      *chef.Outcome `json:"last_run,omitempty"`
+	// LastSuccess is when the last run that did not fail started.
+	LastSuccess *time.Time `json:"last_success,omitempty"`
 	NextRun      *time.Time    `json:"next_run,omitempty"`
 	// Run is the chef-client run going, if any, so that a restart that
 	// finds its unit still running follows it as what it is.

@@ -32,11 +32,16 @@ type Metrics struct {
 	// Runs counts chef-client runs by result.
 	Runs *prometheus.CounterVec
 	// LastRunTimestamp, LastRunDuration and LastRunExitCode describe the
-	// last chef-client run; NextRunTimestamp is when the next is due.
-	LastRunTimestamp prometheus.Gauge
-	LastRunDuration  prometheus.Gauge
-	LastRunExitCode  prometheus.Gauge
-	NextRunTimestamp prometheus.Gauge
+	// last chef-client run, LastSuccessTimestamp the last that did not
+	// fail; NextRunTimestamp is when the next is due, RunPeriod the time
+	// between two (the interval and this instance's splay), for alerts
+	// that measure staleness in runs.
+	LastRunTimestamp     prometheus.Gauge
+	LastRunDuration      prometheus.Gauge
+	LastRunExitCode      prometheus.Gauge
+	LastSuccessTimestamp prometheus.Gauge
+	NextRunTimestamp     prometheus.Gauge
+	RunPeriod            prometheus.Gauge
 	// IMDSRequests counts requests to IMDS by operation; IMDSErrors counts
 	// their failures by kind.
 	IMDSRequests *prometheus.CounterVec
@@ -81,6 +86,14 @@ func New() *Metrics {
 			Name: "bootagent_chef_last_run_exit_code",
 			Help: "The exit code of the last chef-client run (-1 when a signal ended it).",
 		}),
+		LastSuccessTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_last_success_timestamp_seconds",
+			Help: "When the last chef-client run that did not fail started, in Unix seconds (reboot and upgrade results included).",
+		}),
+		RunPeriod: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_run_period_seconds",
+			Help: "Seconds between two scheduled chef-client runs: chef.interval and this instance's splay.",
+		}),
 		NextRunTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bootagent_chef_next_run_timestamp_seconds",
 			Help: "When the next chef-client run is due, in Unix seconds.",
@@ -115,7 +128,7 @@ func New() *Metrics {
 		}, []string{"version", "instance_id"}),
 		changed: make(chan struct{}, 1),
 	}
-	m.reg.MustRegister(m.Timeline, m.Runs, m.LastRunTimestamp, m.LastRunDuration, m.LastRunExitCode, m.NextRunTimestamp,
+	m.reg.MustRegister(m.Timeline, m.Runs, m.LastRunTimestamp, m.LastRunDuration, m.LastRunExitCode, m.LastSuccessTimestamp, m.NextRunTimestamp, m.RunPeriod,
 		m.IMDSRequests, m.IMDSErrors, m.DriftCorrections, m.Notices, m.Deregistrations, m.Phase, m.Info,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

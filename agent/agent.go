@@ -140,6 +140,7 @@ func New(ctx context.Context, o Options) *Engine {
 	if e.m == nil {
 		e.m = metrics.New()
 	}
+	zeroCounters(e.m)
 	if e.log == nil {
 		e.log = zap.NewNop()
 	}
@@ -318,5 +319,23 @@ func ExitCode(err error) int {
 		return 2
 	default:
 		return 1
+	}
+}
+
+// zeroCounters makes every series an alert or a panel counts from exist at
+// 0, so that increase() sees its first event and an absent series means
+// an absent agent.
+func zeroCounters(m *metrics.Metrics) {
+	for _, r := range chef.Results {
+		m.Runs.WithLabelValues(string(r))
+	}
+	for _, k := range imds.ErrorKinds {
+		m.IMDSErrors.WithLabelValues(k)
+	}
+	for _, w := range hostname.Whats {
+		m.DriftCorrections.WithLabelValues(w)
+	}
+	for _, o := range []string{"deleted", "incomplete"} {
+		m.Deregistrations.WithLabelValues(o)
 	}
 }

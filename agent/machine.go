@@ -435,7 +435,9 @@ func (m *machine) booted(now time.Time, b booted) {
 		return
 	}
 	m.res.NodeName = p.chef.nodeName
-	m.metrics.RunPeriod.Set(m.period().Seconds())
+	if p.cfg.Chef.Exec {
+		m.metrics.RunPeriod.Set(m.period().Seconds())
+	}
 	if b.lifecycleErr != nil {
 		m.log.Warn("could not read the Auto Scaling lifecycle state; going on with the last one known", zap.String("lifecycle_state", m.notices().LifecycleState), zap.Error(b.lifecycleErr))
 	} else {

@@ -19,6 +19,8 @@ import (
 	"github.com/bootagent/bootagent/backoff"
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/hostname"
+	"github.com/bootagent/bootagent/imds"
 	"github.com/bootagent/bootagent/metrics"
 )
 
@@ -80,8 +82,15 @@ func TestOnceWritesItsMetricsToTheTextfile(t *testing.T) {
 	assert.Equal(t, 1.0, sample(t, families, "bootagent_imds_requests_total", map[string]string{"path": "/latest/user-data"}))
 	assert.Equal(t, 1.0, sample(t, families, "bootagent_info", map[string]string{"instance_id": "i-0123456789abcdef0"}))
 	assert.Equal(t, 1.0, sample(t, families, "bootagent_phase", map[string]string{"phase": "idle"}))
-	_, errors := families["bootagent_imds_errors_total"]
-	assert.False(t, errors, "no IMDS errors, and a 404 is not one")
+	// Every counter an alert takes increase() of is there from the start,
+	// at 0: no IMDS errors (a 404 is not one), no timeouts, no repairs.
+	require.Len(t, families["bootagent_imds_errors_total"].GetMetric(), len(imds.ErrorKinds))
+	for _, k := range imds.ErrorKinds {
+		assert.Zero(t, sample(t, families, "bootagent_imds_errors_total", map[string]string{"kind": k}), k)
+	}
+	assert.Zero(t, sample(t, families, "bootagent_chef_runs_total", map[string]string{"result": "timeout"}))
+	assert.Zero(t, sample(t, families, "bootagent_hostname_drift_corrections_total", map[string]string{"what": hostname.WhatKernel}))
+	assert.Zero(t, sample(t, families, "bootagent_deregistrations_total", map[string]string{"outcome": "incomplete"}))
 }
 
 func TestEveryLogLineAboutTheInstanceNamesIt(t *testing.T) {

@@ -39,6 +39,11 @@ const (
 	ResultUnknown            Result = "unknown_exit"         // any other exit code
 )
 
+// Results are every result a run can have, for metrics that start at 0.
+var Results = []Result{ResultSuccess, ResultFailed, ResultInterrupted, ResultRebootScheduled, ResultRebootNeeded,
+	ResultRebootFailed, ResultAuditFailed, ResultConfigFailed, ResultLicenseNotAccepted, ResultLicense,
+	ResultClientUpgraded, ResultTimeout, ResultKilled, ResultUnknown}
+
 // ResultOf maps a chef-client exit code to its result.
 func ResultOf(code int) Result {
 	switch code {

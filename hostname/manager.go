@@ -38,6 +38,16 @@ type Policy struct {
 	ManageEtcHosts bool
 }
 
+// What Apply can change; Whats lists them, for metrics that start at 0.
+const (
+	WhatKernel = "kernel hostname"
+	WhatStatic = "static hostname"
+	WhatHosts  = "/etc/hosts entry"
+)
+
+// Whats are the things Apply can change.
+var Whats = []string{WhatKernel, WhatStatic, WhatHosts}
+
 // Change is one thing Apply changed.
 type Change struct {
 	What string `json:"what"`
@@ -116,7 +126,7 @@ func (m *Manager) Apply(ctx context.Context, n Name, p Policy) ([]Change, error)
 		if err := syscall.Sethostname([]byte(want)); err != nil {
 			return changes, fmt.Errorf("set kernel hostname %q: %w", want, err)
 		}
-		changes = append(changes, Change{What: "kernel hostname", Old: kernel, New: want})
+		changes = append(changes, Change{What: WhatKernel, Old: kernel, New: want})
 	}
 	select {
 	case <-m.ready:
@@ -131,7 +141,7 @@ func (m *Manager) Apply(ctx context.Context, n Name, p Policy) ([]Change, error)
 		if err := m.static.SetStatic(ctx, want); err != nil {
 			return changes, err
 		}
-		changes = append(changes, Change{What: "static hostname", Old: static, New: want})
+		changes = append(changes, Change{What: WhatStatic, Old: static, New: want})
 	}
 	return changes, nil
 }
@@ -158,7 +168,7 @@ func (m *Manager) applyHosts(n Name) (*Change, error) {
 	if err := writeFile(m.log, m.root, "/etc/hosts", updated); err != nil {
 		return nil, err
 	}
-	return &Change{What: "/etc/hosts entry", Old: oldEntry, New: n.HostsEntry()}, nil
+	return &Change{What: WhatHosts, Old: oldEntry, New: n.HostsEntry()}, nil
 }
 
 // writeFile writes a file of the host's name under root (mode 0644 when

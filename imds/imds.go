@@ -327,9 +327,10 @@ func (e *Error) Reason() string {
 	}
 }
 
-// Kind names the failure for metrics: token_timeout, token_refused,
-// throttled, http_5xx, http_4xx, timeout, too_large, malformed or
-// connection.
+// ErrorKinds are the kinds Kind names, for metrics that start at 0.
+var ErrorKinds = []string{"token_timeout", "token_refused", "too_large", "malformed", "throttled", "http_5xx", "http_4xx", "timeout", "connection"}
+
+// Kind names the failure for metrics: one of ErrorKinds.
 func (e *Error) Kind() string {
 	switch {
 	case e.Token && e.Timeout:

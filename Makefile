@@ -20,10 +20,19 @@ GO_BUILD := CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "$(LDFLAGS
 # PKG_RELEASE is the packaging's revision (Debian's, rpm's release).
 PKG_RELEASE := 1
 PKG_VERSION := $(shell v=$$(git describe --tags --match 'v[0-9]*' 2>/dev/null) && echo $${v\#v} || echo 0.0.0+git$$(git rev-parse --short HEAD 2>/dev/null || echo unknown))
-# ARCH picks one architecture for `make build deb rpm release`; both are
-# built by default.
-ARCH   ?=
-ARCHES := $(or $(ARCH),amd64 arm64)
+# ARCH=amd64 or ARCH=arm64 on the command line picks one architecture for
+# `make build deb rpm release`; both are built by default, and always for
+# the tests, which check both. An ARCH from the environment is not taken.
+ARCHES := amd64 arm64
+ifeq ($(origin ARCH),command line)
+ifeq ($(filter $(ARCH),$(ARCHES)),)
+$(error ARCH=$(ARCH): amd64 or arm64)
+endif
+ARCHES := $(ARCH)
+endif
+# The packages' files carry the commit's time, not the build's: the same
+# commit packages the same bytes.
+export SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 GO_TEST_ENV := PATH="$(CURDIR)/bin:$(TOOLS):$$PATH" GOFLAGS=-mod=readonly GOPROXY=off
 
 # FUZZTIME is how long `make fuzz` runs each fuzz target.
@@ -57,16 +66,18 @@ build: ## build bin/bootagent (this machine's), bin/linux_ARCH/bootagent for eac
 	install -m 0755 test/chefclient-ruby-standin/chefclient-ruby-standin bin/
 
 .PHONY: man
-man: deps ## render the man pages bootagent(8) and bootagent.yaml(5) into bin/man with go-md2man
+man: ## render the man pages bootagent(8) and bootagent.yaml(5) into bin/man with go-md2man
 	@scripts/man.sh bin/man
 
 .PHONY: test
+test: ARCHES := amd64 arm64
 test: deps build deb rpm e2e-image ## install what is needed, then run every test (loopback-only network namespace)
 	go mod download
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) \
 		go test -race -count=1 -timeout 20m -exec "unshare --uts --" ./...
 
 .PHONY: e2e
+e2e: ARCHES := amd64 arm64
 e2e: deps build deb e2e-image ## only the boot test: the .deb in a real systemd (systemd-nspawn)
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) \
 		go test -count=1 -timeout 15m -v -exec "unshare --uts --" ./test/e2e/
@@ -90,18 +101,24 @@ notices:
 
 .PHONY: deb
 deb: build man changelog notices ## build dist/bootagent_VERSION-1_ARCH.deb for each of ARCHES with nfpm
-	@mkdir -p dist && rm -f dist/*.deb
+	@mkdir -p dist && rm -f dist/*.deb dist/SHA256SUMS* dist/*.[58]
 	for a in $(ARCHES); do PKG_VERSION=$(PKG_VERSION) PKG_RELEASE=$(PKG_RELEASE) PKG_ARCH=$$a $(TOOLS)/nfpm pkg --packager deb --config packaging/nfpm.yaml --target dist/; done
 
 .PHONY: rpm
 rpm: build man changelog notices ## build dist/bootagent-VERSION-1.ARCH.rpm for each of ARCHES with nfpm
-	@mkdir -p dist && rm -f dist/*.rpm
+	@mkdir -p dist && rm -f dist/*.rpm dist/SHA256SUMS* dist/*.[58]
 	for a in $(ARCHES); do PKG_VERSION=$(PKG_VERSION) PKG_RELEASE=$(PKG_RELEASE) PKG_ARCH=$$a $(TOOLS)/nfpm pkg --packager rpm --config packaging/nfpm.yaml --target dist/; done
 
 .PHONY: release
 release: deb rpm ## the packages of ARCHES, the man pages and SHA256SUMS, in dist/
 	cp bin/man/bootagent.8 bin/man/bootagent.yaml.5 dist/
-	cd dist && rm -f SHA256SUMS && sha256sum -- * >SHA256SUMS.new && mv SHA256SUMS.new SHA256SUMS
+	@$(MAKE) --no-print-directory checksums
+
+# checksums hashes what release put in dist/, again after the packages are
+# signed (signing rewrites them).
+.PHONY: checksums
+checksums:
+	cd dist && rm -f SHA256SUMS SHA256SUMS.asc && sha256sum -- *.deb *.rpm bootagent.8 bootagent.yaml.5 >SHA256SUMS.new && mv SHA256SUMS.new SHA256SUMS
 
 .PHONY: demo
 demo: deps build ## run a first boot against the AWS IMDS emulator and show the result
@@ -124,6 +141,7 @@ fuzz: deps ## run every fuzz target for FUZZTIME each
 	@scripts/fuzz.sh $(FUZZTIME)
 
 .PHONY: bench
+bench: ARCHES := amd64 arm64
 bench: deps build deb e2e-image ## benchmarks: decoding, registration, whole `once` runs, and a boot in the image (IDLE sets its idle period)
 	go mod download
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) BOOTAGENT_BENCH_IDLE=$(IDLE) \
@@ -136,6 +154,7 @@ BOOTS ?= 5
 BENCH_IMAGE := $(CURDIR)/.cache/e2e/bookworm-bench
 
 .PHONY: bench-boot
+bench-boot: ARCHES := amd64 arm64
 bench-boot: deps build deb ## boots side by side in systemd-nspawn: Debian's cloud-init, a shell floor, bootagent's .deb (BOOTS each, 5)
 	@scripts/e2e-image.sh $(BENCH_IMAGE) cloud-init,curl,python3-cffi-backend
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_BENCH_IMAGE=$(BENCH_IMAGE) BOOTAGENT_BENCH_BOOTS=$(BOOTS) \

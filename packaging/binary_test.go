@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -108,8 +107,10 @@ func TestTheArm64BinaryRuns(t *testing.T) {
 	assert.Regexp(t, `^bootagent \S+ \(go1\.\d+`, out)
 	assert.NotContains(t, out, "unknown", "the version is stamped")
 
+	empty := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(empty, nil, 0o644))
 	for form, ud := range readmeUserData(t) {
-		out, err := run(ud, "userdata", "check", "-")
+		out, err := run(ud, "userdata", "check", "--config", empty, "-")
 		require.NoError(t, err, "%s: %s", form, out)
 		assert.Contains(t, out, "web01.example.internal", "%s: %s", form, out)
 	}
@@ -132,15 +133,19 @@ func TestTheArm64BinaryRuns(t *testing.T) {
 // The notices the .deb carries name Go and every module the shipped
 // binary says it is built from, at its version.
 func TestTheNoticesNameEveryModuleOfTheBinary(t *testing.T) {
-	dir := t.TempDir()
-	output(t, "dpkg-deb", "-x", built(t, "deb", runtime.GOARCH), dir)
-	notices := output(t, "zcat", filepath.Join(dir, "usr/share/doc/bootagent/THIRD-PARTY-NOTICES.gz"))
-	info, err := buildinfo.ReadFile(filepath.Join(dir, "usr/bin/bootagent"))
-	require.NoError(t, err)
-	assert.Contains(t, notices, "Go "+strings.TrimPrefix(info.GoVersion, "go")+": the standard library and runtime\n")
-	require.NotEmpty(t, info.Deps)
-	for _, m := range info.Deps {
-		assert.Contains(t, notices, "\n"+m.Path+" "+m.Version+"\n", "the notices of %s", m.Path)
+	for _, arch := range arches {
+		t.Run(arch, func(t *testing.T) {
+			dir := t.TempDir()
+			output(t, "dpkg-deb", "-x", built(t, "deb", arch), dir)
+			notices := output(t, "zcat", filepath.Join(dir, "usr/share/doc/bootagent/THIRD-PARTY-NOTICES.gz"))
+			info, err := buildinfo.ReadFile(filepath.Join(dir, "usr/bin/bootagent"))
+			require.NoError(t, err)
+			assert.Contains(t, notices, "Go "+strings.TrimPrefix(info.GoVersion, "go")+": the standard library and runtime\n")
+			require.NotEmpty(t, info.Deps)
+			for _, m := range info.Deps {
+				assert.Contains(t, notices, "\n"+m.Path+" "+m.Version+"\n", "the notices of %s", m.Path)
+			}
+			assert.Contains(t, notices, "Redistribution and use in source and binary forms")
+		})
 	}
-	assert.Contains(t, notices, "Redistribution and use in source and binary forms")
 }

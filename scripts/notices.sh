@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the notices of what the binary is made of besides bootagent: Go's
 # standard library and runtime, and each module `go list` says the agent
-# is compiled from, with its license, notice and patents files as the
+# is compiled from for the architectures it ships for, with its license, notice and patents files as the
 # module ships them. The binary is static, so every one of them is
 # distributed with it, and their licenses ask for their notices to go too.
 set -euo pipefail
@@ -11,7 +11,9 @@ section() {
 }
 section "Go $(go env GOVERSION | sed 's/^go//'): the standard library and runtime"
 cat "$(go env GOROOT)/LICENSE"
-go list -deps -f '{{with .Module}}{{if not .Main}}{{.Path}} {{.Version}} {{.Dir}}{{end}}{{end}}' ./cmd/bootagent | sort -u |
+for arch in amd64 arm64; do
+	CGO_ENABLED=0 GOOS=linux GOARCH=$arch go list -deps -f '{{with .Module}}{{if not .Main}}{{.Path}} {{.Version}} {{.Dir}}{{end}}{{end}}' ./cmd/bootagent
+done | sort -u |
 	while read -r path version dir; do
 		files=$(find "$dir" -maxdepth 1 -type f \( -iname 'licen[cs]e*' -o -iname 'copying*' -o -iname 'notice*' -o -iname 'patents*' \) ! -name '*.go' | sort)
 		if [[ -z $files ]]; then

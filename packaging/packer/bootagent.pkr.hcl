@@ -5,10 +5,13 @@
 # (`packer plugins install` it, or `packer init` with your own
 # required_plugins block).
 #
-#   make deb ARCH=amd64        # or ARCH=arm64 for a Graviton image
+#   make deb ARCH=amd64
 #   packer build -var source_ami=ami-0123456789abcdef0 \
 #     -var package=dist/bootagent_0.1.0-1_amd64.deb \
 #     -var validator_key=acme-validator.pem packaging/packer
+#
+# For a Graviton image: `make deb ARCH=arm64`, an arm64 Debian 12 AMI,
+# -var arch=arm64 -var instance_type=t4g.small and the _arm64.deb.
 
 variable "region" {
   type    = string
@@ -18,6 +21,18 @@ variable "region" {
 variable "source_ami" {
   type        = string
   description = "A Debian 12 AMI to start from."
+}
+
+variable "arch" {
+  type        = string
+  default     = "amd64"
+  description = "The image's architecture, amd64 or arm64: the source AMI's, the package's and the instance type's."
+}
+
+variable "instance_type" {
+  type        = string
+  default     = "t3.small"
+  description = "The build instance; an arm64 image needs a Graviton type such as t4g.small."
 }
 
 variable "package" {
@@ -40,9 +55,9 @@ variable "config" {
 source "amazon-ebs" "bootagent" {
   region        = var.region
   source_ami    = var.source_ami
-  instance_type = "t3.small"
+  instance_type = var.instance_type
   ssh_username  = "admin"
-  ami_name      = "bootagent-debian12-{{timestamp}}"
+  ami_name      = "bootagent-debian12-${var.arch}-{{timestamp}}"
 
   # IMDSv2 only, tags readable from IMDS (hostname.from_tag), and a hop limit
   # of 2 so that containers on the instance can get IMDSv2 tokens too.

@@ -92,7 +92,7 @@ func New() *Metrics {
 		}),
 		RunPeriod: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bootagent_chef_run_period_seconds",
-			Help: "Seconds between two scheduled chef-client runs: chef.interval and this instance's splay.",
+			Help: "Seconds between two scheduled chef-client runs: chef.interval and this instance's splay (0 when bootagent runs none).",
 		}),
 		NextRunTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bootagent_chef_next_run_timestamp_seconds",

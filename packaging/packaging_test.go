@@ -57,6 +57,9 @@ var wantFiles = []string{
 	"/usr/share/man/man8/bootagent.8.gz",
 	"/usr/share/man/man5/bootagent.yaml.5.gz",
 	"/var/lib/bootagent",
+	"/usr/share/bootagent/monitoring/bootagent.rules.yml",
+	"/usr/share/bootagent/monitoring/bootagent.rules.test.yml",
+	"/usr/share/bootagent/monitoring/bootagent.dashboard.json",
 }
 
 func TestTheDebsCarryTheAgentUnitsConfigAndDocumentation(t *testing.T) {

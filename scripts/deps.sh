@@ -16,8 +16,12 @@ cd "$(dirname "$0")/.."
 # and systemd-nspawn), rpm (to read the .rpm the build makes and install it
 # into a scratch root), lintian and rpmlint (the packages' gates; rpmlint
 # reads each file's type with python3-magic),
-# qemu-user-static (runs the arm64 binary).
-packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm lintian rpmlint python3-magic qemu-user-static)
+# qemu-user-static (runs the arm64 binary), prometheus (with promtool) and
+# prometheus-node-exporter (the monitoring's peers: the tests start their
+# own, on loopback in their namespace; on a host whose systemd runs,
+# Debian also starts the packaged services, which the tests do not use),
+# gnuplot-nox (make bench-fleet's picture).
+packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm lintian rpmlint python3-magic qemu-user-static prometheus prometheus-node-exporter gnuplot-nox)
 # `deps.sh docs` adds graphviz, which renders docs/phases.svg.
 if [[ " $* " == *" docs "* ]]; then
 	packages+=(graphviz)

@@ -332,10 +332,21 @@ func zeroCounters(m *metrics.Metrics) {
 	for _, k := range imds.ErrorKinds {
 		m.IMDSErrors.WithLabelValues(k)
 	}
+	for _, k := range chef.ErrorKinds {
+		m.ChefServerErrors.WithLabelValues(k)
+	}
 	for _, w := range hostname.Whats {
 		m.DriftCorrections.WithLabelValues(w)
 	}
 	for _, o := range []string{"deleted", "incomplete"} {
 		m.Deregistrations.WithLabelValues(o)
+	}
+}
+
+// observeChef counts a failed Chef server request.
+func observeChef(m *metrics.Metrics) func(*chef.APIError) {
+	return func(e *chef.APIError) {
+		m.ChefServerErrors.WithLabelValues(e.Kind()).Inc()
+		m.Changed()
 	}
 }

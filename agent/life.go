@@ -322,7 +322,7 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 			l.work(func(ctx context.Context) event { return e.poll(ctx, l.md, a) })
 		case actDeregister:
 			l.work(func(ctx context.Context) event {
-				return deregisterAll(ctx, e.root, e.clock, e.retryPolicy(registerRetry), a, func() {
+				return deregisterAll(ctx, e.root, e.clock, e.retryPolicy(registerRetry), a, observeChef(e.m), func() {
 					saved := make(chan struct{})
 					l.send(evNodeDeleted{saved: saved})
 					select {

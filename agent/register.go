@@ -214,6 +214,7 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	}
 	r := registrar(cfg, e.root, log, e.clock, e.retryPolicy(registerRetry))
 	r.Stop = stop
+	r.Observe = observeChef(e.m)
 	if p.key != nil {
 		r.NewKey = p.key.take
 	}

@@ -83,7 +83,7 @@ func deregistrationRecord(now time.Time, name, reason string, ev evDeregistered)
 // current one (when not gone already), each until the deadline. A request
 // that is still failing when the deadline leaves no time for another says
 // so in its error.
-func deregisterAll(ctx context.Context, root string, clock backoff.Clock, policy backoff.Policy, a actDeregister, nodeDeleted func()) evDeregistered {
+func deregisterAll(ctx context.Context, root string, clock backoff.Clock, policy backoff.Policy, a actDeregister, observe func(*chef.APIError), nodeDeleted func()) evDeregistered {
 	var ev evDeregistered
 	var errs []error
 	within := func(err error) error {
@@ -94,7 +94,7 @@ func deregisterAll(ctx context.Context, root string, clock backoff.Clock, policy
 		return err
 	}
 	for _, name := range a.former {
-		if _, err := deregister(ctx, a.cfg, root, a.log, clock, policy, chef.Leaving{Name: name, KeyPath: a.cfg.Chef.ClientKey}, a.deadline); err != nil {
+		if _, err := deregister(ctx, a.cfg, root, a.log, clock, policy, chef.Leaving{Name: name, KeyPath: a.cfg.Chef.ClientKey}, a.deadline, observe); err != nil {
 			ev.formerLeft = append(ev.formerLeft, name)
 			errs = append(errs, within(err))
 		}
@@ -103,7 +103,7 @@ func deregisterAll(ctx context.Context, root string, clock backoff.Clock, policy
 	if a.current != nil {
 		l := *a.current
 		l.OnNodeDeleted = nodeDeleted
-		d, err := deregister(ctx, a.cfg, root, a.log, clock, policy, l, a.deadline)
+		d, err := deregister(ctx, a.cfg, root, a.log, clock, policy, l, a.deadline, observe)
 		ev.d = d
 		if err != nil {
 			errs = append(errs, within(err))
@@ -136,10 +136,12 @@ func logDeregistration(log *zap.Logger, m *metrics.Metrics, name string, rec Der
 // deregister removes the node and client l names from the Chef server cfg
 // names, for the agent under root, retrying until deadline: the deletions
 // of a termination (the machine's worker) and of `bootagent deregister`.
-// l.KeyPath is taken inside root.
-func deregister(ctx context.Context, cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy, l chef.Leaving, deadline time.Time) (chef.Deregistered, error) {
+// l.KeyPath is taken inside root. observe, when set, is told of each
+// failed request.
+func deregister(ctx context.Context, cfg config.Config, root string, log *zap.Logger, clock backoff.Clock, policy backoff.Policy, l chef.Leaving, deadline time.Time, observe func(*chef.APIError)) (chef.Deregistered, error) {
 	r := registrar(cfg, root, log.With(zap.String("node_name", l.Name)), clock, policy)
 	r.Deadline = deadline
+	r.Observe = observe
 	return r.Deregister(ctx, l)
 }
 
@@ -178,7 +180,7 @@ func Deregister(ctx context.Context, root string, cfg config.Config, log *zap.Lo
 	if d == nil || !d.NodeDeleted || !d.ClientDeleted {
 		a.current = &chef.Leaving{Name: st.NodeName, KeyPath: cfg.Chef.ClientKey, Confirmed: true, NodeGone: d != nil && d.NodeDeleted}
 	}
-	ev := deregisterAll(ctx, root, clock, registerRetry, a, nil)
+	ev := deregisterAll(ctx, root, clock, registerRetry, a, nil, nil)
 	rec := deregistrationRecord(clock.Now(), st.NodeName, reason, ev)
 	logDeregistration(log, metrics.New(), st.NodeName, rec)
 	err = ev.err

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -11,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/zap/zaptest"
@@ -100,7 +103,8 @@ func TestNoticesThatKeepTheInstanceDeleteNothing(t *testing.T) {
 }
 
 func TestDeregistrationRetriesAChefServerThatIsDownDuringTheNotice(t *testing.T) {
-	s := newDaemon(t, "InService")
+	const textfile = "/var/lib/node_exporter/bootagent.prom"
+	s := newDaemon(t, "InService", func(c *config.Config) { c.Metrics.Textfile = textfile })
 	s.registered(t)
 	var refused atomic.Int32
 	down := func(w http.ResponseWriter, _ *http.Request) {
@@ -114,6 +118,13 @@ func TestDeregistrationRetriesAChefServerThatIsDownDuringTheNotice(t *testing.T)
 	require.NotNil(t, st.Deregistration)
 	assert.True(t, st.Deregistration.InProgress, "the state says a deregistration is going")
 	assert.Equal(t, PhaseTerminating, st.Phase)
+	// Each refusal is counted, by kind, for the dashboard.
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		data, err := os.ReadFile(filepath.Join(s.root, textfile))
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		families, perr := p.TextToMetricFamilies(bytes.NewReader(data))
+		return err == nil && perr == nil && sample(t, families, "bootagent_chef_server_errors_total", map[string]string{"kind": "http_5xx"}) >= 2
+	}, "the refused deletions are counted as http_5xx")
 	s.chef.set("DELETE /nodes/web01", nil)
 	s.deregistered(t)
 	assert.Positive(t, s.state(t).Deregistration.Retries)

@@ -200,6 +200,29 @@ func (e *APIError) Retryable() bool {
 	}
 }
 
+// ErrorKinds are the kinds Kind names, for metrics that start at 0.
+var ErrorKinds = []string{"untrusted", "too_large", "connection", "malformed", "throttled", "http_5xx", "http_4xx"}
+
+// Kind names the failure for metrics: one of ErrorKinds.
+func (e *APIError) Kind() string {
+	switch {
+	case e.untrusted():
+		return "untrusted"
+	case errors.Is(e.Err, ErrAnswerTooLarge):
+		return "too_large"
+	case e.Status == 0:
+		return "connection"
+	case e.unusable:
+		return "malformed"
+	case e.Status == http.StatusTooManyRequests:
+		return "throttled"
+	case e.Status >= 500:
+		return "http_5xx"
+	default:
+		return "http_4xx"
+	}
+}
+
 // ErrAnswerTooLarge is an answer over maxAnswer.
 var ErrAnswerTooLarge = fmt.Errorf("the answer is larger than %d MiB", maxAnswer>>20)
 

@@ -87,6 +87,9 @@ type Registrar struct {
 	Clock backoff.Clock
 	// NewKey makes the instance's private key; nil is GenerateKey.
 	NewKey func() ([]byte, error)
+	// Observe, when set, is told of each request that failed with an
+	// answer or none (an *APIError), before it is retried or given up on.
+	Observe func(*APIError)
 }
 
 // Register makes the instance a Chef client and node. The key pair is made
@@ -258,6 +261,9 @@ func (r *Registrar) retry(ctx context.Context, out *Registered, s span, op func(
 		}
 		err := op(actx)
 		var e *APIError
+		if errors.As(err, &e) && r.Observe != nil && !errors.Is(err, context.Canceled) {
+			r.Observe(e)
+		}
 		if errors.As(err, &e) && !e.Retryable() {
 			return backoff.Permanent(err)
 		}

@@ -46,6 +46,8 @@ type Metrics struct {
 	// their failures by kind.
 	IMDSRequests *prometheus.CounterVec
 	IMDSErrors   *prometheus.CounterVec
+	// ChefServerErrors counts failed Chef server requests by kind.
+	ChefServerErrors *prometheus.CounterVec
 	// DriftCorrections counts host name repairs by what had drifted.
 	DriftCorrections *prometheus.CounterVec
 	// Notices counts termination, interruption and maintenance notices by
@@ -106,6 +108,10 @@ func New() *Metrics {
 			Name: "bootagent_imds_errors_total",
 			Help: "Failed requests to the instance metadata service, by kind.",
 		}, []string{"kind"}),
+		ChefServerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "bootagent_chef_server_errors_total",
+			Help: "Failed requests to the Chef server (registration, deregistration), by kind.",
+		}, []string{"kind"}),
 		DriftCorrections: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "bootagent_hostname_drift_corrections_total",
 			Help: "Host name repairs, by what had drifted.",
@@ -129,7 +135,7 @@ func New() *Metrics {
 		changed: make(chan struct{}, 1),
 	}
 	m.reg.MustRegister(m.Timeline, m.Runs, m.LastRunTimestamp, m.LastRunDuration, m.LastRunExitCode, m.LastSuccessTimestamp, m.NextRunTimestamp, m.RunPeriod,
-		m.IMDSRequests, m.IMDSErrors, m.DriftCorrections, m.Notices, m.Deregistrations, m.Phase, m.Info,
+		m.IMDSRequests, m.IMDSErrors, m.ChefServerErrors, m.DriftCorrections, m.Notices, m.Deregistrations, m.Phase, m.Info,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

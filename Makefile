@@ -166,11 +166,11 @@ FLEET      ?= 500
 FLEET_RATE ?= 50
 
 .PHONY: bench-fleet
-bench-fleet: deps build ## a scale-out storm: FLEET agents (500) at once against goiardi throttled to FLEET_RATE requests/s
+bench-fleet: deps build ## a scale-out storm: FLEET agents (500) at once against goiardi throttled to FLEET_RATE requests/s, drawn in bin/fleet-storm.png
 	go mod download
 	$(in_netns) env $(GO_TEST_ENV) \
 		go test -count=1 -v -timeout 60m -exec "unshare --uts --" -run '^TestScaleOutStorm$$' ./test/fleet \
-		-fleet.n=$(FLEET) -fleet.rate=$(FLEET_RATE) | tee bin/fleet.txt
+		-fleet.n=$(FLEET) -fleet.rate=$(FLEET_RATE) -fleet.plot=$(CURDIR)/bin/fleet-storm.png | tee bin/fleet.txt
 
 .PHONY: clean
 clean: ## remove build output (keeps the installed tools and the cached image)

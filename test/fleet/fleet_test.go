@@ -6,6 +6,7 @@
 package fleet
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/pem"
@@ -19,6 +20,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
@@ -47,6 +49,7 @@ var (
 	fleetLose = flag.Int("fleet.lose", 5, "the proxy loses the answer to every N-th client creation (0: none)")
 	fleetTime = flag.Duration("fleet.timeout", 10*time.Minute, "how long a storm may take to converge")
 	fleetTick = flag.Duration("fleet.progress", 10*time.Second, "how often a storm logs how far it got")
+	fleetPlot = flag.String("fleet.plot", "", "where to draw the storms as a PNG (gnuplot); empty: a scratch file, checked and thrown away")
 )
 
 // userData names every instance web.fleet.internal (the node names differ
@@ -162,6 +165,9 @@ type result struct {
 	lastRegistered, medianRegistered          time.Duration
 	nextRunSpread                             time.Duration
 	proxy                                     throttleStats
+	// timeline is the storm second by second: requests offered and
+	// served, instances registered and converged by then.
+	timeline [][5]int
 }
 
 // peers are the real servers a storm runs against, and where the agents
@@ -266,11 +272,64 @@ func runStorm(t *testing.T, p peers, s storm, within time.Duration) (result, err
 	}
 	r.medianConverged, r.lastConverged = quantiles(times)
 	r.medianRegistered, r.lastRegistered = quantiles(registered)
+	r.timeline = timeline(th, start, registered, times)
 	if len(next) > 1 {
 		r.nextRunSpread = slices.MaxFunc(next, time.Time.Compare).Sub(slices.MinFunc(next, time.Time.Compare))
 	}
 	r.registered, r.duplicates = countClients(t, g, w.roots, before)
 	return r, nil
+}
+
+// timeline is the storm per second from start: what the proxy was offered
+// and let through, and how many agents had registered and converged.
+func timeline(th *throttle, start time.Time, registered, converged []time.Duration) [][5]int {
+	offered, served := th.perSecond(start)
+	last := max(len(offered), len(served))
+	for _, d := range append(slices.Clone(registered), converged...) {
+		last = max(last, int(d/time.Second)+1)
+	}
+	upTo := func(ds []time.Duration, s int) int {
+		n := 0
+		for _, d := range ds {
+			if d < time.Duration(s+1)*time.Second {
+				n++
+			}
+		}
+		return n
+	}
+	at := func(counts []int, s int) int {
+		if s < len(counts) {
+			return counts[s]
+		}
+		return 0
+	}
+	rows := make([][5]int, last+1)
+	for s := range rows {
+		rows[s] = [5]int{s, at(offered, s), at(served, s), upTo(registered, s), upTo(converged, s)}
+	}
+	return rows
+}
+
+// plot draws the two storms side by side with gnuplot (storm.gp) into out.
+func plot(t *testing.T, out string, shipped, off result) {
+	t.Helper()
+	dir := t.TempDir()
+	files := make([]string, 2)
+	for i, r := range []result{shipped, off} {
+		var b strings.Builder
+		for _, row := range r.timeline {
+			fmt.Fprintf(&b, "%d %d %d %d %d\n", row[0], row[1], row[2], row[3], row[4])
+		}
+		files[i] = filepath.Join(dir, fmt.Sprintf("storm-%d.dat", i))
+		require.NoError(t, os.WriteFile(files[i], []byte(b.String()), 0o644))
+	}
+	script, err := filepath.Abs("storm.gp")
+	require.NoError(t, err)
+	vars := fmt.Sprintf("out=%q; shipped=%q; off=%q; n=%d; rate=%g; xmax=%d", out, files[0], files[1], *fleetSize, *fleetRate,
+		max(len(shipped.timeline), len(off.timeline)))
+	cmd := exec.Command(testenv.Tool(t, "gnuplot"), "-e", vars, script)
+	msg, err := cmd.CombinedOutput()
+	require.NoError(t, err, "gnuplot: %s", msg)
 }
 
 // quantiles returns the median and the largest of d.
@@ -356,6 +415,23 @@ func TestScaleOutStorm(t *testing.T) {
 		}
 	}
 	assert.Greater(t, results[0].nextRunSpread, results[1].nextRunSpread, "the splay spreads the scheduled runs after the first")
+	picture := *fleetPlot
+	if picture == "" {
+		picture = filepath.Join(t.TempDir(), "fleet.png")
+	}
+	plot(t, picture, results[0], results[1])
+	png, err := os.ReadFile(picture)
+	require.NoError(t, err)
+	assert.True(t, bytes.HasPrefix(png, []byte("\x89PNG\r\n\x1a\n")), "gnuplot drew a PNG")
+	for _, r := range results {
+		last := r.timeline[len(r.timeline)-1]
+		assert.Equal(t, [2]int{r.agents, r.agents}, [2]int{last[3], last[4]}, "%s: the picture ends with every agent registered and converged", r.name)
+		offered, served := 0, 0
+		for _, row := range r.timeline {
+			offered, served = offered+row[1], served+row[2]
+		}
+		assert.Equal(t, [2]int{r.proxy.Offered, r.proxy.Forwarded}, [2]int{offered, served}, "%s: the picture counts every request", r.name)
+	}
 	t.Logf("%d agents, proxy at %g requests/s answering %d with Retry-After: %s above it, losing every %d-th client creation's answer\n%s",
 		*fleetSize, *fleetRate, *fleetCode, retryAfter, *fleetLose, table(rows))
 }

@@ -221,3 +221,26 @@ func (th *throttle) stats() throttleStats {
 		Refused: th.refused, Lost: th.lost, Conflicts: th.conflicts, Early: th.early,
 	}
 }
+
+// perSecond is what the proxy was offered and let through in each second
+// from origin on.
+func (th *throttle) perSecond(origin time.Time) (offered, forwarded []int) {
+	th.mu.Lock()
+	defer th.mu.Unlock()
+	skip := int(origin.Sub(th.start) / bucket)
+	fold := func(counts []int) []int {
+		var out []int
+		for i, c := range counts {
+			if i < skip {
+				continue
+			}
+			s := (i - skip) * int(bucket) / int(time.Second)
+			for len(out) <= s {
+				out = append(out, 0)
+			}
+			out[s] += c
+		}
+		return out
+	}
+	return fold(th.offered), fold(th.forwarded)
+}

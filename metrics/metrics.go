@@ -191,14 +191,26 @@ func (m *Metrics) KeepTextfile(ctx context.Context, root, name string, log *zap.
 }
 
 // Serve serves /metrics and /healthz on addr until ctx ends. healthy says
-// whether the agent's main loop is turning.
+// whether the agent's main loop is turning; /metrics says it too, as
+// bootagent_healthy, which only the listener has (a textfile is not read
+// when it is written, and a stalled agent stops writing it).
 func (m *Metrics) Serve(ctx context.Context, addr string, healthy func() bool, log *zap.Logger) error {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("metrics listener: %w", err)
 	}
+	health := prometheus.NewRegistry()
+	health.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "bootagent_healthy",
+		Help: "1 while the agent's main loop turns and no poll is stuck, as /healthz answers 200; 0 as it answers 503.",
+	}, func() float64 {
+		if healthy() {
+			return 1
+		}
+		return 0
+	}))
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	mux.Handle("/metrics", promhttp.HandlerFor(prometheus.Gatherers{m.reg, health}, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		if !healthy() {
 			http.Error(w, "the agent's main loop is stalled", http.StatusServiceUnavailable)

@@ -285,6 +285,11 @@ func newMachine(o machineOptions, st State) *machine {
 	m.drift = repeatLog{log: m.log, msg: "hostname check failed", recovered: "hostname check works again"}
 	m.bootFailures = repeatLog{log: m.log, msg: "bootstrap failed; retrying", recovered: "bootstrap succeeded after failures"}
 	m.regFailures = repeatLog{log: m.log, msg: "registration failed; retrying", recovered: "registration succeeded after failures"}
+	if r := st.LastRun; r != nil && st.LastSuccess == nil && !r.Result.Failed() {
+		// A state from before the last success was recorded.
+		start := r.Start.UTC()
+		m.st.LastSuccess = &start
+	}
 	m.showRuns()
 	return m
 }
@@ -299,6 +304,10 @@ func (m *machine) showRuns() {
 	}
 	if t := m.st.LastSuccess; t != nil {
 		m.metrics.LastSuccessTimestamp.Set(float64(t.UnixNano()) / 1e9)
+	}
+	m.metrics.FailingSince.Set(0)
+	if t := m.st.FailingSince; t != nil {
+		m.metrics.FailingSince.Set(float64(t.UnixNano()) / 1e9)
 	}
 	if t := m.st.NextRun; t != nil {
 		m.metrics.NextRunTimestamp.Set(float64(t.UnixNano()) / 1e9)
@@ -404,7 +413,7 @@ func (m *machine) identify(id imds.Identity) {
 	default:
 		m.st = State{Version: stateVersion, InstanceID: id.InstanceID, Boot: m.st.Boot}
 		// The runs shown were another instance's.
-		for _, g := range []prometheus.Gauge{m.metrics.LastRunTimestamp, m.metrics.LastRunDuration, m.metrics.LastRunExitCode, m.metrics.LastSuccessTimestamp, m.metrics.NextRunTimestamp} {
+		for _, g := range []prometheus.Gauge{m.metrics.LastRunTimestamp, m.metrics.LastRunDuration, m.metrics.LastRunExitCode, m.metrics.LastSuccessTimestamp, m.metrics.FailingSince, m.metrics.NextRunTimestamp, m.metrics.RunPeriod} {
 			g.Set(0)
 		}
 	}
@@ -431,11 +440,14 @@ func (m *machine) booted(now time.Time, b booted) {
 		}
 	}
 	m.res.UserData, m.res.Hostname, m.res.HostnameSource, m.res.Changes, m.res.Steps = p.info, p.name, p.source, b.changes, b.steps
+	// The period of the runs this life schedules: none without a Chef
+	// server, with chef.exec false, or in once (a reload may change it).
+	m.metrics.RunPeriod.Set(0)
 	if p.chef == nil {
 		return
 	}
 	m.res.NodeName = p.chef.nodeName
-	if p.cfg.Chef.Exec {
+	if p.cfg.Chef.Exec && !m.once {
 		m.metrics.RunPeriod.Set(m.period().Seconds())
 	}
 	if b.lifecycleErr != nil {
@@ -538,9 +550,12 @@ func (m *machine) runEnded(now time.Time, ev evRunEnded) {
 	out := ev.out
 	m.metrics.Runs.WithLabelValues(string(out.Result)).Inc()
 	m.st.LastRun = &out
-	if !out.Result.Failed() {
-		start := out.Start.UTC()
-		m.st.LastSuccess = &start
+	start := out.Start.UTC()
+	switch {
+	case !out.Result.Failed():
+		m.st.LastSuccess, m.st.FailingSince = &start, nil
+	case m.st.FailingSince == nil:
+		m.st.FailingSince = &start
 	}
 	m.showRuns()
 	if r.first {

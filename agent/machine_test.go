@@ -1032,3 +1032,37 @@ func TestAFinalRunIsEndedWhenTheDeadlineComesCloser(t *testing.T) {
 	s.ran(chef.ResultSuccess)
 	require.NotNil(t, s.dereg, "then the deletes, with their time")
 }
+
+// The runs' record says since when they fail, for the alert that waits
+// two periods: from the first failure after a success, or ever, and
+// nothing once a run (a reboot request included) does not fail.
+func TestTheStateKnowsSinceWhenTheRunsFail(t *testing.T) {
+	s := started(t)
+	first := s.now
+	s.ran(chef.ResultFailed)
+	require.NotNil(t, s.m.st.FailingSince)
+	assert.Equal(t, first, *s.m.st.FailingSince, "failing since the first run, which never succeeded")
+	assert.Equal(t, float64(first.Unix()), gauge(t, s.metrics.FailingSince))
+	s.advance(s.m.st.NextRun.Sub(s.now))
+	s.ran(chef.ResultFailed)
+	assert.Equal(t, first, *s.m.st.FailingSince, "a second failure does not move it")
+	s.advance(s.m.st.NextRun.Sub(s.now))
+	success := s.now
+	s.ran(chef.ResultOf(35))
+	assert.Nil(t, s.m.st.FailingSince)
+	assert.Zero(t, gauge(t, s.metrics.FailingSince))
+	assert.Equal(t, success, *s.m.st.LastSuccess)
+}
+
+// A state written before the agent recorded its last success takes the
+// last run, when it did not fail, as that.
+func TestAnOlderStateGetsItsLastSuccessFromItsLastRun(t *testing.T) {
+	start := time.Date(2026, 12, 2, 6, 0, 0, 0, time.UTC)
+	m := newMachine(machineOptions{log: zap.NewNop(), metrics: metrics.New(), clock: backoff.RealClock{}, retry: noJitter}, State{
+		Version: stateVersion, InstanceID: "i-0123456789abcdef0",
+		LastRun: &chef.Outcome{Start: start, Result: chef.ResultSuccess},
+	})
+	require.NotNil(t, m.st.LastSuccess)
+	assert.Equal(t, start, *m.st.LastSuccess)
+	assert.Equal(t, float64(start.Unix()), gauge(t, m.metrics.LastSuccessTimestamp))
+}

@@ -121,8 +121,11 @@ type State struct {
 	FirstRunDone bool          `json:"first_run_done"`
 	Boot         Boot          `json:"boot"`
 	LastRun      *chef.Outcome `json:"last_run,omitempty"`
-	// LastSuccess is when the last run that did not fail started.
-	LastSuccess *time.Time `json:"last_success,omitempty"`
+	// LastSuccess is when the last run that did not fail started;
+	// FailingSince when the first failed run after it did, while the runs
+	// fail.
+	LastSuccess  *time.Time `json:"last_success,omitempty"`
+	FailingSince *time.Time `json:"failing_since,omitempty"`
 	NextRun      *time.Time    `json:"next_run,omitempty"`
 	// Run is the chef-client run going, if any, so that a restart that
 	// finds its unit still running follows it as what it is.

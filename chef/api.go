@@ -201,7 +201,7 @@ func (e *APIError) Retryable() bool {
 }
 
 // ErrorKinds are the kinds Kind names, for metrics that start at 0.
-var ErrorKinds = []string{"untrusted", "too_large", "connection", "malformed", "throttled", "http_5xx", "http_4xx"}
+var ErrorKinds = []string{"untrusted", "too_large", "connection", "malformed", "throttled", "http_5xx", "redirect", "http_4xx"}
 
 // Kind names the failure for metrics: one of ErrorKinds.
 func (e *APIError) Kind() string {
@@ -218,6 +218,8 @@ func (e *APIError) Kind() string {
 		return "throttled"
 	case e.Status >= 500:
 		return "http_5xx"
+	case e.Status >= 300 && e.Status < 400:
+		return "redirect"
 	default:
 		return "http_4xx"
 	}

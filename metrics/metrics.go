@@ -24,7 +24,11 @@ import (
 
 // Metrics holds the agent's collectors.
 type Metrics struct {
-	reg *prometheus.Registry
+	// reg holds the agent's own collectors, which the textfile and the
+	// listener both carry; runtime the Go runtime's and the process's,
+	// which only the listener does (node_exporter has its own, and two of
+	// one name in one scrape are an error).
+	reg, runtime *prometheus.Registry
 
 	// Timeline is the seconds from the agent's start to each bootstrap
 	// milestone: imds, hostname, registered, first_converge.
@@ -40,6 +44,7 @@ type Metrics struct {
 	LastRunDuration      prometheus.Gauge
 	LastRunExitCode      prometheus.Gauge
 	LastSuccessTimestamp prometheus.Gauge
+	FailingSince         prometheus.Gauge
 	NextRunTimestamp     prometheus.Gauge
 	RunPeriod            prometheus.Gauge
 	// IMDSRequests counts requests to IMDS by operation; IMDSErrors counts
@@ -67,7 +72,7 @@ type Metrics struct {
 // the Go runtime's and the process's).
 func New() *Metrics {
 	m := &Metrics{
-		reg: prometheus.NewRegistry(),
+		reg: prometheus.NewRegistry(), runtime: prometheus.NewRegistry(),
 		Timeline: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "bootagent_bootstrap_seconds",
 			Help: "Seconds from the agent's start to each bootstrap milestone of this boot.",
@@ -91,6 +96,10 @@ func New() *Metrics {
 		LastSuccessTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bootagent_chef_last_success_timestamp_seconds",
 			Help: "When the last chef-client run that did not fail started, in Unix seconds (reboot and upgrade results included).",
+		}),
+		FailingSince: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "bootagent_chef_failing_since_timestamp_seconds",
+			Help: "When the first of the failed chef-client runs since the last that did not fail started, in Unix seconds; 0 while the last run did not fail.",
 		}),
 		RunPeriod: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "bootagent_chef_run_period_seconds",
@@ -134,9 +143,9 @@ func New() *Metrics {
 		}, []string{"version", "instance_id"}),
 		changed: make(chan struct{}, 1),
 	}
-	m.reg.MustRegister(m.Timeline, m.Runs, m.LastRunTimestamp, m.LastRunDuration, m.LastRunExitCode, m.LastSuccessTimestamp, m.NextRunTimestamp, m.RunPeriod,
-		m.IMDSRequests, m.IMDSErrors, m.ChefServerErrors, m.DriftCorrections, m.Notices, m.Deregistrations, m.Phase, m.Info,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.reg.MustRegister(m.Timeline, m.Runs, m.LastRunTimestamp, m.LastRunDuration, m.LastRunExitCode, m.LastSuccessTimestamp, m.FailingSince, m.NextRunTimestamp, m.RunPeriod,
+		m.IMDSRequests, m.IMDSErrors, m.ChefServerErrors, m.DriftCorrections, m.Notices, m.Deregistrations, m.Phase, m.Info)
+	m.runtime.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
@@ -210,7 +219,7 @@ func (m *Metrics) Serve(ctx context.Context, addr string, healthy func() bool, l
 		return 0
 	}))
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(prometheus.Gatherers{m.reg, health}, promhttp.HandlerOpts{}))
+	mux.Handle("/metrics", promhttp.HandlerFor(prometheus.Gatherers{m.reg, m.runtime, health}, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		if !healthy() {
 			http.Error(w, "the agent's main loop is stalled", http.StatusServiceUnavailable)

@@ -39,6 +39,7 @@ func TestTheTextfileIsNeverSeenHalfWritten(t *testing.T) {
 	path := filepath.Join(root, "bootagent.prom")
 	m := New()
 	m.Info.WithLabelValues("v1", "i-0abc").Set(1)
+	m.Phase.WithLabelValues("idle").Set(1)
 	ctx, cancel := context.WithCancel(context.Background())
 	kept := make(chan struct{})
 	go func() {
@@ -64,7 +65,7 @@ func TestTheTextfileIsNeverSeenHalfWritten(t *testing.T) {
 		require.NoError(t, err)
 		names := parse(t, data)
 		// Families come sorted: the first and the last are both there.
-		require.True(t, names["bootagent_info"] && names["process_resident_memory_bytes"], "a whole file, every time")
+		require.True(t, names["bootagent_chef_failing_since_timestamp_seconds"] && names["bootagent_phase"], "a whole file, every time")
 		reads.Add(1)
 	}
 	<-changing

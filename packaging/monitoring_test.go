@@ -263,6 +263,7 @@ func TestTheRealToolsReadTheAgentsMetrics(t *testing.T) {
 		require.Contains(t, page, "bootagent_info{", "scrape %d", i)
 		time.Sleep(50 * time.Millisecond) // Scrapes spread over the agent's polls, not an event awaited.
 	}
+	assert.NotContains(t, node.Log(), "error gathering metrics", "node_exporter takes the textfile beside its own metrics")
 
 	rulesPath, err := filepath.Abs(rulesFile)
 	require.NoError(t, err)
@@ -278,13 +279,20 @@ scrape_configs:
 `, rulesPath, listen, strings.TrimPrefix(node.URL, "http://")))
 	testenv.Eventually(t, 60*time.Second, func() bool {
 		return prom.Query(t, `job:bootagent_instances_converged:ratio{job="bootagent"} == 1`).Series == 1 &&
-			prom.Query(t, `count(up == 1) == 2`).Series == 1
+			prom.Query(t, `count(up == 1) == 2`).Series == 1 &&
+			// Two scrapes of each target at least, for rate() and increase().
+			prom.Query(t, `count(count_over_time(bootagent_info[1m]) >= 2) == 2`).Series == 1
 	}, "Prometheus scrapes the agent and node_exporter and records the fleet views; its log:\n%s", testenv.Later(prom.Log))
 
+	// Panels that show only what goes wrong are empty on a healthy run.
+	emptyWhenHealthy := map[string]bool{"Last run failing": true}
 	seen := map[string]bool{}
 	for what, expr := range queries(t) {
 		r := prom.Query(t, expr)
 		assert.Equal(t, "success", r.Status, "%s: %s: %s", what, expr, r.Error)
+		if strings.HasPrefix(what, "panel ") && !emptyWhenHealthy[strings.Split(what, `"`)[1]] {
+			assert.Positive(t, r.Series, "%s answers with data: %s", what, expr)
+		}
 		for _, n := range metricNames(expr) {
 			if !seen[n] {
 				seen[n] = true

@@ -92,6 +92,7 @@ func (p *Prometheus) Query(t testing.TB, expr string) QueryResult {
 type NodeExporter struct {
 	URL     string
 	Process *Process
+	logPath string
 }
 
 // StartNodeExporter starts node_exporter reading the textfiles in dir.
@@ -100,10 +101,22 @@ func StartNodeExporter(t testing.TB, dir string) *NodeExporter {
 	RequirePrivateNetwork(t)
 	bin := Tool(t, "prometheus-node-exporter")
 	addr := fmt.Sprintf("127.0.0.1:%d", FreePort(t))
+	log, err := os.Create(filepath.Join(t.TempDir(), "node_exporter.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { log.Close() })
 	cmd := exec.Command(bin, "--web.listen-address="+addr, "--collector.disable-defaults", "--collector.textfile", "--collector.textfile.directory="+dir)
-	n := &NodeExporter{URL: "http://" + addr, Process: startProcess(t, cmd)}
+	cmd.Stdout, cmd.Stderr = log, log
+	n := &NodeExporter{URL: "http://" + addr, Process: startProcess(t, cmd), logPath: log.Name()}
 	WaitListening(t, addr, 15*time.Second, n.Process.Exited())
 	return n
+}
+
+// Log is what node_exporter printed.
+func (n *NodeExporter) Log() string {
+	data, err := os.ReadFile(n.logPath)
+	return tail(orErr(string(data), err), 40)
 }
 
 // Scrape reads a /metrics page: the agent's listener or node_exporter's.

@@ -325,8 +325,14 @@ func plot(t *testing.T, out string, shipped, off result) {
 	}
 	script, err := filepath.Abs("storm.gp")
 	require.NoError(t, err)
-	vars := fmt.Sprintf("out=%q; shipped=%q; off=%q; n=%d; rate=%g; xmax=%d", out, files[0], files[1], *fleetSize, *fleetRate,
-		max(len(shipped.timeline), len(off.timeline)))
+	ymax := 0
+	for _, r := range []result{shipped, off} {
+		for _, row := range r.timeline {
+			ymax = max(ymax, row[1])
+		}
+	}
+	vars := fmt.Sprintf("out=%q; shipped=%q; off=%q; n=%d; rate=%g; xmax=%d; ymax=%d", out, files[0], files[1], *fleetSize, *fleetRate,
+		max(len(shipped.timeline), len(off.timeline)), ymax+ymax/10+1)
 	cmd := exec.Command(testenv.Tool(t, "gnuplot"), "-e", vars, script)
 	msg, err := cmd.CombinedOutput()
 	require.NoError(t, err, "gnuplot: %s", msg)

@@ -4,7 +4,8 @@
 # out (the PNG), shipped and off (the two storms' data files: seconds,
 # offered, served, registered, converged), n (the fleet's size), rate
 # (what the proxy lets through a second), xmax (the longer storm's
-# seconds: both are drawn on the same time axis).
+# seconds: both are drawn on the same time axis), ymax (above the higher
+# offered rate: both request plots share their scale).
 set terminal pngcairo size 1400,800 font "sans,11"
 set output out
 set multiplot layout 2,2 title sprintf("%d agents at once, a Chef server taking %g requests/s", n, rate)
@@ -13,7 +14,7 @@ set xrange [0:xmax]
 set key top right
 set xlabel "seconds from the launch"
 set ylabel "requests per second"
-set yrange [0:*]
+set yrange [0:ymax]
 set title "as shipped: requests"
 plot shipped using 1:2 with steps lw 2 title "offered", \
      shipped using 1:3 with steps lw 2 title "served", \

@@ -126,7 +126,7 @@ type State struct {
 	// fail.
 	LastSuccess  *time.Time `json:"last_success,omitempty"`
 	FailingSince *time.Time `json:"failing_since,omitempty"`
-	NextRun      *time.Time    `json:"next_run,omitempty"`
+	NextRun      *time.Time `json:"next_run,omitempty"`
 	// Run is the chef-client run going, if any, so that a restart that
 	// finds its unit still running follows it as what it is.
 	Run *RunGoing `json:"run,omitempty"`

@@ -6,11 +6,14 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"maps"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"os/exec"
@@ -283,7 +286,8 @@ func TestAMissingChefClientIsSaidToBeTheImagesToCarry(t *testing.T) {
 
 // forwardProxy is an HTTP proxy on loopback that knows one host name the
 // machine does not (the Chef server's), as a corporate proxy would, and
-// counts what it is asked for.
+// counts what it is asked for. It forwards plain HTTP requests, and tunnels
+// CONNECT (HTTPS) to the same host.
 type forwardProxy struct {
 	*httptest.Server
 	mu   sync.Mutex
@@ -297,8 +301,16 @@ func newForwardProxy(t *testing.T, host, target string) *forwardProxy {
 	p := &forwardProxy{}
 	p.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.mu.Lock()
-		p.seen = append(p.seen, r.Method+" "+r.URL.String())
+		if r.Method == http.MethodConnect {
+			p.seen = append(p.seen, r.Method+" "+r.Host)
+		} else {
+			p.seen = append(p.seen, r.Method+" "+r.URL.String())
+		}
 		p.mu.Unlock()
+		if r.Method == http.MethodConnect {
+			tunnel(w, r, host, u.Host)
+			return
+		}
 		if r.URL.Host != host {
 			http.Error(w, "unknown host "+r.URL.Host, http.StatusBadGateway)
 			return
@@ -317,6 +329,32 @@ func newForwardProxy(t *testing.T, host, target string) *forwardProxy {
 	}))
 	t.Cleanup(p.Close)
 	return p
+}
+
+// tunnel answers a CONNECT to host by joining the client to target.
+func tunnel(w http.ResponseWriter, r *http.Request, host, target string) {
+	if r.Host != host {
+		http.Error(w, "unknown host "+r.Host, http.StatusBadGateway)
+		return
+	}
+	up, err := net.Dial("tcp", target)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	defer up.Close()
+	down, rw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer down.Close()
+	if _, err := rw.WriteString("HTTP/1.1 200 Connection established\r\n\r\n"); err != nil || rw.Flush() != nil {
+		return
+	}
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(up, rw); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(down, up); done <- struct{}{} }()
+	<-done
 }
 
 func (p *forwardProxy) requests() []string {
@@ -352,6 +390,41 @@ func TestTheChefServerIsReachedThroughTheProxyAndIMDSNever(t *testing.T) {
 	rb := readFile(t, filepath.Join(s.root, "etc/chef/client.rb"))
 	assert.Contains(t, rb, "http_proxy                       '"+proxy.URL+"'\n")
 	assert.Contains(t, rb, "no_proxy                         'internal.example,169.254.169.254,fd00:ec2::254'\n", "chef-client keeps IMDS off the proxy too")
+}
+
+func TestTheChefServerIsReachedOverHTTPSThroughTheProxysTunnel(t *testing.T) {
+	// example.com is the name httptest's certificate is for; only the
+	// proxy knows where it is.
+	const host = "example.com:4443"
+	s := newChefSetup(t, "hostname=web01\n")
+	goiardi, err := url.Parse(s.goiardi.URL)
+	require.NoError(t, err)
+	front := httptest.NewTLSServer(httputil.NewSingleHostReverseProxy(goiardi))
+	t.Cleanup(front.Close)
+	proxy := newForwardProxy(t, host, "https://"+front.Listener.Addr().String())
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: front.Certificate().Raw})
+	require.NoError(t, os.WriteFile(filepath.Join(s.root, "etc/chef/corp-ca.pem"), ca, 0o644))
+	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
+		c.Chef.ServerURL = "https://" + host
+		c.Chef.TrustedCerts = "/etc/chef/corp-ca.pem"
+		c.Chef.HTTPSProxy = proxy.URL
+		c.Chef.ClientCommand = []string{"chefclient-ruby-standin", "--record", s.record}
+		c.Chef.License = "accept-no-persist"
+		c.Chef.FileCachePath = filepath.Join(s.root, "var/cache/chef")
+	})
+
+	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	seen := proxy.requests()
+	connects := 0
+	for _, r := range seen {
+		assert.Equal(t, "CONNECT "+host, r, "every request to the server is tunnelled, and nothing else reaches the proxy")
+		connects++
+	}
+	assert.GreaterOrEqual(t, connects, 2, "the registration's requests and chef-client's run, by client.rb's https_proxy")
+	require.Len(t, s.runs(t), 1)
+	assert.Equal(t, "web01", s.goiardi.Node(t, "web01").AutomaticAttributes["hostname"], "chef-client saved the node through the tunnel")
 }
 
 func TestTheLicenseKeyReachesChefClientsEnvironmentOnly(t *testing.T) {
@@ -455,21 +528,56 @@ func TestADaemonWithExecFalseRunsNothingEvenWhenAsked(t *testing.T) {
 
 func TestCincClientRunsTheSameWay(t *testing.T) {
 	bin := t.TempDir()
-	require.NoError(t, os.Symlink(testenv.Tool(t, "chefclient-standin"), filepath.Join(bin, "cinc-client")))
+	require.NoError(t, os.Symlink(testenv.Tool(t, "chefclient-ruby-standin"), filepath.Join(bin, "cinc-client")))
 	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
 	s := newChefSetup(t, "hostname=web01\n")
 	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("hostname=web01\n")}, s.root, func(c *config.Config) {
 		c.Chef.ServerURL = s.goiardi.URL
 		c.Chef.ClientCommand = []string{"cinc-client", "--record", s.record}
+		c.Chef.FileCachePath = filepath.Join(s.root, "var/cache/chef")
 	})
 	res, err := s.engine.Once(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result, "Cinc asks for no license, and the Ruby stand-in run as cinc-client neither")
+	runs := s.runs(t)
+	require.Len(t, runs, 1)
+	assert.Contains(t, fmt.Sprint(runs[0]["args"]), "-c "+filepath.Join(s.root, "etc/chef/client.rb"), "Cinc reads the same client.rb")
+	assert.Equal(t, "web01", runs[0]["ohai"].(map[string]any)["hostname"], "Cinc's run saw the name through Ohai")
+	for _, hint := range []string{"etc/chef/ohai/hints/ec2.json", "etc/cinc/ohai/hints/ec2.json"} {
+		assert.Equal(t, "{}\n", readFile(t, filepath.Join(s.root, hint)), "Ohai's hints_path, and the one a rebranded Cinc build may read")
+	}
+	assert.NoDirExists(t, filepath.Join(s.root, "etc/chef/accepted_licenses"), "Cinc accepts no license")
+}
+
+func TestAJSONAttribsFileNobodyWritesIsNamedBeforeChefClientFailsOnIt(t *testing.T) {
+	// cloud-init writes its first-boot file at /etc/chef/firstboot.json and
+	// points json_attribs there; bootagent writes chef.firstboot_path.
+	userData := "#cloud-config\nhostname: web01\nchef:\n  json_attribs: /etc/chef/firstboot.json\n  run_list: [\"recipe[base]\"]\n"
+	s := newChefSetup(t, userData)
+	s.goiardi.Upload(t, testenv.ChefRepo())
+	mod := func(c *config.Config) {
+		c.Chef.ServerURL = s.goiardi.URL
+		c.Chef.ClientCommand = []string{"chefclient-ruby-standin", "--record", s.record}
+		c.Chef.FileCachePath = filepath.Join(s.root, "var/cache/chef")
+		c.Chef.License = "accept-no-persist"
+	}
+	e, _ := newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, mod)
+	_, err := e.Once(context.Background())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "chef.json_attribs /etc/chef/firstboot.json")
+	assert.Contains(t, err.Error(), "set chef.firstboot_path to the same path")
+	assert.Empty(t, s.runs(t), "no chef-client is started to fail on it")
+
+	userData = "#cloud-config\nhostname: web01\nchef:\n  json_attribs: /etc/chef/firstboot.json\n  firstboot_path: /etc/chef/firstboot.json\n  run_list: [\"recipe[base]\"]\n"
+	require.NoError(t, os.Remove(filepath.Join(s.root, "var/lib/bootagent/state.json")))
+	e, _ = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, mod)
+	res, err := e.Once(context.Background())
 	require.NoError(t, err)
 	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
 	runs := s.runs(t)
 	require.Len(t, runs, 1)
-	assert.Contains(t, fmt.Sprint(runs[0]["args"]), "-c "+filepath.Join(s.root, "etc/chef/client.rb"), "Cinc reads the same client.rb")
-	assert.Equal(t, "{}\n", readFile(t, filepath.Join(s.root, "etc/cinc/ohai/hints/ec2.json")), "Cinc's Ohai reads its hints under /etc/cinc")
-	assert.NoFileExists(t, filepath.Join(s.root, "etc/chef/ohai/hints/ec2.json"))
+	assert.Equal(t, filepath.Join(s.root, "etc/chef/firstboot.json"), runs[0]["json_attribs"], "chef-client reads the file bootagent wrote")
+	assert.Equal(t, map[string]any{"base": "1.2.0"}, runs[0]["cookbooks"])
 }
 
 func TestChefClientRefusesAnUnacceptedLicenseAndConvergesOnceItIsAccepted(t *testing.T) {
@@ -508,7 +616,9 @@ func TestChefClientRefusesAnUnacceptedLicenseAndConvergesOnceItIsAccepted(t *tes
 	res, err = e.Once(context.Background())
 	require.NoError(t, err)
 	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
-	assert.FileExists(t, filepath.Join(s.root, "etc/chef/accepted_licenses/chef_infra_client"), "accept persists chef-client's marker")
+	for _, marker := range []string{"chef_infra_client", "inspec"} {
+		assert.FileExists(t, filepath.Join(s.root, "etc/chef/accepted_licenses", marker), "accept persists chef-client's markers, InSpec's too")
+	}
 	assert.Equal(t, DiagOK, findingNamed(t, Diagnose(context.Background(), s.root, cfg, zap.NewNop()), "chef-client license").Result)
 
 	// The server solved the run list (role[web] -> base::web) and handed

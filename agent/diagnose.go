@@ -230,7 +230,11 @@ func checkChefServer(ctx context.Context, root string, cfg config.Config, st Sta
 
 func checkChefClient(cfg config.Config) Finding {
 	c := Finding{Name: "chef-client"}
-	path, err := exec.LookPath(cfg.Chef.ClientCommand[0])
+	if !cfg.Chef.Exec {
+		c.Result, c.Detail = DiagSkip, "chef.exec is false: bootagent runs no chef-client"
+		return c
+	}
+	path, err := chef.LookCommand(cfg.Chef.ClientCommand)
 	if err != nil {
 		c.Result, c.Detail = DiagFail, err.Error()
 		c.Fix = chef.NotInstalledFix
@@ -240,13 +244,13 @@ func checkChefClient(cfg config.Config) Finding {
 	return c
 }
 
-// acceptedLicensesDir is where chef-client records an accepted license
-// (Chef's license-acceptance), one file per product; licenseMarker is
-// chef-client's.
-const (
-	acceptedLicensesDir = "/etc/chef/accepted_licenses"
-	licenseMarker       = "chef_infra_client"
-)
+// acceptedLicensesDir is where chef-client, run as root, looks for the
+// markers of an accepted license (Chef's license-acceptance): one file per
+// product, and Chef Infra Client's acceptance holds only with the marker of
+// the product it carries (InSpec) beside its own.
+const acceptedLicensesDir = "/etc/chef/accepted_licenses"
+
+var licenseMarkers = []string{"chef_infra_client", "inspec"}
 
 // licenseEnvironment is CHEF_LICENSE as chef-client's unit will have it:
 // from systemd's own environment, which transient units inherit (not from
@@ -268,30 +272,59 @@ func licenseEnvironment(ctx context.Context, root string) string {
 	return ""
 }
 
-// checkLicense says whether chef-client's license is accepted: by
-// chef.license (client.rb's chef_license), by CHEF_LICENSE in systemd's
-// environment (env), or by the marker chef-client left when it was
-// accepted on the image. Cinc has no license to accept, and with chef.exec
-// false bootagent runs no chef-client.
+// commandLicense is the value of --chef-license on chef.client_command, ""
+// when it has none.
+func commandLicense(command []string) string {
+	for i, arg := range command {
+		if v, ok := strings.CutPrefix(arg, "--chef-license="); ok {
+			return v
+		}
+		if arg == "--chef-license" && i+1 < len(command) {
+			return command[i+1]
+		}
+	}
+	return ""
+}
+
+// checkLicense says whether chef-client's license is accepted, in the
+// order chef-client looks: --chef-license on chef.client_command,
+// CHEF_LICENSE in systemd's environment (env), chef.license (client.rb's
+// chef_license), or the markers chef-client left when it was accepted on
+// the image. Cinc has no license to accept, and with chef.exec false
+// bootagent runs no chef-client.
 func checkLicense(root string, cfg config.Config, env string) Finding {
 	c := Finding{Name: "chef-client license"}
-	marker := filepath.Join(acceptedLicensesDir, licenseMarker)
-	fi, err := atomicfile.Stat(root, marker)
+	var missing []string
+	for _, m := range licenseMarkers {
+		// Any file that exists counts, as license-acceptance's File.exist?.
+		if _, err := atomicfile.Stat(root, filepath.Join(acceptedLicensesDir, m)); err != nil {
+			missing = append(missing, filepath.Join(acceptedLicensesDir, m))
+		}
+	}
+	flag := commandLicense(cfg.Chef.ClientCommand)
 	switch {
 	case !cfg.Chef.Exec:
 		c.Result, c.Detail = DiagSkip, "chef.exec is false: bootagent runs no chef-client"
 	case cfg.Chef.Cinc():
 		c.Result, c.Detail = DiagSkip, "Cinc has no license to accept"
+	case slices.Contains(config.ChefLicenses, flag):
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("--chef-license %s on chef.client_command", flag)
+	case slices.Contains(config.ChefLicenses, env):
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in systemd's environment, which chef-client's unit inherits", env)
 	case cfg.Chef.License != "":
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("chef.license: %s (client.rb's chef_license)", cfg.Chef.License)
-	case slices.Contains(chef.Licenses, env):
-		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in systemd's environment, which chef-client's unit inherits", env)
-	case err == nil && fi.Mode().IsRegular():
-		c.Result, c.Detail = DiagOK, "accepted on the image ("+marker+")"
+	case len(missing) == 0:
+		c.Result, c.Detail = DiagOK, fmt.Sprintf("accepted on the image (%s and %s)", filepath.Join(acceptedLicensesDir, licenseMarkers[0]), licenseMarkers[1])
 	default:
 		c.Result, c.Detail = DiagWarn, "not accepted: chef-client 15 and later refuse to run (exit 172, license_not_accepted)"
+		if flag != "" {
+			c.Detail += fmt.Sprintf("; --chef-license %s on chef.client_command accepts nothing", flag)
+		}
 		if env != "" {
 			c.Detail += fmt.Sprintf("; CHEF_LICENSE=%s in systemd's environment accepts nothing", env)
+		}
+		if len(missing) < len(licenseMarkers) {
+			c.Detail += "; " + strings.Join(missing, " and ") + " is missing"
 		}
 		c.Fix = chef.ResultLicenseNotAccepted.Fix()
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/internal/testenv"
 )
@@ -137,10 +138,25 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/chef/accepted_licenses"), 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/inspec"), []byte("---\nid: inspec\n"), 0o644))
 	assert.Equal(t, DiagWarn, checkLicense(root, cfg, "").Result, "another product's acceptance is not chef-client's")
+	require.NoError(t, os.Remove(filepath.Join(root, "etc/chef/accepted_licenses/inspec")))
 	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/chef/accepted_licenses/chef_infra_client"), []byte("---\nid: infra-client\n"), 0o644))
 	got = checkLicense(root, cfg, "")
-	assert.Equal(t, DiagOK, got.Result)
-	assert.Contains(t, got.Detail, "accepted on the image (/etc/chef/accepted_licenses/chef_infra_client)")
+	assert.Equal(t, DiagWarn, got.Result, "chef-client's license-acceptance wants its child product's (InSpec's) marker too")
+	assert.Contains(t, got.Detail, "/etc/chef/accepted_licenses/inspec is missing")
+	require.NoError(t, os.Symlink("chef_infra_client", filepath.Join(root, "etc/chef/accepted_licenses/inspec")))
+	got = checkLicense(root, cfg, "")
+	assert.Equal(t, DiagOK, got.Result, "any file that exists is a marker, as for license-acceptance's File.exist?")
+	assert.Contains(t, got.Detail, "accepted on the image (/etc/chef/accepted_licenses/chef_infra_client and inspec)")
+
+	require.NoError(t, os.RemoveAll(filepath.Join(root, "etc/chef/accepted_licenses")))
+	for _, command := range [][]string{{"chef-client", "--chef-license", "accept"}, {"chef-client", "--chef-license=accept-silent"}} {
+		cfg.Chef.ClientCommand = command
+		got = checkLicense(root, cfg, "")
+		assert.Equal(t, DiagOK, got.Result, "%q accepts on chef-client's command line", command)
+		assert.Contains(t, got.Detail, "chef.client_command")
+	}
+	cfg.Chef.ClientCommand = []string{"chef-client", "--chef-license", "maybe"}
+	assert.Equal(t, DiagWarn, checkLicense(root, cfg, "").Result, "only chef-client's own values accept")
 
 	cfg.Chef.ClientCommand = []string{"/opt/cinc/bin/cinc-client"}
 	assert.Equal(t, DiagSkip, checkLicense(t.TempDir(), cfg, "").Result, "Cinc has no license")
@@ -148,4 +164,17 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 	cfg = config.Default()
 	cfg.Chef.Exec = false
 	assert.Equal(t, DiagSkip, checkLicense(t.TempDir(), cfg, "").Result, "no chef-client is run, so no license is needed")
+}
+
+func TestDiagnoseNamesAMissingChefClient(t *testing.T) {
+	cfg := config.Default()
+	cfg.Chef.ClientCommand = []string{"/nonexistent/chef-client", "--no-fork"}
+	got := checkChefClient(cfg)
+	assert.Equal(t, DiagFail, got.Result)
+	assert.Contains(t, got.Detail, `chef.client_command "/nonexistent/chef-client" is not on this machine`)
+	assert.Equal(t, chef.NotInstalledFix, got.Fix, "the fix says the image must carry it")
+
+	cfg.Chef.Exec = false
+	got = checkChefClient(cfg)
+	assert.Equal(t, DiagSkip, got.Result, "with chef.exec false no chef-client is run, so a missing one is no fault")
 }

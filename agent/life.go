@@ -302,10 +302,13 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 				Grace:   runGrace,
 				Log:     l.m.runLog(a.run.id),
 			}
-			keyFile, runProxies := a.plan.cfg.Chef.LicenseKeyFile, proxies(a.plan.cfg.Chef)
+			ch, keyFile, runProxies := a.plan.cfg.Chef, a.plan.cfg.Chef.LicenseKeyFile, proxies(a.plan.cfg.Chef)
 			spec.EnvironmentFile = e.path(runEnvPath)
 			clientRB, log := a.plan.chef.clientRB, l.m.log
 			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) {
+				if err := e.checkJSONAttribs(ch); err != nil {
+					return chef.Outcome{ID: spec.ID}, err
+				}
 				if err := e.refreshClientRB(log, clientRB); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}

@@ -23,8 +23,10 @@ import (
 const (
 	clientRBPath = "/etc/chef/client.rb"
 	// ec2HintPath tells Ohai's ec2 plugin that this is an EC2 instance,
-	// which it cannot always tell from the hardware (as knife-ec2 does);
-	// Cinc's Ohai reads its hints under /etc/cinc (cincHintPath). The iam
+	// which it cannot always tell from the hardware (as knife-ec2 does).
+	// Ohai's hints_path is /etc/chef/ohai/hints, written out in its
+	// source; Cinc's rebranded build may read /etc/cinc instead
+	// (cincHintPath), so for Cinc both are written. The iam
 	// hint is never written: it makes Ohai copy the instance role's data
 	// into the node's attributes, for the Chef server and everyone who can
 	// read nodes to see.
@@ -162,12 +164,13 @@ func planChef(cfg config.Config, id imds.Identity, host, root string) (*chefPlan
 	return p, nil
 }
 
-// hintPath is where the Ohai of chef.client_command reads the EC2 hint.
-func hintPath(ch config.Chef) string {
+// hintPaths are where the Ohai of chef.client_command may read the EC2
+// hint.
+func hintPaths(ch config.Chef) []string {
 	if ch.Cinc() {
-		return cincHintPath
+		return []string{ec2HintPath, cincHintPath}
 	}
-	return ec2HintPath
+	return []string{ec2HintPath}
 }
 
 // registrar talks to the Chef server cfg names, for the agent under root.
@@ -229,16 +232,20 @@ func (e *Engine) register(ctx context.Context, log *zap.Logger, cfg config.Confi
 	if err != nil {
 		return reg, err
 	}
-	for _, f := range []struct {
+	type file struct {
 		path string
 		data []byte
 		mode fs.FileMode
-	}{
+	}
+	files := []file{
 		{clientRBPath, p.clientRB, 0o644},
 		// The first run's attributes may be secrets of the application.
 		{ch.FirstBootPath, p.firstBoot, 0o600},
-		{hintPath(ch), []byte("{}\n"), 0o644},
-	} {
+	}
+	for _, hint := range hintPaths(ch) {
+		files = append(files, file{hint, []byte("{}\n"), 0o644})
+	}
+	for _, f := range files {
 		if err := e.writeFile(log, f.path, f.data, f.mode); err != nil {
 			return reg, err
 		}

@@ -10,6 +10,7 @@ import (
 	"hash/fnv"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -58,6 +59,21 @@ func (e *Engine) command(ch config.Chef, firstBoot bool) []string {
 		cmd = append(cmd, "-j", e.path(ch.FirstBootPath))
 	}
 	return cmd
+}
+
+// checkJSONAttribs refuses a run whose client.rb names a json_attribs file
+// that is not there: chef-client would fail every run reading it. cloud-init
+// writes its first-boot file where json_attribs points by default; bootagent
+// writes only chef.firstboot_path.
+func (e *Engine) checkJSONAttribs(ch config.Chef) error {
+	if ch.JSONAttribs == "" || filepath.Clean(ch.JSONAttribs) == filepath.Clean(ch.FirstBootPath) {
+		return nil
+	}
+	if _, err := atomicfile.Stat(e.root, ch.JSONAttribs); err != nil {
+		return fmt.Errorf("chef.json_attribs %s: %w: chef-client would fail every run reading it; "+
+			"set chef.firstboot_path to the same path for bootagent to write it there, or bake the file into the image", ch.JSONAttribs, err)
+	}
+	return nil
 }
 
 // follower is a runner that can find and follow a run started by an

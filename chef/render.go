@@ -245,13 +245,10 @@ func (p Proxies) Environment(env func(string) string) []string {
 // out so that the file says everything.
 const trustedCertsDir = "/etc/chef/trusted_certs"
 
-// logLevels are the log levels chef-client knows; each is written as a
-// symbol, so only these are.
-var logLevels = []string{"auto", "trace", "debug", "info", "warn", "error", "fatal"}
-
-// Licenses are the license acceptance values chef-client knows (client.rb's
-// chef_license, CHEF_LICENSE, --chef-license).
-var Licenses = []string{"accept", "accept-silent", "accept-no-persist"}
+// logLevel is what a log level written as a symbol may be: config
+// validates it against the levels chef-client knows, and this keeps the
+// symbol a symbol whatever a caller passes.
+var logLevel = regexp.MustCompile(`^[a-z]+$`)
 
 // RenderClientRB renders client.rb. Every value is a Ruby literal made by
 // rubyString or a fixed symbol, so no setting can inject code.
@@ -293,10 +290,8 @@ func RenderClientRB(c ClientConfig) ([]byte, error) {
 	}
 	w.optional("pid_file", c.PIDFile)
 	w.optional("json_attribs", c.JSONAttribs)
-	if c.License != "" && w.known("chef_license", c.License, Licenses) {
-		w.str("chef_license", c.License)
-	}
-	if c.LogLevel != "" && w.known("log_level", c.LogLevel, logLevels) {
+	w.optional("chef_license", c.License)
+	if c.LogLevel != "" && w.symbolic("log_level", c.LogLevel) {
 		w.sym("log_level", ":"+c.LogLevel)
 	}
 	// chef-client's output goes to the agent (or the run's journal stream),
@@ -348,14 +343,14 @@ func (w *rbWriter) optional(key, value string) {
 	}
 }
 
-// known reports whether value is one that chef-client knows for key, and
-// keeps the error when it is not.
-func (w *rbWriter) known(key, value string, values []string) bool {
-	if slices.Contains(values, value) {
+// symbolic reports whether value can be written as a symbol for key, and
+// records the first setting that cannot.
+func (w *rbWriter) symbolic(key, value string) bool {
+	if logLevel.MatchString(value) {
 		return true
 	}
 	if w.err == nil {
-		w.err = &SettingError{Setting: key, Err: invalid("%q is not one of %s", truncate(value), strings.Join(values, ", "))}
+		w.err = &SettingError{Setting: key, Err: invalid("%q is not a log level", truncate(value))}
 	}
 	return false
 }

@@ -173,11 +173,20 @@ func graceFor(cause error, grace time.Duration, now time.Time) time.Duration {
 const NotInstalledFix = "the image must carry chef-client: bake Chef Infra Client (or Cinc, with chef.client_command: [cinc-client]) into it, " +
 	"or point chef.client_command at where it is; bootagent does not install it"
 
-// lookCommand checks that the run's command is on this machine, so that a
-// missing chef-client is said to be missing, the same way by either runner.
+// LookCommand finds the run's command on this machine, so that a missing
+// chef-client is said to be missing, the same way by either runner and by
+// diagnose.
+func LookCommand(command []string) (string, error) {
+	path, err := exec.LookPath(command[0])
+	if err != nil {
+		return "", fmt.Errorf("chef.client_command %q is not on this machine (%w)", command[0], err)
+	}
+	return path, nil
+}
+
 func lookCommand(command []string) error {
-	if _, err := exec.LookPath(command[0]); err != nil {
-		return fmt.Errorf("chef.client_command %q is not on this machine (%w): %s", command[0], err, NotInstalledFix)
+	if _, err := LookCommand(command); err != nil {
+		return fmt.Errorf("%w: %s", err, NotInstalledFix)
 	}
 	return nil
 }

@@ -574,11 +574,11 @@ func (c Config) validateChef() []error {
 	if ch.NoProxy != "" && !noProxyChars.MatchString(ch.NoProxy) {
 		errs = append(errs, c.invalid("chef.no_proxy", "%q: hosts, domains and addresses separated by commas or spaces (letters, digits and . - : * / [ ])", ch.NoProxy))
 	}
-	if !slices.Contains(chefLicenses, ch.License) {
-		errs = append(errs, c.invalid("chef.license", "%q is not one of accept, accept-silent, accept-no-persist (or empty, to leave it to the image)", ch.License))
+	if ch.License != "" && !slices.Contains(ChefLicenses, ch.License) {
+		errs = append(errs, c.invalid("chef.license", "%q is not one of %s (or empty, to leave it to the image)", ch.License, strings.Join(ChefLicenses, ", ")))
 	}
-	if !slices.Contains(chefLogLevels, ch.LogLevel) {
-		errs = append(errs, c.invalid("chef.log_level", "%q is not one of auto, trace, debug, info, warn, error, fatal (or empty)", ch.LogLevel))
+	if ch.LogLevel != "" && !slices.Contains(ChefLogLevels, ch.LogLevel) {
+		errs = append(errs, c.invalid("chef.log_level", "%q is not one of %s (or empty)", ch.LogLevel, strings.Join(ChefLogLevels, ", ")))
 	}
 	return errs
 }
@@ -591,11 +591,12 @@ var (
 	noProxyChars = regexp.MustCompile(`^[A-Za-z0-9._:*/\[\], -]+$`)
 )
 
-// chefLicenses are chef-client's chef_license values, and "" for none.
-var chefLicenses = []string{"", "accept", "accept-silent", "accept-no-persist"}
+// ChefLicenses are the license acceptance values chef-client knows
+// (client.rb's chef_license, CHEF_LICENSE, --chef-license).
+var ChefLicenses = []string{"accept", "accept-silent", "accept-no-persist"}
 
-// chefLogLevels are chef-client's log levels, and "" for its default.
-var chefLogLevels = []string{"", "auto", "trace", "debug", "info", "warn", "error", "fatal"}
+// ChefLogLevels are chef-client's log levels.
+var ChefLogLevels = []string{"auto", "trace", "debug", "info", "warn", "error", "fatal"}
 
 func (c Config) validateMetrics() []error {
 	var errs []error

@@ -488,6 +488,10 @@ func (d *decoder) decodeCloudConfig(data []byte, where string) error {
 				return err
 			}
 			as = append(as, chef...)
+			if slices.Contains(ignored, "log_location") {
+				ignored = slices.DeleteFunc(ignored, func(k string) bool { return k == "log_location" })
+				d.ignore(fmt.Sprintf("%s: chef.log_location: bootagent writes log_location STDOUT, so that chef-client's output reaches the journal of its run's unit", where))
+			}
 			if len(ignored) > 0 {
 				d.ignore(fmt.Sprintf("%s: chef keys for cloud-init only: %s", where, strings.Join(ignored, ", ")))
 			}

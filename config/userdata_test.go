@@ -603,6 +603,13 @@ chef:
 	assert.Contains(t, info.Ignored, "user-data #cloud-config: chef keys for cloud-init only: install_type, force_install, omnibus_url, omnibus_version",
 		"only the install keys are left to cloud-init")
 
+	_, info, err = ApplyUserData(Default(), []byte("#cloud-config\nchef:\n  server_url: https://chef.example.com/\n  log_location: /var/log/chef/client.log\n  omnibus_url: https://example.com/install.sh\n"))
+	require.NoError(t, err)
+	assert.Equal(t, []string{
+		"user-data #cloud-config: chef.log_location: bootagent writes log_location STDOUT, so that chef-client's output reaches the journal of its run's unit",
+		"user-data #cloud-config: chef keys for cloud-init only: omnibus_url",
+	}, info.Ignored, "log_location is a client.rb setting bootagent overrides, not cloud-init's")
+
 	for _, bad := range []struct{ data, want string }{
 		{"#cloud-config\nchef:\n  chef_license: yes-please\n", `chef.license: "yes-please" is not one of accept, accept-silent, accept-no-persist`},
 		{"#cloud-config\nchef:\n  log_level: :loud\n", `chef.log_level: "loud" is not one of auto, trace, debug, info, warn, error, fatal`},

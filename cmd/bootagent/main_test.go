@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -253,4 +257,36 @@ func TestDiagnoseExitsOneWhenSomethingIsWrong(t *testing.T) {
 	assert.Equal(t, 1, code)
 	assert.Regexp(t, `(?m)^FAIL\s+IMDS reachable\s+http://127.0.0.1:9 does not answer`, out)
 	assert.Contains(t, out, "fix: check the instance's metadata options")
+}
+
+func TestIMDSIsNeverReachedThroughTheEnvironmentsProxy(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	// 192.0.2.10 is this namespace's own, but not loopback: a client that
+	// took the environment's proxy would send IMDS's requests there.
+	testenv.AddLocalAddress(t, "192.0.2.10/32")
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{Address: "192.0.2.10", UserData: []byte("hostname=cli01\n")})
+	var mu sync.Mutex
+	var proxied []string
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		proxied = append(proxied, r.Method+" "+r.URL.String())
+		mu.Unlock()
+		http.Error(w, "proxy says no", http.StatusBadGateway)
+	}))
+	t.Cleanup(proxy.Close)
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	// Bounded, so that IMDS taken through the proxy fails the test soon.
+	cfg := writeConfig(t, "imds:\n  endpoint: "+emu.URL+"\n  wait_timeout: 10s\n")
+
+	// A process of its own: Go's net/http reads the proxy environment once
+	// per process.
+	cmd := exec.Command(testenv.Tool(t, "bootagent"), "once", "--config", cfg, "--root", root)
+	cmd.Env = append(os.Environ(), "HTTP_PROXY="+proxy.URL, "http_proxy="+proxy.URL, "HTTPS_PROXY="+proxy.URL, "NO_PROXY=", "no_proxy=")
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Contains(t, string(out), "hostname applied")
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Empty(t, proxied, "IMDS is reached directly, never through a proxy")
 }

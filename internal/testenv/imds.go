@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,6 +37,9 @@ type IMDSConfig struct {
 	// default the emulator announces them at once, and a test that wants
 	// one asks for it.
 	Command []string
+	// Address is where the emulator listens: 127.0.0.1 when empty, or an
+	// address AddLocalAddress gave the test's own network namespace.
+	Address string
 }
 
 // IMDS is a running emulator.
@@ -84,11 +88,16 @@ func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 		const day = "86400"
 		args = append(args, "-d", day, "--asg-termination-delay-sec", day, "--rebalance-delay-sec", day)
 	}
-	args = append(args, "-n", "127.0.0.1", "-p", fmt.Sprint(port), "-c", cfgPath)
+	addr := c.Address
+	if addr == "" {
+		addr = "127.0.0.1"
+	}
+	hostPort := net.JoinHostPort(addr, fmt.Sprint(port))
+	args = append(args, "-n", addr, "-p", fmt.Sprint(port), "-c", cfgPath)
 	if !c.AllowIMDSv1 {
 		args = append(args, "-I")
 	}
-	m := &IMDS{URL: fmt.Sprintf("http://127.0.0.1:%d", port)}
+	m := &IMDS{URL: "http://" + hostPort}
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "HOME="+dir)
@@ -100,7 +109,7 @@ func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 		}
 	})
 	m.Process = startProcess(t, cmd)
-	WaitListening(t, fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second, m.Exited())
+	WaitListening(t, hostPort, 10*time.Second, m.Exited())
 	return m
 }
 

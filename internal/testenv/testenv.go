@@ -10,6 +10,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -41,6 +43,55 @@ func RequirePrivateNetwork(t testing.TB) {
 			t.Fatalf("refusing to open network connections: interface %s leads off this machine; run the tests with `make test`", i.Name)
 		}
 	}
+}
+
+// AddLocalAddress gives the loopback interface of the test's own network
+// namespace one more address (a documentation address, never IMDS's) until
+// the test ends: an address that is the machine's own but not loopback,
+// which proxy rules treat as any other host. It refuses to run in the
+// machine's own network namespace.
+func AddLocalAddress(t testing.TB, cidr string) {
+	t.Helper()
+	RequirePrivateNetwork(t)
+	if !inNetworkNamespaceMadeBelow() {
+		t.Fatal("refusing to add an address: no ancestor of this test is in another network namespace, so this one may be the machine's; run the tests with `make test`")
+	}
+	if out, err := exec.Command("ip", "address", "add", cidr, "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("ip address add %s dev lo: %v: %s", cidr, err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "address", "del", cidr, "dev", "lo").Run() })
+}
+
+// inNetworkNamespaceMadeBelow reports whether an ancestor of this process
+// (`make`, above `unshare --net`) is in another network namespace: then
+// this one was made for the tests.
+func inNetworkNamespaceMadeBelow() bool {
+	self, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		return false
+	}
+	for pid := os.Getppid(); pid > 1; {
+		ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid))
+		if err != nil {
+			return false
+		}
+		if ns != self {
+			return true
+		}
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return false
+		}
+		// The parent's pid is the second field after the command's ")".
+		fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+		if len(fields) < 2 {
+			return false
+		}
+		if pid, err = strconv.Atoi(fields[1]); err != nil {
+			return false
+		}
+	}
+	return false
 }
 
 // Tool returns the path of an executable the tests need, installed by

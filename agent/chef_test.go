@@ -355,6 +355,7 @@ func tunnel(w http.ResponseWriter, r *http.Request, host, target string) {
 	go func() { _, _ = io.Copy(up, rw); done <- struct{}{} }()
 	go func() { _, _ = io.Copy(down, up); done <- struct{}{} }()
 	<-done
+	<-done
 }
 
 func (p *forwardProxy) requests() []string {
@@ -542,6 +543,7 @@ func TestCincClientRunsTheSameWay(t *testing.T) {
 	runs := s.runs(t)
 	require.Len(t, runs, 1)
 	assert.Contains(t, fmt.Sprint(runs[0]["args"]), "-c "+filepath.Join(s.root, "etc/chef/client.rb"), "Cinc reads the same client.rb")
+	require.IsType(t, map[string]any{}, runs[0]["ohai"])
 	assert.Equal(t, "web01", runs[0]["ohai"].(map[string]any)["hostname"], "Cinc's run saw the name through Ohai")
 	for _, hint := range []string{"etc/chef/ohai/hints/ec2.json", "etc/cinc/ohai/hints/ec2.json"} {
 		assert.Equal(t, "{}\n", readFile(t, filepath.Join(s.root, hint)), "Ohai's hints_path, and the one a rebranded Cinc build may read")
@@ -562,22 +564,32 @@ func TestAJSONAttribsFileNobodyWritesIsNamedBeforeChefClientFailsOnIt(t *testing
 		c.Chef.License = "accept-no-persist"
 	}
 	e, _ := newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, mod)
-	_, err := e.Once(context.Background())
-	require.Error(t, err)
+	res, err := e.Once(context.Background())
+	require.NoError(t, err, "the first run's -j wins over json_attribs, so it goes")
+	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	require.Len(t, s.runs(t), 1)
+	_, err = e.Once(context.Background())
+	require.Error(t, err, "a later run would read json_attribs")
 	assert.Contains(t, err.Error(), "chef.json_attribs /etc/chef/firstboot.json")
 	assert.Contains(t, err.Error(), "set chef.firstboot_path to the same path")
-	assert.Empty(t, s.runs(t), "no chef-client is started to fail on it")
+	assert.Len(t, s.runs(t), 1, "no chef-client is started to fail on it")
 
+	// Given the same firstboot_path, bootagent writes the file chef-client
+	// reads on every run, cloud-init's way.
 	userData = "#cloud-config\nhostname: web01\nchef:\n  json_attribs: /etc/chef/firstboot.json\n  firstboot_path: /etc/chef/firstboot.json\n  run_list: [\"recipe[base]\"]\n"
-	require.NoError(t, os.Remove(filepath.Join(s.root, "var/lib/bootagent/state.json")))
+	s = newChefSetup(t, userData)
+	s.goiardi.Upload(t, testenv.ChefRepo())
 	e, _ = newEngine(t, testenv.IMDSConfig{InstanceID: "i-0123456789abcdef0", UserData: []byte(userData)}, s.root, mod)
-	res, err := e.Once(context.Background())
-	require.NoError(t, err)
-	assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	for range 2 {
+		res, err = e.Once(context.Background())
+		require.NoError(t, err)
+		assert.Equal(t, chef.ResultSuccess, res.FirstRun.Result)
+	}
 	runs := s.runs(t)
-	require.Len(t, runs, 1)
-	assert.Equal(t, filepath.Join(s.root, "etc/chef/firstboot.json"), runs[0]["json_attribs"], "chef-client reads the file bootagent wrote")
-	assert.Equal(t, map[string]any{"base": "1.2.0"}, runs[0]["cookbooks"])
+	require.Len(t, runs, 2)
+	assert.Empty(t, runs[1]["first_boot"], "the second run has no -j")
+	assert.Equal(t, filepath.Join(s.root, "etc/chef/firstboot.json"), runs[1]["json_attribs"], "it reads the file bootagent wrote, by client.rb")
+	assert.Equal(t, map[string]any{"base": "1.2.0"}, runs[1]["cookbooks"])
 }
 
 func TestChefClientRefusesAnUnacceptedLicenseAndConvergesOnceItIsAccepted(t *testing.T) {

@@ -286,11 +286,11 @@ func commandLicense(command []string) string {
 	return ""
 }
 
-// checkLicense says whether chef-client's license is accepted, in the
-// order chef-client looks: --chef-license on chef.client_command,
-// CHEF_LICENSE in systemd's environment (env), chef.license (client.rb's
-// chef_license), or the markers chef-client left when it was accepted on
-// the image. Cinc has no license to accept, and with chef.exec false
+// checkLicense says whether chef-client's license is accepted by any of
+// what chef-client takes: --chef-license on chef.client_command,
+// CHEF_LICENSE in systemd's environment (env), both compared without case
+// as license-acceptance does, chef.license (client.rb's chef_license), or
+// the markers chef-client left when it was accepted on the image. Cinc has no license to accept, and with chef.exec false
 // bootagent runs no chef-client.
 func checkLicense(root string, cfg config.Config, env string) Finding {
 	c := Finding{Name: "chef-client license"}
@@ -302,14 +302,15 @@ func checkLicense(root string, cfg config.Config, env string) Finding {
 		}
 	}
 	flag := commandLicense(cfg.Chef.ClientCommand)
+	accepts := func(v string) bool { return slices.Contains(config.ChefLicenses, strings.ToLower(v)) }
 	switch {
 	case !cfg.Chef.Exec:
 		c.Result, c.Detail = DiagSkip, "chef.exec is false: bootagent runs no chef-client"
 	case cfg.Chef.Cinc():
 		c.Result, c.Detail = DiagSkip, "Cinc has no license to accept"
-	case slices.Contains(config.ChefLicenses, flag):
+	case accepts(flag):
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("--chef-license %s on chef.client_command", flag)
-	case slices.Contains(config.ChefLicenses, env):
+	case accepts(env):
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("CHEF_LICENSE=%s in systemd's environment, which chef-client's unit inherits", env)
 	case cfg.Chef.License != "":
 		c.Result, c.Detail = DiagOK, fmt.Sprintf("chef.license: %s (client.rb's chef_license)", cfg.Chef.License)

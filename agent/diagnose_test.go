@@ -155,6 +155,9 @@ func TestDiagnoseSaysWhetherTheLicenseIsAccepted(t *testing.T) {
 		assert.Equal(t, DiagOK, got.Result, "%q accepts on chef-client's command line", command)
 		assert.Contains(t, got.Detail, "chef.client_command")
 	}
+	cfg.Chef.ClientCommand = []string{"chef-client", "--chef-license", "ACCEPT"}
+	assert.Equal(t, DiagOK, checkLicense(root, cfg, "").Result, "license-acceptance compares without case")
+	assert.Equal(t, DiagOK, checkLicense(root, config.Default(), "Accept-No-Persist").Result, "CHEF_LICENSE too")
 	cfg.Chef.ClientCommand = []string{"chef-client", "--chef-license", "maybe"}
 	assert.Equal(t, DiagWarn, checkLicense(root, cfg, "").Result, "only chef-client's own values accept")
 

@@ -302,17 +302,17 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 				Grace:   runGrace,
 				Log:     l.m.runLog(a.run.id),
 			}
-			ch, keyFile, runProxies := a.plan.cfg.Chef, a.plan.cfg.Chef.LicenseKeyFile, proxies(a.plan.cfg.Chef)
+			ch, first, runProxies := a.plan.cfg.Chef, a.run.first, proxies(a.plan.cfg.Chef)
 			spec.EnvironmentFile = e.path(runEnvPath)
 			clientRB, log := a.plan.chef.clientRB, l.m.log
 			l.run = startRun(a.run, func(ctx context.Context) (chef.Outcome, error) {
-				if err := e.checkJSONAttribs(ch); err != nil {
+				if err := e.checkJSONAttribs(ch, first); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}
 				if err := e.refreshClientRB(log, clientRB); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}
-				if err := e.writeRunEnvironment(keyFile, runProxies); err != nil {
+				if err := e.writeRunEnvironment(ch.LicenseKeyFile, runProxies); err != nil {
 					return chef.Outcome{ID: spec.ID}, err
 				}
 				return e.runner.Run(ctx, spec)

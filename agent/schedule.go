@@ -62,15 +62,16 @@ func (e *Engine) command(ch config.Chef, firstBoot bool) []string {
 }
 
 // checkJSONAttribs refuses a run whose client.rb names a json_attribs file
-// that is not there: chef-client would fail every run reading it. cloud-init
-// writes its first-boot file where json_attribs points by default; bootagent
-// writes only chef.firstboot_path.
-func (e *Engine) checkJSONAttribs(ch config.Chef) error {
-	if ch.JSONAttribs == "" || filepath.Clean(ch.JSONAttribs) == filepath.Clean(ch.FirstBootPath) {
+// that is not there: chef-client would fail reading it. cloud-init writes
+// its first-boot file where json_attribs points by default; bootagent writes
+// only chef.firstboot_path. The first run is let go: its -j wins over
+// json_attribs, and it may be the converge that puts the file in place.
+func (e *Engine) checkJSONAttribs(ch config.Chef, first bool) error {
+	if first || ch.JSONAttribs == "" || filepath.Clean(ch.JSONAttribs) == filepath.Clean(ch.FirstBootPath) {
 		return nil
 	}
 	if _, err := atomicfile.Stat(e.root, ch.JSONAttribs); err != nil {
-		return fmt.Errorf("chef.json_attribs %s: %w: chef-client would fail every run reading it; "+
+		return fmt.Errorf("chef.json_attribs %s: %w: chef-client would fail reading it on every run after the first; "+
 			"set chef.firstboot_path to the same path for bootagent to write it there, or bake the file into the image", ch.JSONAttribs, err)
 	}
 	return nil

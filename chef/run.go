@@ -184,6 +184,7 @@ func LookCommand(command []string) (string, error) {
 	return path, nil
 }
 
+// lookCommand is LookCommand for a run, whose error says what to do too.
 func lookCommand(command []string) error {
 	if _, err := LookCommand(command); err != nil {
 		return fmt.Errorf("%w: %s", err, NotInstalledFix)

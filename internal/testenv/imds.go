@@ -66,8 +66,8 @@ func (m *IMDS) Write(p []byte) (int, error) {
 	return m.log.Write(p)
 }
 
-// StartIMDS runs the AWS IMDS emulator on a free loopback port until the
-// test ends. It requires a private network namespace.
+// StartIMDS runs the AWS IMDS emulator on a free port of c.Address
+// (loopback by default) until the test ends. It requires a private network namespace.
 func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 	t.Helper()
 	RequirePrivateNetwork(t)

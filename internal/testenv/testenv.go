@@ -48,8 +48,9 @@ func RequirePrivateNetwork(t testing.TB) {
 // AddLocalAddress gives the loopback interface of the test's own network
 // namespace one more address (a documentation address, never IMDS's) until
 // the test ends: an address that is the machine's own but not loopback,
-// which proxy rules treat as any other host. It refuses to run in the
-// machine's own network namespace.
+// which proxy rules treat as any other host. It refuses unless the only
+// interface is loopback and an ancestor of the test (`make`, above
+// `unshare --net`) is in another network namespace than the test's.
 func AddLocalAddress(t testing.TB, cidr string) {
 	t.Helper()
 	RequirePrivateNetwork(t)

@@ -73,7 +73,7 @@ const probeTimeout = 10 * time.Second
 // token, IMDSv1, the user-data, name resolution, the Chef server, its clock
 // and the node's key, chef-client, and the units.
 func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logger) Diagnosis {
-	md := imds.New(imds.Options{Endpoint: cfg.IMDS.Endpoint, AllowIMDSv1: cfg.IMDS.AllowIMDSv1, TokenTTL: cfg.IMDS.TokenTTL.D(), Log: zap.NewNop()})
+	md := imds.New(imds.Options{Endpoint: cfg.IMDS.Endpoint, IPv6: cfg.IMDS.EndpointMode == config.EndpointModeIPv6, AllowIMDSv1: cfg.IMDS.AllowIMDSv1, TokenTTL: cfg.IMDS.TokenTTL.D(), Log: zap.NewNop()})
 	st, _ := loadState(root)
 	var d Diagnosis
 	add := func(c Finding) { d = append(d, c) }

@@ -64,7 +64,12 @@ type Config struct {
 
 // IMDS configures access to the instance metadata service.
 type IMDS struct {
-	Endpoint     string   `yaml:"endpoint" json:"endpoint"`
+	Endpoint string `yaml:"endpoint" json:"endpoint"`
+	// EndpointMode picks the SDK's default endpoint when Endpoint is
+	// empty: EndpointModeIPv4 (169.254.169.254) or EndpointModeIPv6
+	// ([fd00:ec2::254], for IPv6-only subnets on Nitro instances); ""
+	// takes AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE, else IPv4.
+	EndpointMode string   `yaml:"endpoint_mode" json:"endpoint_mode"`
 	AllowIMDSv1  bool     `yaml:"allow_imdsv1" json:"allow_imdsv1"`
 	TokenTTL     Duration `yaml:"token_ttl" json:"token_ttl"`
 	WaitTimeout  Duration `yaml:"wait_timeout" json:"wait_timeout"`
@@ -468,6 +473,9 @@ func (c Config) invalid(key, format string, args ...any) error {
 // Chef names are checked by the packages that use them.
 func (c Config) Validate() error {
 	var errs []error
+	if m := c.IMDS.EndpointMode; m != "" && m != EndpointModeIPv4 && m != EndpointModeIPv6 {
+		errs = append(errs, c.invalid("imds.endpoint_mode", "%q is not ipv4 or ipv6", m))
+	}
 	if c.IMDS.Endpoint != "" {
 		if err := checkURL(c.IMDS.Endpoint); err != nil {
 			errs = append(errs, c.invalid("imds.endpoint", "%v", err))
@@ -590,6 +598,23 @@ var (
 	proxyChars   = regexp.MustCompile(`^[A-Za-z0-9._:/\[\]-]+$`)
 	noProxyChars = regexp.MustCompile(`^[A-Za-z0-9._:*/\[\], -]+$`)
 )
+
+// The IMDS endpoint modes, the SDK's.
+const (
+	EndpointModeIPv4 = "ipv4"
+	EndpointModeIPv6 = "ipv6"
+)
+
+// ParseEndpointMode reads an IMDS endpoint mode from the environment as the
+// SDK does (IPv4 or IPv6, in any case; "" for the default) and returns it
+// as the config file spells it.
+func ParseEndpointMode(s string) (string, error) {
+	switch m := strings.ToLower(strings.TrimSpace(s)); m {
+	case "", EndpointModeIPv4, EndpointModeIPv6:
+		return m, nil
+	}
+	return "", fmt.Errorf("%q is not ipv4 or ipv6", s)
+}
 
 // ChefLicenses are the license acceptance values chef-client knows
 // (client.rb's chef_license, CHEF_LICENSE, --chef-license).

@@ -65,6 +65,7 @@ func TestParseRefusesBadFiles(t *testing.T) {
 		{"a value of the wrong type names its line", "hostname:\n  prefer_fqdn: [1]\n", "line 2: cannot unmarshal !!seq into bool"},
 		{"two documents are refused, naming the line of the second", "imds: {}\n---\nimds: {}\n", "config f: line 2: more than one YAML document (the second starts here); keep one"},
 		{"a token TTL IMDS would not grant", "imds:\n  token_ttl: 7h\n", "config f line 2: imds.token_ttl: 7h0m0s is outside what IMDS grants"},
+		{"an endpoint mode the SDK does not know", "imds:\n  endpoint_mode: dual\n", `config f line 2: imds.endpoint_mode: "dual" is not ipv4 or ipv6`},
 		{"an unknown fallback", "hostname:\n  fallback: random\n", `hostname.fallback: "random" is not one of imds, keep`},
 		{"a tag key IMDS cannot serve", "hostname:\n  from_tag: a/b\n", `hostname.from_tag: "a/b" is not a tag key`},
 		{"a server URL without scheme", "chef:\n  server_url: chef.example.com\n", "chef.server_url: \"chef.example.com\" must start with http:// or https://"},

@@ -52,6 +52,9 @@ type Options struct {
 	// Endpoint is the IMDS URL; "" takes AWS_EC2_METADATA_SERVICE_ENDPOINT,
 	// else the SDK's default.
 	Endpoint string
+	// IPv6 makes the SDK's default its IPv6 endpoint, [fd00:ec2::254]
+	// (the SDK's endpoint mode), where an IPv6-only subnet reaches IMDS.
+	IPv6 bool
 	// AllowIMDSv1 lets the SDK fall back to token-less requests when the
 	// token request is refused.
 	AllowIMDSv1 bool
@@ -93,6 +96,7 @@ func New(o Options) *Client {
 	}
 	api := sdk.New(sdk.Options{
 		Endpoint:       o.Endpoint,
+		EndpointMode:   o.endpointMode(),
 		EnableFallback: fallback,
 		HTTPClient:     newHTTPClient(),
 		// Retries are the agent's own (one discipline, one log line per
@@ -102,6 +106,13 @@ func New(o Options) *Client {
 		APIOptions:               []func(*middleware.Stack) error{tokenTTL(o.TokenTTL), recordTokenFailure, observeToken(o.Observe)},
 	})
 	return &Client{api: api, opts: o, log: o.Log, clock: o.Clock}
+}
+
+func (o Options) endpointMode() sdk.EndpointModeState {
+	if o.IPv6 {
+		return sdk.EndpointModeStateIPv6
+	}
+	return sdk.EndpointModeStateIPv4
 }
 
 func newHTTPClient() sdk.HTTPClient {
@@ -634,6 +645,9 @@ func (c *Client) String() string {
 	if c.opts.Endpoint != "" {
 		return c.opts.Endpoint
 	}
+	if c.opts.IPv6 {
+		return "the SDK's endpoint (AWS_EC2_METADATA_SERVICE_ENDPOINT or the IPv6 default, endpoint mode ipv6)"
+	}
 	return "the SDK's endpoint (AWS_EC2_METADATA_SERVICE_ENDPOINT or the link-local default)"
 }
 
@@ -667,9 +681,10 @@ func (c *Client) ProbeIMDSv1(ctx context.Context) (bool, error) {
 			}), middleware.After)
 	}
 	api := sdk.New(sdk.Options{
-		Endpoint:   c.opts.Endpoint,
-		HTTPClient: newHTTPClient(),
-		Retryer:    aws.NopRetryer{},
+		Endpoint:     c.opts.Endpoint,
+		EndpointMode: c.opts.endpointMode(),
+		HTTPClient:   newHTTPClient(),
+		Retryer:      aws.NopRetryer{},
 		// The SDK asks for a token first (and goes on without one if it
 		// is refused); the probe drops it from the request before it is
 		// sent.

@@ -155,8 +155,24 @@ func parse(fs *flag.FlagSet, args []string) error {
 func (c *commonFlags) loadConfig(fs *flag.FlagSet) (config.Config, error) {
 	named := false
 	fs.Visit(func(f *flag.Flag) { named = named || f.Name == "config" })
-	return config.Load(c.config, !named)
+	cfg, err := config.Load(c.config, !named)
+	if err != nil {
+		return cfg, err
+	}
+	// The SDK's own variable for the endpoint mode, which its New does not
+	// read: the config file's imds.endpoint_mode wins over it.
+	if cfg.IMDS.EndpointMode == "" {
+		mode, err := config.ParseEndpointMode(os.Getenv(endpointModeEnv))
+		if err != nil {
+			return cfg, &config.InvalidError{Source: endpointModeEnv, Reason: err.Error()}
+		}
+		cfg.IMDS.EndpointMode = mode
+	}
+	return cfg, nil
 }
+
+// endpointModeEnv is the AWS SDKs' variable for IMDS's endpoint mode.
+const endpointModeEnv = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
 
 // watchSignals returns a context that ends on SIGINT or SIGTERM (and on
 // SIGHUP, unless reload takes it), and calls reload on SIGHUP and trigger

@@ -290,3 +290,32 @@ func TestIMDSIsNeverReachedThroughTheEnvironmentsProxy(t *testing.T) {
 	defer mu.Unlock()
 	assert.Empty(t, proxied, "IMDS is reached directly, never through a proxy")
 }
+
+func TestTheIPv6EndpointModeReachesIMDSOverIPv6(t *testing.T) {
+	testenv.RequirePrivateUTS(t)
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{Address: "::1", UserData: []byte("hostname=cli06\n")})
+	require.True(t, strings.HasPrefix(emu.URL, "http://[::1]:"), emu.URL)
+	// The SDK's variables, as an AMI's environment would give them: the
+	// endpoint stands in for [fd00:ec2::254], which is never reached here.
+	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", emu.URL)
+	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	cfg := writeConfig(t, "imds:\n  wait_timeout: 10s\n")
+
+	code, out, stderr := bootagent(t, "", "diagnose", "--json", "--config", cfg, "--root", root)
+	require.Contains(t, []int{0, 1}, code, stderr)
+	assert.Contains(t, out, "IPv6 default, endpoint mode ipv6) answers", "diagnose shows the mode, and IMDS answered over IPv6")
+	code, _, stderr = bootagent(t, "", "once", "--config", cfg, "--root", root)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stderr, "hostname applied")
+
+	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv5")
+	code, _, stderr = bootagent(t, "", "once", "--config", cfg, "--root", root)
+	assert.Equal(t, 2, code, "a mode the SDK does not know is invalid input")
+	assert.Contains(t, stderr, `AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE: "IPv5" is not ipv4 or ipv6`)
+	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "")
+	code, out, _ = bootagent(t, "", "diagnose", "--json", "--config", writeConfig(t, "imds:\n  endpoint_mode: ipv6\n"), "--root", root)
+	require.Contains(t, []int{0, 1}, code)
+	assert.Contains(t, out, "endpoint mode ipv6", "the config file's key says the same")
+}

@@ -93,7 +93,13 @@ func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 		addr = "127.0.0.1"
 	}
 	hostPort := net.JoinHostPort(addr, fmt.Sprint(port))
-	args = append(args, "-n", addr, "-p", fmt.Sprint(port), "-c", cfgPath)
+	listen := addr
+	if strings.Contains(addr, ":") {
+		// The emulator joins host and port itself: an IPv6 address is
+		// bracketed for it.
+		listen = "[" + addr + "]"
+	}
+	args = append(args, "-n", listen, "-p", fmt.Sprint(port), "-c", cfgPath)
 	if !c.AllowIMDSv1 {
 		args = append(args, "-I")
 	}

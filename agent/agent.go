@@ -173,7 +173,7 @@ func (e *Engine) metadata(cfg config.Config) Metadata {
 	}
 	return imds.New(imds.Options{
 		Endpoint:    cfg.IMDS.Endpoint,
-		IPv6:        cfg.IMDS.EndpointMode == config.EndpointModeIPv6,
+		IPv6:        cfg.IMDS.IPv6(),
 		AllowIMDSv1: cfg.IMDS.AllowIMDSv1,
 		TokenTTL:    cfg.IMDS.TokenTTL.D(),
 		Clock:       e.clock,

@@ -73,7 +73,7 @@ const probeTimeout = 10 * time.Second
 // token, IMDSv1, the user-data, name resolution, the Chef server, its clock
 // and the node's key, chef-client, and the units.
 func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logger) Diagnosis {
-	md := imds.New(imds.Options{Endpoint: cfg.IMDS.Endpoint, IPv6: cfg.IMDS.EndpointMode == config.EndpointModeIPv6, AllowIMDSv1: cfg.IMDS.AllowIMDSv1, TokenTTL: cfg.IMDS.TokenTTL.D(), Log: zap.NewNop()})
+	md := imds.New(imds.Options{Endpoint: cfg.IMDS.Endpoint, IPv6: cfg.IMDS.IPv6(), AllowIMDSv1: cfg.IMDS.AllowIMDSv1, TokenTTL: cfg.IMDS.TokenTTL.D(), Log: zap.NewNop()})
 	st, _ := loadState(root)
 	var d Diagnosis
 	add := func(c Finding) { d = append(d, c) }
@@ -290,8 +290,9 @@ func commandLicense(command []string) string {
 // what chef-client takes: --chef-license on chef.client_command,
 // CHEF_LICENSE in systemd's environment (env), both compared without case
 // as license-acceptance does, chef.license (client.rb's chef_license), or
-// the markers chef-client left when it was accepted on the image. Cinc has no license to accept, and with chef.exec false
-// bootagent runs no chef-client.
+// the markers chef-client left when it was accepted on the image. Cinc has
+// no license to accept, and with chef.exec false bootagent runs no
+// chef-client.
 func checkLicense(root string, cfg config.Config, env string) Finding {
 	c := Finding{Name: "chef-client license"}
 	var missing []string

@@ -76,6 +76,9 @@ type IMDS struct {
 	PollInterval Duration `yaml:"poll_interval" json:"poll_interval"`
 }
 
+// IPv6 reports whether the SDK's default endpoint is its IPv6 one.
+func (i IMDS) IPv6() bool { return i.EndpointMode == EndpointModeIPv6 }
+
 // Hostname configures how the instance is named.
 type Hostname struct {
 	// Name is the host name, short or fully qualified; normally it comes

@@ -9,7 +9,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -210,7 +209,7 @@ metrics:
   textfile: %s
 `, emu.URL, g.URL, testenv.Tool(t, "chefclient-standin"), listen, textfile), 0o644))
 	cmd := exec.Command(testenv.Tool(t, "bootagent"), "run", "--config", config, "--root", root)
-	log := &syncBuffer{}
+	log := &testenv.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = log, log
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
@@ -219,24 +218,6 @@ metrics:
 		return err == nil && strings.Contains(log.String(), "chef-client run finished")
 	}, "the agent registers, converges and writes its textfile; its log:\n%s", testenv.Later(log.String))
 	return listen, textDir
-}
-
-// syncBuffer is a process's output, read while it is written.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // What the agent exposes is what Prometheus' own tools accept, read

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,7 +23,7 @@ import (
 // test holds: the agent is then loading its configuration, the earliest
 // moment a test can hold it at, and a signal sent now arrives before
 // anything of the daemon is built.
-func startBlockedOnConfig(t *testing.T) (cmd *exec.Cmd, fifo string, hold *os.File, stderr *lockedBuffer) {
+func startBlockedOnConfig(t *testing.T) (cmd *exec.Cmd, fifo string, hold *os.File, stderr *testenv.SyncBuffer) {
 	t.Helper()
 	testenv.RequirePrivateNetwork(t)
 	fifo = filepath.Join(t.TempDir(), "config.yaml")
@@ -34,31 +32,13 @@ func startBlockedOnConfig(t *testing.T) (cmd *exec.Cmd, fifo string, hold *os.Fi
 	// is written to it until the agent reads it.
 	hold, err := os.OpenFile(fifo, os.O_RDWR, 0)
 	require.NoError(t, err)
-	stderr = &lockedBuffer{}
+	stderr = &testenv.SyncBuffer{}
 	cmd = exec.Command(testenv.Tool(t, "bootagent"), "run", "--config", fifo, "--root", t.TempDir())
 	cmd.Stderr = stderr
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	waitOpen(t, cmd.Process.Pid, fifo)
 	return cmd, fifo, hold, stderr
-}
-
-// lockedBuffer is a process's output, readable while it is written.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // waitOpen waits until process pid has path open.

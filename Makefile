@@ -45,9 +45,11 @@ IDLE ?= 10m
 
 # in_netns runs a command in a fresh network namespace where only loopback is
 # up: nothing in it can reach the real IMDS or any other address. Each test
-# binary also gets its own UTS namespace (go test -exec), so tests may set the
-# kernel host name without touching the machine's or each other's.
+# binary also gets UTS and network namespaces of its own (go test -exec
+# test_exec), so tests may set the kernel host name and change nftables
+# without touching the machine's or each other's.
 in_netns = unshare --net -- sh -c 'ip link set lo up && exec "$$@"' sh
+test_exec = $(CURDIR)/scripts/test-exec.sh
 
 .PHONY: help
 help: ## list the targets
@@ -74,13 +76,13 @@ test: ARCHES := amd64 arm64
 test: deps build deb rpm e2e-image ## install what is needed, then run every test (loopback-only network namespace)
 	go mod download
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) \
-		go test -race -count=1 -timeout 20m -exec "unshare --uts --" ./...
+		go test -race -count=1 -timeout 20m -exec $(test_exec) ./...
 
 .PHONY: e2e
 e2e: ARCHES := amd64 arm64
 e2e: deps build deb e2e-image ## only the boot test: the .deb in a real systemd (systemd-nspawn)
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) \
-		go test -count=1 -timeout 15m -v -exec "unshare --uts --" ./test/e2e/
+		go test -count=1 -timeout 15m -v -exec $(test_exec) ./test/e2e/
 
 # E2E_IMAGE is the Debian image the boot test copies for each run. It is
 # built once with debootstrap (the only step that needs Debian's mirror, so
@@ -145,7 +147,7 @@ bench: ARCHES := amd64 arm64
 bench: deps build deb e2e-image ## benchmarks: decoding, registration, whole `once` runs, and a boot in the image (IDLE sets its idle period)
 	go mod download
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_E2E_IMAGE=$(E2E_IMAGE) BOOTAGENT_BENCH_IDLE=$(IDLE) \
-		go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 60m -exec "unshare --uts --" ./... | tee bin/bench.txt
+		go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -timeout 60m -exec $(test_exec) ./... | tee bin/bench.txt
 	@scripts/benchtable.sh bin/bench.txt
 
 # BOOTS is how many times `make bench-boot` boots each variant.
@@ -158,7 +160,7 @@ bench-boot: ARCHES := amd64 arm64
 bench-boot: deps build deb ## boots side by side in systemd-nspawn: Debian's cloud-init, a shell floor, bootagent's .deb (BOOTS each, 5)
 	@scripts/e2e-image.sh $(BENCH_IMAGE) cloud-init,curl,python3-cffi-backend
 	$(in_netns) env $(GO_TEST_ENV) BOOTAGENT_DIST=$(CURDIR)/dist BOOTAGENT_BENCH_IMAGE=$(BENCH_IMAGE) BOOTAGENT_BENCH_BOOTS=$(BOOTS) \
-		go test -run '^$$' -bench '^BenchmarkBootSideBySide$$' -benchtime 1x -timeout 60m -exec "unshare --uts --" ./test/e2e/ | tee bin/bench-boot.txt
+		go test -run '^$$' -bench '^BenchmarkBootSideBySide$$' -benchtime 1x -timeout 60m -exec $(test_exec) ./test/e2e/ | tee bin/bench-boot.txt
 
 # FLEET is how many agents `make bench-fleet` launches at once, FLEET_RATE the
 # requests a second its throttled Chef server takes.
@@ -169,7 +171,7 @@ FLEET_RATE ?= 50
 bench-fleet: deps build ## a scale-out storm: FLEET agents (500) at once against goiardi throttled to FLEET_RATE requests/s, drawn in bin/fleet-storm.png
 	go mod download
 	$(in_netns) env $(GO_TEST_ENV) \
-		go test -count=1 -v -timeout 60m -exec "unshare --uts --" -run '^TestScaleOutStorm$$' ./test/fleet \
+		go test -count=1 -v -timeout 60m -exec $(test_exec) -run '^TestScaleOutStorm$$' ./test/fleet \
 		-fleet.n=$(FLEET) -fleet.rate=$(FLEET_RATE) -fleet.plot=$(CURDIR)/bin/fleet-storm.png | tee bin/fleet.txt
 
 .PHONY: clean

@@ -27,6 +27,7 @@ import (
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/hostname"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/imdsfilter"
 	"github.com/bootagent/bootagent/metrics"
 	"github.com/bootagent/bootagent/systemd"
 )
@@ -76,6 +77,9 @@ type Options struct {
 	// Notifier tells systemd the agent's state; nil speaks sd_notify (a
 	// no-op when systemd did not start the agent).
 	Notifier Notifier
+	// Filter keeps IMDS for imds.allow_users; nil is the nftables table
+	// of the process's network namespace.
+	Filter Filter
 	// Metrics collects the agent's metrics; nil makes a set.
 	Metrics *metrics.Metrics
 	// Version is the agent's, for the bootagent_info metric.
@@ -107,6 +111,7 @@ type Engine struct {
 	namer    Namer
 	runner   chef.Runner
 	notifier Notifier
+	filter   *filterKeeper
 	m        *metrics.Metrics
 	version  string
 	backoff  *backoff.Policy
@@ -122,6 +127,8 @@ type Engine struct {
 	// registration (keyAhead).
 	keyOnce sync.Once
 	key     *keyAhead
+	// validatorWarning is said once per process, not at each life.
+	validatorWarning sync.Once
 	// healthyUntil is the time (UnixNano on the agent's clock) until which
 	// the agent counts as healthy; the owner of the state moves it on
 	// while its loop turns and its polls end. The systemd watchdog and
@@ -154,6 +161,11 @@ func New(ctx context.Context, o Options) *Engine {
 		e.notifier = systemd.NewNotifier(e.log)
 	}
 	e.started = e.clock.Now()
+	f := o.Filter
+	if f == nil {
+		f = imdsfilter.New(filterTimeout)
+	}
+	e.filter = newFilterKeeper(f, e.log.Named("imdsfilter"))
 	if e.namer == nil {
 		m := hostname.New(ctx, o.Root, e.log.Named("hostname"))
 		e.namer = m

@@ -71,6 +71,18 @@ type booted struct {
 func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config, previous string, tell func(event)) (booted, error) {
 	timer := newStepTimer(e.clock)
 	b := booted{started: timer.start}
+	// The IMDS filter goes in while IMDS is waited for, and is in place
+	// before the user-data, which may hold secrets, is read.
+	filtered := make(chan struct{})
+	if len(base.IMDS.AllowUsers) > 0 {
+		go func() {
+			defer close(filtered)
+			e.filter.keep(base.IMDS)
+		}()
+	} else {
+		close(filtered)
+	}
+	defer func() { <-filtered }()
 	// A first boot will register: its key pair is made while IMDS is read.
 	var key *keyAhead
 	if base.Chef.Enabled() {
@@ -102,6 +114,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 		}
 	}
 
+	<-filtered
 	raw, err := md.UserData(ctx)
 	if tl := new(*imds.TooLargeError); errors.As(err, tl) {
 		// No retry makes it smaller: it is bad input, as a file of that
@@ -119,6 +132,11 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 		return b, err
 	}
 	log.Info("user-data read", zap.String("format", info.Format), zap.Strings("keys", info.Keys), zap.Int("bytes", len(raw)))
+	// User-data may set imds.allow_users, or empty it.
+	e.filter.keep(cfg.IMDS)
+	if cfg.Chef.ValidationCert != "" {
+		e.validatorWarning.Do(func() { warnValidatorInUserData(log, cfg.IMDS) })
+	}
 	for _, why := range info.Ignored {
 		log.Info("user-data left alone", zap.String("why", why))
 	}
@@ -161,6 +179,20 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 		b.keyPresent = err == nil
 	}
 	return b, nil
+}
+
+// warnValidatorInUserData says, once per process, that the validator key
+// in user-data outlives the file the agent deletes: IMDS serves user-data
+// for the instance's whole life. It names the key, never its contents.
+func warnValidatorInUserData(log *zap.Logger, c config.IMDS) {
+	if len(c.AllowUsers) > 0 {
+		log.Info("user-data carries the Chef validator key (validation_cert): IMDS serves it for the instance's whole life, to imds.allow_users only",
+			zap.Strings("allow_users", c.AllowUsers))
+		return
+	}
+	log.Warn("user-data carries the Chef validator key (validation_cert): IMDS serves it to every user and process of the instance for the instance's whole life, " +
+		"though bootagent deletes its own copy after registering; limit IMDS to root with imds.allow_users, " +
+		"or keep the key out of user-data: bake it into the image (chef.validation_key) or deliver it out of band")
 }
 
 // keyAhead is the instance's key pair, made in the background from when a

@@ -27,6 +27,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/bootagent/bootagent/chef"
@@ -184,7 +185,8 @@ func TestOnceTakesAValidatorKeyFromUserData(t *testing.T) {
 	require.NoError(t, os.Remove(filepath.Join(s.root, "etc/chef/validation.pem")))
 	// As it often arrives from a launch form: newlines turned into spaces.
 	mangled := strings.ReplaceAll(strings.TrimSpace(validator), "\n", " ")
-	s.engine, _ = newEngine(t, testenv.IMDSConfig{UserData: []byte("#cloud-config\nhostname: web01\nchef:\n  validation_cert: \"" + mangled + "\"\n")}, s.root, func(c *config.Config) {
+	var logs *observer.ObservedLogs
+	s.engine, logs = newEngine(t, testenv.IMDSConfig{UserData: []byte("#cloud-config\nhostname: web01\nchef:\n  validation_cert: \"" + mangled + "\"\n")}, s.root, func(c *config.Config) {
 		c.Chef.ServerURL = s.goiardi.URL
 		c.Chef.ClientCommand = []string{testenv.Tool(t, "chefclient-standin")}
 	})
@@ -193,6 +195,22 @@ func TestOnceTakesAValidatorKeyFromUserData(t *testing.T) {
 	assert.True(t, res.Registered.ClientCreated)
 	_, err = os.Stat(filepath.Join(s.root, "etc/chef/validation.pem"))
 	assert.True(t, os.IsNotExist(err), "written for registration, then deleted")
+
+	_, err = s.engine.Once(context.Background())
+	require.NoError(t, err, "a second bootstrap of the same process")
+	warned := logs.FilterMessageSnippet("user-data carries the Chef validator key").All()
+	require.Len(t, warned, 1, "said once per process")
+	assert.Equal(t, zapcore.WarnLevel, warned[0].Level)
+	assert.Contains(t, warned[0].Message, "imds.allow_users")
+	assert.Contains(t, warned[0].Message, "bake it into the image")
+	// A line of the key's base64, as it would appear if any log quoted it.
+	keyLine := strings.Split(strings.TrimSpace(validator), "\n")[3]
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	for _, entry := range logs.All() {
+		line, err := enc.EncodeEntry(entry.Entry, entry.Context)
+		require.NoError(t, err)
+		assert.NotContains(t, line.String(), keyLine, "the log line as written")
+	}
 }
 
 func TestRunConvergesAtOnceAndOnSIGUSR1(t *testing.T) {

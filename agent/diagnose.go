@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -20,6 +23,7 @@ import (
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/imdsfilter"
 )
 
 // Finding results.
@@ -95,6 +99,7 @@ func Diagnose(ctx context.Context, root string, cfg config.Config, log *zap.Logg
 		c, cfgWithUserData = checkUserData(ctx, md, cfg)
 		add(c)
 	})
+	withTimeout(func(ctx context.Context) { add(checkFilter(ctx, imdsfilter.New(filterTimeout), cfgWithUserData)) })
 	add(checkResolution(root, st))
 	if !cfgWithUserData.Chef.Enabled() {
 		add(Finding{Name: "Chef server", Result: DiagSkip, Detail: "no chef.server_url: the Chef steps are off"})
@@ -170,6 +175,79 @@ func checkUserData(ctx context.Context, md *imds.Client, cfg config.Config) (Fin
 		c.Detail += ", sets " + strings.Join(info.Keys, ", ")
 	}
 	return c, applied
+}
+
+// nobody is the uid the filter check connects as when the system names
+// no user nobody.
+const nobody = 65534
+
+// checkFilter checks the IMDS filter: that the kernel's table holds what
+// imds.allow_users asks, and that it works, by connecting to the endpoint
+// the agent uses as the agent's user (let through) and as nobody (refused
+// at once).
+func checkFilter(ctx context.Context, f *imdsfilter.Filter, cfg config.Config) Finding {
+	c := Finding{Name: "IMDS filter"}
+	if len(cfg.IMDS.AllowUsers) == 0 {
+		c.Result, c.Detail = DiagSkip, "off (imds.allow_users is empty): every user of the instance can read the user-data and the role's credentials"
+		c.Fix = "set imds.allow_users: [root] to keep IMDS for root"
+		if cfg.Chef.ValidationCert != "" {
+			c.Result, c.Detail = DiagWarn, "off, and the user-data holds the Chef validator key: every user of the instance can read it"
+		}
+		return c
+	}
+	c.Fix = "the agent installs it at start and puts it back within imds.poll_interval: systemctl restart bootagent; journalctl -u bootagent says why it could not"
+	want, unknown := filterRules(cfg.IMDS, uint32(os.Geteuid()), lookupUser)
+	have, err := f.Read()
+	switch {
+	case err != nil:
+		c.Result, c.Detail = DiagFail, err.Error()
+		return c
+	case have == nil:
+		c.Result, c.Detail = DiagFail, "no table inet "+imdsfilter.Table+": IMDS is open to every user"
+		return c
+	case !have.Equal(want):
+		c.Result, c.Detail = DiagFail, fmt.Sprintf("the table holds %s, the configuration asks for %s", have, want)
+		return c
+	}
+	ep := imdsEndpoint(cfg.IMDS)
+	self := uint32(os.Geteuid())
+	if err := imdsfilter.DialAs(ctx, ep, self); err != nil {
+		c.Result, c.Detail = DiagFail, fmt.Sprintf("%s; but uid %d, the agent's, cannot connect to %s: %v", have, self, ep, err)
+		return c
+	}
+	other := uint32(nobody)
+	if uid, err := lookupUser("nobody"); err == nil {
+		other = uid
+	}
+	err = imdsfilter.DialAs(ctx, ep, other)
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		what := "connects"
+		if err != nil {
+			what = "is not refused at once: " + err.Error()
+		}
+		c.Result, c.Detail = DiagFail, fmt.Sprintf("%s; but uid %d (nobody) %s to %s", have, other, what, ep)
+		c.Fix = "another table or a hook of the namespace may accept it first, or the kernel lacks meta skuid: nft list ruleset"
+		return c
+	}
+	c.Result = DiagOK
+	c.Detail = fmt.Sprintf("%s; %s: uid %d connects, uid %d (nobody) is refused", have, ep, self, other)
+	if len(unknown) > 0 {
+		c.Result = DiagWarn
+		c.Detail += "; no such user (yet): " + strings.Join(unknown, ", ")
+		c.Fix = "users are looked up in /etc/passwd at each poll; a user made later is let through once it exists"
+	}
+	return c
+}
+
+// imdsEndpoint is the endpoint the agent's IMDS requests go to.
+func imdsEndpoint(c config.IMDS) netip.AddrPort {
+	if ep, ok := c.EndpointAddr(); ok {
+		return ep
+	}
+	if c.IPv6() {
+		return imdsfilter.IPv6Endpoint
+	}
+	return imdsfilter.IPv4Endpoint
 }
 
 func checkResolution(root string, st State) Finding {

@@ -415,9 +415,13 @@ func (l *life) serveMetrics() {
 }
 
 // poll is the poll worker: IMDS's notices first (a termination must not
-// wait for anything), then the host name, re-applied if it drifted.
+// wait for anything), then the IMDS filter and the host name, each put
+// back if it drifted.
 func (e *Engine) poll(ctx context.Context, md Metadata, a actPoll) evPolled {
 	ev := evPolled{notices: md.Notices(ctx)}
+	if a.plan != nil && len(a.plan.cfg.IMDS.AllowUsers) > 0 {
+		e.filter.keep(a.plan.cfg.IMDS)
+	}
 	if !a.noticesOnly && a.plan != nil && !a.plan.name.IsZero() {
 		ev.changes, ev.driftErr = e.namer.Apply(ctx, a.plan.name, policy(a.plan.cfg))
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
 	"github.com/bootagent/bootagent/imds"
+	"github.com/bootagent/bootagent/imdsfilter"
 	"github.com/bootagent/bootagent/internal/fault"
 )
 
@@ -133,6 +134,9 @@ type State struct {
 	// Notices is what IMDS last announced: Auto Scaling lifecycle, spot
 	// interruption, rebalance, scheduled maintenance.
 	Notices *imds.Notices `json:"notices,omitempty"`
+	// IMDSFilter is what the kernel's table holds when `bootagent status`
+	// reads it (ReadFilter); the daemon never saves it.
+	IMDSFilter *FilterStatus `json:"imds_filter,omitempty"`
 	// Termination is set once a notice says the instance is going away.
 	// It is final: the instance never comes back.
 	Termination *Termination `json:"termination,omitempty"`
@@ -328,6 +332,14 @@ func Clean(root string, cfg config.Config) ([]string, error) {
 		case !errors.Is(err, fs.ErrNotExist):
 			return removed, fmt.Errorf("clean: %w", err)
 		}
+	}
+	// The filter is the running instance's; the image's config puts it
+	// back at the next boot.
+	switch gone, err := imdsfilter.New(filterTimeout).Remove(); {
+	case err != nil:
+		return removed, fmt.Errorf("clean: %w", err)
+	case gone:
+		removed = append(removed, "nftables table inet "+imdsfilter.Table)
 	}
 	return removed, nil
 }

@@ -87,6 +87,9 @@ func (s State) WriteText(w io.Writer) error {
 			row("left behind", "%s: %s", strings.Join(d.LeftBehind, ", "), d.Error)
 		}
 	}
+	if f := s.IMDSFilter; f != nil {
+		row("imds filter", "%s", f)
+	}
 	if !s.Boot.Started.IsZero() {
 		row("boot", "started %s", s.Boot.Started.UTC().Format(time.RFC3339Nano))
 		for _, st := range s.Boot.Steps {

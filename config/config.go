@@ -9,11 +9,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -69,8 +71,13 @@ type IMDS struct {
 	// empty: EndpointModeIPv4 (169.254.169.254) or EndpointModeIPv6
 	// ([fd00:ec2::254], for IPv6-only subnets on Nitro instances); ""
 	// takes AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE, else IPv4.
-	EndpointMode string   `yaml:"endpoint_mode" json:"endpoint_mode"`
-	AllowIMDSv1  bool     `yaml:"allow_imdsv1" json:"allow_imdsv1"`
+	EndpointMode string `yaml:"endpoint_mode" json:"endpoint_mode"`
+	AllowIMDSv1  bool   `yaml:"allow_imdsv1" json:"allow_imdsv1"`
+	// AllowUsers, when not empty, limits IMDS to these users (names or
+	// uids) and the agent's own: every other user's connection to it is
+	// refused by the agent's nftables table. Empty leaves IMDS open to
+	// every process of the instance.
+	AllowUsers   []string `yaml:"allow_users" json:"allow_users"`
 	TokenTTL     Duration `yaml:"token_ttl" json:"token_ttl"`
 	WaitTimeout  Duration `yaml:"wait_timeout" json:"wait_timeout"`
 	PollInterval Duration `yaml:"poll_interval" json:"poll_interval"`
@@ -78,6 +85,30 @@ type IMDS struct {
 
 // IPv6 reports whether the SDK's default endpoint is its IPv6 one.
 func (i IMDS) IPv6() bool { return i.EndpointMode == EndpointModeIPv6 }
+
+// EndpointAddr is the address and port of Endpoint, when it is set and
+// names its host by address (Validate requires it when AllowUsers is set):
+// a packet filter matches addresses, not names.
+func (i IMDS) EndpointAddr() (netip.AddrPort, bool) {
+	u, err := url.Parse(i.Endpoint)
+	if i.Endpoint == "" || err != nil {
+		return netip.AddrPort{}, false
+	}
+	addr, err := netip.ParseAddr(u.Hostname())
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	port := uint64(80)
+	if u.Scheme == "https" {
+		port = 443
+	}
+	if p := u.Port(); p != "" {
+		if port, err = strconv.ParseUint(p, 10, 16); err != nil {
+			return netip.AddrPort{}, false
+		}
+	}
+	return netip.AddrPortFrom(addr.Unmap(), uint16(port)), true
+}
 
 // Hostname configures how the instance is named.
 type Hostname struct {
@@ -239,6 +270,7 @@ func Default() Config {
 			// requests is better.
 			TokenTTL:     Duration(6 * time.Hour),
 			PollInterval: Duration(5 * time.Second),
+			AllowUsers:   []string{},
 		},
 		Hostname: Hostname{
 			PreferFQDN:     true,
@@ -461,6 +493,7 @@ func (c *Config) setSource(key, source string) {
 func (c Config) clone() Config {
 	out := c
 	out.sources = c.Sources()
+	out.IMDS.AllowUsers = slices.Clone(c.IMDS.AllowUsers)
 	out.Chef.RunList = slices.Clone(c.Chef.RunList)
 	out.Chef.ClientCommand = slices.Clone(c.Chef.ClientCommand)
 	out.Chef.InitialAttributes = c.Chef.InitialAttributes.clone()
@@ -482,6 +515,13 @@ func (c Config) Validate() error {
 	if c.IMDS.Endpoint != "" {
 		if err := checkURL(c.IMDS.Endpoint); err != nil {
 			errs = append(errs, c.invalid("imds.endpoint", "%v", err))
+		} else if _, ok := c.IMDS.EndpointAddr(); !ok && len(c.IMDS.AllowUsers) > 0 {
+			errs = append(errs, c.invalid("imds.endpoint", "%q names its host by name, and imds.allow_users filters IMDS by address: give the endpoint's IP address", c.IMDS.Endpoint))
+		}
+	}
+	for _, u := range c.IMDS.AllowUsers {
+		if !validUser(u) {
+			errs = append(errs, c.invalid("imds.allow_users", "%q is not a user name or a uid", u))
 		}
 	}
 	// IMDS grants tokens of 1 s to 6 h.
@@ -608,15 +648,34 @@ const (
 	EndpointModeIPv6 = "ipv6"
 )
 
-// ParseEndpointMode reads an IMDS endpoint mode from the environment as the
-// SDK does (IPv4 or IPv6, in any case; "" for the default) and returns it
-// as the config file spells it.
-func ParseEndpointMode(s string) (string, error) {
-	switch m := strings.ToLower(strings.TrimSpace(s)); m {
-	case "", EndpointModeIPv4, EndpointModeIPv6:
-		return m, nil
+// The AWS SDKs' variables for IMDS's endpoint and its endpoint mode.
+const (
+	EndpointEnv     = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+	EndpointModeEnv = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
+)
+
+// FromEnvironment takes the SDKs' IMDS variables into the settings the
+// config file leaves empty, as the SDK would use them (the endpoint mode in
+// any case), so that the agent knows the endpoint its requests go to, which
+// imds.allow_users filters. getenv is os.Getenv. A bad value is an
+// *InvalidError naming the variable.
+func (c *Config) FromEnvironment(getenv func(string) string) error {
+	if c.IMDS.EndpointMode == "" {
+		switch m := strings.ToLower(strings.TrimSpace(getenv(EndpointModeEnv))); m {
+		case "", EndpointModeIPv4, EndpointModeIPv6:
+			c.IMDS.EndpointMode = m
+			if m != "" {
+				c.setSource("imds.endpoint_mode", EndpointModeEnv)
+			}
+		default:
+			return &InvalidError{Source: EndpointModeEnv, Reason: fmt.Sprintf("%q is not ipv4 or ipv6", getenv(EndpointModeEnv))}
+		}
 	}
-	return "", fmt.Errorf("%q is not ipv4 or ipv6", s)
+	if e := getenv(EndpointEnv); c.IMDS.Endpoint == "" && e != "" {
+		c.IMDS.Endpoint = e
+		c.setSource("imds.endpoint", EndpointEnv)
+	}
+	return c.Validate()
 }
 
 // ChefLicenses are the license acceptance values chef-client knows
@@ -658,6 +717,18 @@ func checkURL(s string) error {
 		return fmt.Errorf("%q names no host", s)
 	}
 	return nil
+}
+
+// userRE matches the user names useradd(8) and systemd accept.
+var userRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?$`)
+
+// validUser reports whether s is a user name or a uid (not the 32-bit
+// value that means "no user").
+func validUser(s string) bool {
+	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
+		return n != 1<<32-1
+	}
+	return userRE.MatchString(s)
 }
 
 // validTagKey reports whether key can be read from IMDS's instance tags,

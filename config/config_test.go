@@ -66,6 +66,9 @@ func TestParseRefusesBadFiles(t *testing.T) {
 		{"two documents are refused, naming the line of the second", "imds: {}\n---\nimds: {}\n", "config f: line 2: more than one YAML document (the second starts here); keep one"},
 		{"a token TTL IMDS would not grant", "imds:\n  token_ttl: 7h\n", "config f line 2: imds.token_ttl: 7h0m0s is outside what IMDS grants"},
 		{"an endpoint mode the SDK does not know", "imds:\n  endpoint_mode: dual\n", `config f line 2: imds.endpoint_mode: "dual" is not ipv4 or ipv6`},
+		{"a user that is not a name", "imds:\n  allow_users: [root, \"a b\"]\n", `config f line 2: imds.allow_users: "a b" is not a user name or a uid`},
+		{"the uid that means no user", "imds:\n  allow_users: [\"4294967295\"]\n", `imds.allow_users: "4294967295" is not a user name or a uid`},
+		{"a filtered endpoint named by its host name", "imds:\n  endpoint: http://imds.internal\n  allow_users: [root]\n", `imds.endpoint: "http://imds.internal" names its host by name, and imds.allow_users filters IMDS by address`},
 		{"an unknown fallback", "hostname:\n  fallback: random\n", `hostname.fallback: "random" is not one of imds, keep`},
 		{"a tag key IMDS cannot serve", "hostname:\n  from_tag: a/b\n", `hostname.from_tag: "a/b" is not a tag key`},
 		{"a server URL without scheme", "chef:\n  server_url: chef.example.com\n", "chef.server_url: \"chef.example.com\" must start with http:// or https://"},
@@ -92,6 +95,49 @@ func TestParseRefusesBadFiles(t *testing.T) {
 			assert.Contains(t, err.Error(), tt.want)
 		})
 	}
+}
+
+func TestTheFilteredEndpointIsTheConfiguredOnesAddressAndPort(t *testing.T) {
+	tests := map[string]string{
+		"http://127.0.0.1:8080":     "127.0.0.1:8080",
+		"http://[::1]:1338/":        "[::1]:1338",
+		"http://169.254.169.254":    "169.254.169.254:80",
+		"https://[fd00:ec2::254]":   "[fd00:ec2::254]:443",
+		"http://[::ffff:127.0.0.1]": "127.0.0.1:80",
+	}
+	for endpoint, want := range tests {
+		ep, ok := IMDS{Endpoint: endpoint}.EndpointAddr()
+		require.True(t, ok, endpoint)
+		assert.Equal(t, want, ep.String(), endpoint)
+	}
+	for _, endpoint := range []string{"", "http://localhost:1338", "http://imds.internal"} {
+		_, ok := IMDS{Endpoint: endpoint}.EndpointAddr()
+		assert.False(t, ok, "%q has no address to filter", endpoint)
+	}
+}
+
+func TestTheSDKsEnvironmentFillsWhatTheFileLeavesEmpty(t *testing.T) {
+	env := func(vars map[string]string) func(string) string { return func(k string) string { return vars[k] } }
+	c := Default()
+	require.NoError(t, c.FromEnvironment(env(map[string]string{EndpointEnv: "http://[::1]:1338", EndpointModeEnv: "IPv6"})))
+	assert.Equal(t, "http://[::1]:1338", c.IMDS.Endpoint)
+	assert.Equal(t, EndpointModeIPv6, c.IMDS.EndpointMode)
+	assert.Equal(t, EndpointEnv, c.Source("imds.endpoint"))
+
+	c, err := Parse([]byte("imds:\n  endpoint: http://127.0.0.1:9\n  endpoint_mode: ipv4\n"), "f")
+	require.NoError(t, err)
+	require.NoError(t, c.FromEnvironment(env(map[string]string{EndpointEnv: "http://[::1]:1338", EndpointModeEnv: "IPv6"})))
+	assert.Equal(t, "http://127.0.0.1:9", c.IMDS.Endpoint, "the file wins")
+	assert.Equal(t, EndpointModeIPv4, c.IMDS.EndpointMode)
+
+	c = Default()
+	c.IMDS.AllowUsers = []string{"root"}
+	err = c.FromEnvironment(env(map[string]string{EndpointEnv: "http://imds.internal"}))
+	require.ErrorIs(t, err, ErrInvalid)
+	assert.Contains(t, err.Error(), EndpointEnv+": imds.endpoint: \"http://imds.internal\" names its host by name")
+	c = Default()
+	err = c.FromEnvironment(env(map[string]string{EndpointModeEnv: "IPv5"}))
+	assert.EqualError(t, err, EndpointModeEnv+`: "IPv5" is not ipv4 or ipv6`)
 }
 
 func TestARemoteMetricsListenerIsAllowedWhenAskedFor(t *testing.T) {

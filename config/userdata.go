@@ -364,6 +364,8 @@ func appendUnique(list []string, s string) []string {
 // tables in this file, so they always match.
 func setKey(c *Config, key string, v any) {
 	switch key {
+	case "imds.allow_users":
+		c.IMDS.AllowUsers = v.([]string)
 	case "hostname.name":
 		c.Hostname.Name = v.(string)
 	case "hostname.domain":

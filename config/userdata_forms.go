@@ -45,6 +45,7 @@ var flatKeys = map[string]struct {
 	"chef_policy_group":       {"chef.policy_group", kindString},
 	"chef_initial_attributes": {"chef.initial_attributes", kindObject},
 	"chef_validation_name":    {"chef.validation_client_name", kindString},
+	"imds_allow_users":        {"imds.allow_users", kindList},
 }
 
 func knownFlatKeys() string {

@@ -64,6 +64,25 @@ func TestApplyUserDataForms(t *testing.T) {
 			},
 		},
 		{
+			name:       "key=value limiting IMDS to two users",
+			data:       []byte("hostname=web01\nimds_allow_users=root, _chrony\n"),
+			wantName:   "web01",
+			wantFormat: "key=value",
+			check: func(t *testing.T, c Config) {
+				assert.Equal(t, []string{"root", "_chrony"}, c.IMDS.AllowUsers)
+				assert.Equal(t, "user-data (key=value) line 2 key imds_allow_users", c.Source("imds.allow_users"))
+			},
+		},
+		{
+			name:       "cloud-config limiting IMDS in the bootagent block",
+			data:       []byte("#cloud-config\nhostname: web01\nbootagent:\n  imds:\n    allow_users: [root]\n"),
+			wantName:   "web01",
+			wantFormat: "#cloud-config",
+			check: func(t *testing.T, c Config) {
+				assert.Equal(t, []string{"root"}, c.IMDS.AllowUsers)
+			},
+		},
+		{
 			name:       "key=value with an fqdn and CRLF line ends",
 			data:       []byte("fqdn=Web01.Example.Internal\r\nprefer_fqdn=no\r\n"),
 			wantName:   "Web01.Example.Internal",
@@ -225,6 +244,7 @@ func TestApplyUserDataRefusesBadInput(t *testing.T) {
 		{"MIME whose boundary never appears", []byte("Content-Type: multipart/mixed; boundary=zz\n\nhostname=a\n"), `no part found with boundary "zz"`},
 		{"a MIME part with bad base64", []byte("Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/x-bootagent\nContent-Transfer-Encoding: base64\n\n!!!\n--b--\n"), "user-data part 1: base64 body"},
 		{"key=value with invalid UTF-8", []byte("hostname=web\xff01\n"), "user-data (key=value): not valid UTF-8"},
+		{"key=value with a user that is not a name", []byte("imds_allow_users=root;rm\n"), `user-data (key=value) line 1 key imds_allow_users: imds.allow_users: "root;rm" is not a user name or a uid`},
 		{"key=value with an unknown key", []byte("hostnme=web01\n"), `user-data (key=value) line 1 key hostnme: unknown key "hostnme"`},
 		{"key=value with a line that is not key=value", []byte("hostname=web01\nthis is not\n"), `line 2: "this is not" is not key=value`},
 		{"key=value with a key given twice", []byte("hostname=a\nhostname=b\n"), "user-data (key=value) line 2 key hostname: given twice (first on line 1); keep one"},

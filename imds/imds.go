@@ -642,6 +642,9 @@ func excerpt(data []byte) string {
 
 // String describes the endpoint, for logs.
 func (c *Client) String() string {
+	if c.opts.Endpoint != "" && c.opts.IPv6 {
+		return c.opts.Endpoint + " (endpoint mode ipv6, which the endpoint overrides)"
+	}
 	if c.opts.Endpoint != "" {
 		return c.opts.Endpoint
 	}

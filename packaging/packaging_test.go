@@ -93,6 +93,7 @@ func TestTheDebsCarryTheAgentUnitsConfigAndDocumentation(t *testing.T) {
 			assert.Contains(t, scripts["postinst"], "deb-systemd-invoke try-restart bootagent.service")
 			assert.NotRegexp(t, `deb-systemd-invoke (start|restart)`, scripts["postinst"], "installing on a build machine must not register it")
 			assert.Contains(t, scripts["prerm"], "deb-systemd-invoke stop bootagent.path bootagent.service")
+			assert.Regexp(t, `(?s)deb-systemd-invoke stop bootagent.path bootagent.service.*bootagent filter remove`, scripts["prerm"], "the IMDS filter goes once the agent, which would put it back, is stopped")
 			assert.Contains(t, scripts["postrm"], "deb-systemd-helper purge bootagent.service bootagent.path")
 			for name, text := range scripts {
 				assert.NotRegexp(t, `(?m)^\s*systemctl (enable|disable|start|stop|restart)`, text, "%s leaves the units to deb-systemd-helper and deb-systemd-invoke", name)

@@ -20,8 +20,9 @@ cd "$(dirname "$0")/.."
 # prometheus-node-exporter (the monitoring's peers: the tests start their
 # own, on loopback in their namespace; on a host whose systemd runs,
 # Debian also starts the packaged services, which the tests do not use),
-# gnuplot-nox (make bench-fleet's picture).
-packages=(util-linux mount iproute2 hostname goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm lintian rpmlint python3-magic qemu-user-static prometheus prometheus-node-exporter gnuplot-nox)
+# gnuplot-nox (make bench-fleet's picture), nftables (nft, to read and
+# tamper with the IMDS filter's table the way an operator would).
+packages=(util-linux mount iproute2 hostname nftables goiardi ruby ruby-chef-config ruby-mixlib-authentication ohai debootstrap systemd-container rpm lintian rpmlint python3-magic qemu-user-static prometheus prometheus-node-exporter gnuplot-nox)
 # `deps.sh docs` adds graphviz, which renders docs/phases.svg.
 if [[ " $* " == *" docs "* ]]; then
 	packages+=(graphviz)

@@ -23,6 +23,7 @@ import (
 	"github.com/bootagent/bootagent/agent"
 	"github.com/bootagent/bootagent/chef"
 	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/imdsfilter"
 	"github.com/bootagent/bootagent/systemd"
 )
 
@@ -45,6 +46,8 @@ const usage = `usage:
                                                  the Chef server (shutdown hooks, lifecycle scripts)
   bootagent userdata check [--config FILE] [--root DIR] [--json] [FILE|-]
                                                  print what user-data would apply
+  bootagent filter remove                        open IMDS to every user again: delete the
+                                                 table of imds.allow_users (package removal)
   bootagent version
 
 The commands that take --config also take --log-level debug|info|warn|error.
@@ -110,6 +113,11 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer, sigs cha
 	switch cmd {
 	case "clean":
 		return clean(rest, stdout, stderr)
+	case "filter":
+		if len(rest) == 0 || rest[0] != "remove" {
+			return fmt.Errorf("%w: filter takes the subcommand remove", errUsage)
+		}
+		return removeFilter(rest[1:], stdout, stderr)
 	case "userdata":
 		if len(rest) == 0 || rest[0] != "check" {
 			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
@@ -159,20 +167,13 @@ func (c *commonFlags) loadConfig(fs *flag.FlagSet) (config.Config, error) {
 	if err != nil {
 		return cfg, err
 	}
-	// The SDK's own variable for the endpoint mode, which its New does not
-	// read: the config file's imds.endpoint_mode wins over it.
-	if cfg.IMDS.EndpointMode == "" {
-		mode, err := config.ParseEndpointMode(os.Getenv(endpointModeEnv))
-		if err != nil {
-			return cfg, &config.InvalidError{Source: endpointModeEnv, Reason: err.Error()}
-		}
-		cfg.IMDS.EndpointMode = mode
+	// The SDK's own variables for the endpoint and its mode, which the
+	// config file's keys win over.
+	if err := cfg.FromEnvironment(os.Getenv); err != nil {
+		return cfg, err
 	}
 	return cfg, nil
 }
-
-// endpointModeEnv is the AWS SDKs' variable for IMDS's endpoint mode.
-const endpointModeEnv = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
 
 // watchSignals returns a context that ends on SIGINT or SIGTERM (and on
 // SIGHUP, unless reload takes it), and calls reload on SIGHUP and trigger
@@ -316,6 +317,7 @@ func status(args []string, stdout, stderr io.Writer, sigs chan os.Signal) error 
 		if err != nil {
 			fmt.Fprintf(stderr, "bootagent: %v\n", err)
 		}
+		st.IMDSFilter = agent.ReadFilter()
 		if err := output(stdout, *asJSON, st); err != nil {
 			return err
 		}
@@ -380,6 +382,29 @@ func clean(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stdout, "this machine no longer belongs to an instance; the baked config and the validator stay")
 	}
 	return err
+}
+
+// removeFilter deletes the IMDS filter. A daemon still running puts it
+// back, so the package's removal stops the agent first.
+func removeFilter(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("filter remove", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: filter remove takes no arguments", errUsage)
+	}
+	removed, err := imdsfilter.New(5 * time.Second).Remove()
+	if err != nil {
+		return err
+	}
+	if removed {
+		fmt.Fprintf(stdout, "removed nftables table inet %s: every user reaches IMDS again\n", imdsfilter.Table)
+	} else {
+		fmt.Fprintf(stdout, "no nftables table inet %s: IMDS was not filtered\n", imdsfilter.Table)
+	}
+	return nil
 }
 
 func diagnose(args []string, stdout, stderr io.Writer, sigs chan os.Signal) error {

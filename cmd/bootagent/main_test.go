@@ -305,7 +305,7 @@ func TestTheIPv6EndpointModeReachesIMDSOverIPv6(t *testing.T) {
 
 	code, out, stderr := bootagent(t, "", "diagnose", "--json", "--config", cfg, "--root", root)
 	require.Contains(t, []int{0, 1}, code, stderr)
-	assert.Contains(t, out, "IPv6 default, endpoint mode ipv6) answers", "diagnose shows the mode, and IMDS answered over IPv6")
+	assert.Contains(t, out, emu.URL+" (endpoint mode ipv6, which the endpoint overrides) answers", "diagnose shows the mode, and IMDS answered over IPv6")
 	code, _, stderr = bootagent(t, "", "once", "--config", cfg, "--root", root)
 	require.Equal(t, 0, code, stderr)
 	assert.Contains(t, stderr, "hostname applied")

@@ -64,6 +64,17 @@ func AddLocalAddress(t testing.TB, cidr string) {
 	t.Cleanup(func() { _ = exec.Command("ip", "address", "del", cidr, "dev", "lo").Run() })
 }
 
+// RequireOwnFirewall fails the test unless the network namespace is the
+// test's own (only loopback, and an ancestor in another namespace), so that
+// the nftables tables the test makes and deletes are nobody else's.
+func RequireOwnFirewall(t testing.TB) {
+	t.Helper()
+	RequirePrivateNetwork(t)
+	if !inNetworkNamespaceMadeBelow() {
+		t.Fatal("refusing to change nftables: no ancestor of this test is in another network namespace, so this one may be the machine's; run the tests with `make test`")
+	}
+}
+
 // inNetworkNamespaceMadeBelow reports whether an ancestor of this process
 // (`make`, above `unshare --net`) is in another network namespace: then
 // this one was made for the tests.

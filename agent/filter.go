@@ -1,0 +1,166 @@
+package agent
+
+import (
+	"errors"
+	"io/fs"
+	"net/netip"
+	"os"
+	"os/user"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/bootagent/bootagent/config"
+	"github.com/bootagent/bootagent/imdsfilter"
+)
+
+// Filter keeps IMDS for the users imds.allow_users names: the agent's
+// nftables table (imdsfilter.Filter).
+type Filter interface {
+	Ensure(r imdsfilter.Rules) (bool, error)
+	Remove() (bool, error)
+}
+
+// filterTimeout bounds each netlink exchange with the kernel.
+const filterTimeout = 5 * time.Second
+
+// filterKeeper applies imds.allow_users and keeps it applied. Users are
+// looked up at each check, so that one a cookbook makes later is let
+// through once it exists; until then it is left out, with a warning, once.
+// Workers of one life and the next may call it, one at a time.
+type filterKeeper struct {
+	mu      sync.Mutex
+	f       Filter
+	log     *zap.Logger
+	lookup  func(name string) (uint32, error)
+	self    uint32
+	unknown map[string]bool
+	// installed is true once this process has put the table in place:
+	// finding it changed after that is drift.
+	installed bool
+	failed    repeatLog
+}
+
+func newFilterKeeper(f Filter, log *zap.Logger) *filterKeeper {
+	return &filterKeeper{
+		f: f, log: log, lookup: lookupUser, self: uint32(os.Geteuid()), unknown: map[string]bool{},
+		failed: repeatLog{log: log, msg: "could not filter IMDS as imds.allow_users asks; every user may reach it until this is fixed", recovered: "IMDS is filtered again as imds.allow_users asks"},
+	}
+}
+
+// lookupUser resolves a user name in /etc/passwd (the agent is built
+// without cgo, so NSS modules are not asked), or takes a uid as it is.
+func lookupUser(name string) (uint32, error) {
+	if n, err := strconv.ParseUint(name, 10, 32); err == nil {
+		return uint32(n), nil
+	}
+	u, err := user.Lookup(name)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.ParseUint(u.Uid, 10, 32)
+	return uint32(n), err
+}
+
+// filterRules are the rules for a configuration: its users and the agent's
+// own, at IMDS's addresses and at the configured endpoint's.
+func filterRules(c config.IMDS, self uint32, lookup func(string) (uint32, error)) (imdsfilter.Rules, []string) {
+	r := imdsfilter.Rules{Endpoints: []netip.AddrPort{imdsfilter.IPv4Endpoint, imdsfilter.IPv6Endpoint}}
+	if ep, ok := c.EndpointAddr(); ok && !slices.Contains(r.Endpoints, ep) {
+		r.Endpoints = append(r.Endpoints, ep)
+	}
+	var unknown []string
+	for _, name := range c.AllowUsers {
+		uid, err := lookup(name)
+		if err != nil {
+			unknown = append(unknown, name)
+			continue
+		}
+		r.Users = append(r.Users, imdsfilter.User{UID: uid, Name: name})
+	}
+	// The agent reads IMDS itself, whoever else may.
+	own := imdsfilter.User{UID: self, Name: strconv.FormatUint(uint64(self), 10)}
+	if u, err := user.LookupId(own.Name); err == nil {
+		own.Name = u.Username
+	}
+	r.Users = append(r.Users, own)
+	return r, unknown
+}
+
+// keep makes the table what c asks for: in place when c.AllowUsers is set,
+// gone when it is not. It never fails the agent: a filter that cannot be
+// installed leaves IMDS as open as it was, which is logged (once until it
+// changes) and shown by `bootagent status` and `diagnose`.
+func (k *filterKeeper) keep(c config.IMDS) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(c.AllowUsers) == 0 {
+		removed, err := k.f.Remove()
+		switch {
+		case err != nil:
+			// A machine without nftables, or an agent without
+			// CAP_NET_ADMIN, has nothing of the agent's to remove.
+			k.log.Debug("IMDS filter not looked for", zap.Error(err))
+		case removed:
+			k.log.Info("IMDS is open to every user again: table inet " + imdsfilter.Table + " removed, since imds.allow_users is empty")
+		}
+		k.installed = false
+		return
+	}
+	rules, unknown := filterRules(c, k.self, k.lookup)
+	for _, name := range unknown {
+		if !k.unknown[name] {
+			k.unknown[name] = true
+			k.log.Warn("a user of imds.allow_users does not exist (yet): IMDS stays closed to it until it does", zap.String("user", name))
+		}
+	}
+	changed, err := k.f.Ensure(rules)
+	if err != nil {
+		k.failed.fail(err)
+		return
+	}
+	k.failed.ok()
+	switch {
+	case changed && k.installed:
+		k.log.Warn("the IMDS filter was missing or changed (a ruleset flush, a firewall reload, a hand edit); put back", zap.Stringer("filter", rules))
+	case changed:
+		k.log.Info("IMDS filtered", zap.Stringer("filter", rules))
+	}
+	k.installed = true
+}
+
+// FilterStatus is what the IMDS filter is in the kernel: On with the rules
+// it holds, off, or Error when it could not be read.
+type FilterStatus struct {
+	On    bool   `json:"on"`
+	Rules string `json:"rules,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// ReadFilter reads the IMDS filter of the process's network namespace, for
+// `bootagent status`. Reading nftables needs CAP_NET_ADMIN.
+func ReadFilter() *FilterStatus {
+	r, err := imdsfilter.New(filterTimeout).Read()
+	switch {
+	case errors.Is(err, fs.ErrPermission):
+		return &FilterStatus{Error: "unknown: reading nftables needs root (CAP_NET_ADMIN)"}
+	case err != nil:
+		return &FilterStatus{Error: err.Error()}
+	case r == nil:
+		return &FilterStatus{}
+	}
+	return &FilterStatus{On: true, Rules: r.String()}
+}
+
+func (f FilterStatus) String() string {
+	switch {
+	case f.Error != "":
+		return f.Error
+	case f.On:
+		return f.Rules
+	}
+	return "off: every user of the instance reaches IMDS (imds.allow_users is empty)"
+}

@@ -81,7 +81,7 @@ func write(r *os.Root, rel string, data []byte, perm fs.FileMode) (bool, error) 
 	}
 
 	dir := path.Dir(rel)
-	if err := r.MkdirAll(dir, dirPerm); err != nil {
+	if err := mkdirAll(r, dir); err != nil {
 		return false, bare(err)
 	}
 	removeStale(r, dir, path.Base(rel))
@@ -127,6 +127,30 @@ func write(r *os.Root, rel string, data []byte, perm fs.FileMode) (bool, error) 
 	}
 	done = true
 	return false, syncDir(r, dir)
+}
+
+// mkdirAll makes dir and the directories missing above it, each dirPerm
+// whatever the umask (the agent's unit sets 0077).
+func mkdirAll(r *os.Root, dir string) error {
+	if dir == "." {
+		return nil
+	}
+	if fi, err := r.Stat(dir); err == nil {
+		if !fi.IsDir() {
+			return &fs.PathError{Op: "mkdir", Path: dir, Err: syscall.ENOTDIR}
+		}
+		return nil
+	}
+	if err := mkdirAll(r, path.Dir(dir)); err != nil {
+		return err
+	}
+	if err := r.Mkdir(dir, dirPerm); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil
+		}
+		return err
+	}
+	return r.Chmod(dir, dirPerm)
 }
 
 // createTemp makes an empty temporary file for base in dir, readable by
@@ -281,7 +305,7 @@ func Remove(root, name string) error {
 func OpenFile(root, name string, flag int, perm fs.FileMode) (f *os.File, err error) {
 	err = do("open", root, name, func(r *os.Root, rel string) (err error) {
 		if flag&os.O_CREATE != 0 {
-			if err := r.MkdirAll(path.Dir(rel), dirPerm); err != nil {
+			if err := mkdirAll(r, path.Dir(rel)); err != nil {
 				return bare(err)
 			}
 		}

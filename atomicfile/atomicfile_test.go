@@ -42,6 +42,27 @@ func TestWriteFileMakesTheMissingDirectories(t *testing.T) {
 	}
 }
 
+// The agent's unit sets UMask=0077: the directories it makes must still
+// be readable by others (node_exporter reads the metrics textfile's), and
+// the files it writes get the modes asked for.
+func TestTheModesDoNotDependOnTheUmask(t *testing.T) {
+	old := syscall.Umask(0o077)
+	t.Cleanup(func() { syscall.Umask(old) })
+	root := t.TempDir()
+	mustWrite(t, root, "/var/lib/node_exporter/bootagent.prom", []byte("x 1\n"), 0o644)
+	f, err := OpenFile(root, "/var/lib/bootagent/lock", os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	for _, d := range []string{"var", "var/lib", "var/lib/node_exporter", "var/lib/bootagent"} {
+		fi, err := os.Stat(filepath.Join(root, d))
+		require.NoError(t, err)
+		assert.Equal(t, os.FileMode(0o755)|os.ModeDir, fi.Mode(), d)
+	}
+	fi, err := os.Stat(filepath.Join(root, "var/lib/node_exporter/bootagent.prom"))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o644), fi.Mode().Perm())
+}
+
 func TestWriteFileKeepsTheModeOfAnExistingFile(t *testing.T) {
 	root := t.TempDir()
 	path := filepath.Join(root, "hosts")

@@ -165,7 +165,7 @@ func New(ctx context.Context, o Options) *Engine {
 	if f == nil {
 		f = imdsfilter.New(filterTimeout)
 	}
-	e.filter = newFilterKeeper(f, e.log.Named("imdsfilter"))
+	e.filter = newFilterKeeper(f)
 	if e.namer == nil {
 		m := hostname.New(ctx, o.Root, e.log.Named("hostname"))
 		e.namer = m

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -73,16 +74,21 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	b := booted{started: timer.start}
 	// The IMDS filter goes in while IMDS is waited for, and is in place
 	// before the user-data, which may hold secrets, is read.
-	filtered := make(chan struct{})
+	filtered := make(chan filterKept, 1)
 	if len(base.IMDS.AllowUsers) > 0 {
-		go func() {
-			defer close(filtered)
-			e.filter.keep(base.IMDS)
-		}()
+		go func() { filtered <- e.filter.keep(base.IMDS) }()
 	} else {
-		close(filtered)
+		filtered <- filterKept{}
 	}
-	defer func() { <-filtered }()
+	// Logged once the check is done, by the bootstrap's logger of the
+	// moment (it names the instance once IMDS has answered).
+	flog := e.log
+	waitFiltered := sync.OnceFunc(func() {
+		if kept := <-filtered; kept.on {
+			e.filter.report(flog, kept)
+		}
+	})
+	defer waitFiltered()
 	// A first boot will register: its key pair is made while IMDS is read.
 	var key *keyAhead
 	if base.Chef.Enabled() {
@@ -97,6 +103,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	b.identity = id
 	tell(evIdentified{identity: id})
 	log := e.log.With(zap.String("instance_id", id.InstanceID))
+	flog = log
 	detail := ""
 	if waited.Attempts > 1 {
 		detail = fmt.Sprintf("IMDS answered at attempt %d after: %s", waited.Attempts, strings.Join(waited.Reasons, ", "))
@@ -114,7 +121,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 		}
 	}
 
-	<-filtered
+	waitFiltered()
 	raw, err := md.UserData(ctx)
 	if tl := new(*imds.TooLargeError); errors.As(err, tl) {
 		// No retry makes it smaller: it is bad input, as a file of that
@@ -133,7 +140,7 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	}
 	log.Info("user-data read", zap.String("format", info.Format), zap.Strings("keys", info.Keys), zap.Int("bytes", len(raw)))
 	// User-data may set imds.allow_users, or empty it.
-	e.filter.keep(cfg.IMDS)
+	e.filter.report(log, e.filter.keep(cfg.IMDS))
 	if cfg.Chef.ValidationCert != "" {
 		e.validatorWarning.Do(func() { warnValidatorInUserData(log, cfg.IMDS) })
 	}

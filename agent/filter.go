@@ -34,7 +34,6 @@ const filterTimeout = 5 * time.Second
 type filterKeeper struct {
 	mu      sync.Mutex
 	f       Filter
-	log     *zap.Logger
 	lookup  func(name string) (uint32, error)
 	self    uint32
 	unknown map[string]bool
@@ -44,10 +43,10 @@ type filterKeeper struct {
 	failed    repeatLog
 }
 
-func newFilterKeeper(f Filter, log *zap.Logger) *filterKeeper {
+func newFilterKeeper(f Filter) *filterKeeper {
 	return &filterKeeper{
-		f: f, log: log, lookup: lookupUser, self: uint32(os.Geteuid()), unknown: map[string]bool{},
-		failed: repeatLog{log: log, msg: "could not filter IMDS as imds.allow_users asks; every user may reach it until this is fixed", recovered: "IMDS is filtered again as imds.allow_users asks"},
+		f: f, lookup: lookupUser, self: uint32(os.Geteuid()), unknown: map[string]bool{},
+		failed: repeatLog{msg: "could not filter IMDS as imds.allow_users asks; every user may reach it until this is fixed", recovered: "IMDS is filtered again as imds.allow_users asks"},
 	}
 }
 
@@ -90,46 +89,77 @@ func filterRules(c config.IMDS, self uint32, lookup func(string) (uint32, error)
 	return r, unknown
 }
 
+// filterKept is what one check of the filter did, for the caller to log
+// with its own logger: the bootstrap's names the instance, which is not
+// known yet when its check starts.
+type filterKept struct {
+	rules imdsfilter.Rules
+	// on is false when imds.allow_users is empty.
+	on, removed, changed, drift bool
+	// unknown are the users not found, the first time each is.
+	unknown []string
+	err     error
+}
+
 // keep makes the table what c asks for: in place when c.AllowUsers is set,
-// gone when it is not. It never fails the agent: a filter that cannot be
-// installed leaves IMDS as open as it was, which is logged (once until it
-// changes) and shown by `bootagent status` and `diagnose`.
-func (k *filterKeeper) keep(c config.IMDS) {
+// gone when it is not.
+func (k *filterKeeper) keep(c config.IMDS) filterKept {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if len(c.AllowUsers) == 0 {
-		removed, err := k.f.Remove()
-		switch {
-		case err != nil:
-			// A machine without nftables, or an agent without
-			// CAP_NET_ADMIN, has nothing of the agent's to remove.
-			k.log.Debug("IMDS filter not looked for", zap.Error(err))
-		case removed:
-			k.log.Info("IMDS is open to every user again: table inet " + imdsfilter.Table + " removed, since imds.allow_users is empty")
-		}
 		k.installed = false
-		return
+		removed, err := k.f.Remove()
+		return filterKept{removed: removed, err: err}
 	}
-	rules, unknown := filterRules(c, k.self, k.lookup)
+	r := filterKept{on: true}
+	var unknown []string
+	r.rules, unknown = filterRules(c, k.self, k.lookup)
 	for _, name := range unknown {
 		if !k.unknown[name] {
 			k.unknown[name] = true
-			k.log.Warn("a user of imds.allow_users does not exist (yet): IMDS stays closed to it until it does", zap.String("user", name))
+			r.unknown = append(r.unknown, name)
 		}
 	}
-	changed, err := k.f.Ensure(rules)
-	if err != nil {
-		k.failed.fail(err)
+	if r.changed, r.err = k.f.Ensure(r.rules); r.err == nil {
+		r.drift = r.changed && k.installed
+		k.installed = true
+	}
+	return r
+}
+
+// report logs what keep did. It never fails the agent: a filter that
+// cannot be installed leaves IMDS as open as it was, which is logged (once
+// until it changes) and shown by `bootagent status` and `diagnose`.
+func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	log = log.Named("imdsfilter")
+	if !r.on {
+		switch {
+		case r.err != nil:
+			// A machine without nftables, or an agent without
+			// CAP_NET_ADMIN, has nothing of the agent's to remove.
+			log.Debug("IMDS filter not looked for", zap.Error(r.err))
+		case r.removed:
+			log.Info("IMDS is open to every user again: table inet " + imdsfilter.Table + " removed, since imds.allow_users is empty")
+		}
+		return
+	}
+	for _, name := range r.unknown {
+		log.Warn("a user of imds.allow_users does not exist (yet): IMDS stays closed to it until it does", zap.String("user", name))
+	}
+	k.failed.log = log
+	if r.err != nil {
+		k.failed.fail(r.err)
 		return
 	}
 	k.failed.ok()
 	switch {
-	case changed && k.installed:
-		k.log.Warn("the IMDS filter was missing or changed (a ruleset flush, a firewall reload, a hand edit); put back", zap.Stringer("filter", rules))
-	case changed:
-		k.log.Info("IMDS filtered", zap.Stringer("filter", rules))
+	case r.drift:
+		log.Warn("the IMDS filter was missing or changed (a ruleset flush, a firewall reload, a hand edit); put back", zap.Stringer("filter", r.rules))
+	case r.changed:
+		log.Info("IMDS filtered", zap.Stringer("filter", r.rules))
 	}
-	k.installed = true
 }
 
 // FilterStatus is what the IMDS filter is in the kernel: On with the rules

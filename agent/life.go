@@ -322,7 +322,8 @@ func (l *life) do(acts []action, saved error) (actExit, bool) {
 				l.run.cancel(a.cause)
 			}
 		case actPoll:
-			l.work(func(ctx context.Context) event { return e.poll(ctx, l.md, a) })
+			log := l.m.log
+			l.work(func(ctx context.Context) event { return e.poll(ctx, log, l.md, a) })
 		case actDeregister:
 			l.work(func(ctx context.Context) event {
 				return deregisterAll(ctx, e.root, e.clock, e.retryPolicy(registerRetry), a, observeChef(e.m), func() {
@@ -417,10 +418,10 @@ func (l *life) serveMetrics() {
 // poll is the poll worker: IMDS's notices first (a termination must not
 // wait for anything), then the IMDS filter and the host name, each put
 // back if it drifted.
-func (e *Engine) poll(ctx context.Context, md Metadata, a actPoll) evPolled {
+func (e *Engine) poll(ctx context.Context, log *zap.Logger, md Metadata, a actPoll) evPolled {
 	ev := evPolled{notices: md.Notices(ctx)}
 	if a.plan != nil && len(a.plan.cfg.IMDS.AllowUsers) > 0 {
-		e.filter.keep(a.plan.cfg.IMDS)
+		e.filter.report(log, e.filter.keep(a.plan.cfg.IMDS))
 	}
 	if !a.noticesOnly && a.plan != nil && !a.plan.name.IsZero() {
 		ev.changes, ev.driftErr = e.namer.Apply(ctx, a.plan.name, policy(a.plan.cfg))

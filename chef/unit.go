@@ -79,7 +79,7 @@ func NewUnitRunner(ctx context.Context, log *zap.Logger, fallback Runner) *UnitR
 		if err != nil {
 			cancel()
 			u.err = fmt.Errorf("connect to systemd: %w", err)
-			log.Warn("cannot reach systemd; chef-client runs as a child process", zap.Error(err))
+			log.Warn("cannot reach systemd; chef-client runs as a child process, inside the agent's own confinement (its unit's read-only file systems and capabilities), where cookbooks that change the system fail", zap.Error(err))
 			return
 		}
 		u.conn = conn
@@ -146,7 +146,7 @@ func (u *UnitRunner) Run(ctx context.Context, spec RunSpec) (Outcome, error) {
 		return Outcome{ID: spec.ID, Unit: name}, ctx.Err()
 	}
 	if err != nil {
-		spec.logger(u.log).Warn("chef-client runs as a child process: systemd cannot be reached", zap.Error(err))
+		spec.logger(u.log).Warn("chef-client runs as a child process, inside the agent's own confinement: systemd cannot be reached", zap.Error(err))
 		return u.fallback.Run(ctx, spec)
 	}
 	if err := lookCommand(spec.Command); err != nil {

@@ -8,6 +8,8 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -222,6 +224,36 @@ func TestBoot(t *testing.T) {
 		}
 	})
 
+	t.Run("the IMDS filter keeps IMDS for root, and the agent puts it back", func(t *testing.T) {
+		assert.Contains(t, tokenAs(m, "0"), "HTTP/1.1 200 OK", "root reaches IMDS")
+		assert.Contains(t, tokenAs(m, "65534"), "Connection refused", "nobody is refused at once")
+		assert.Regexp(t, `imds filter\s+IMDS \(127\.0\.0\.1:1338, 169\.254\.169\.254:80, \[fd00:ec2::254\]:80\) only for root \(0\)`, m.sh("bootagent", "status"))
+		assert.Regexp(t, `(?m)^ok\s+IMDS filter\s+.*uid 0 connects, uid 65534 \(nobody\) is refused$`, m.sh("bootagent", "diagnose"))
+
+		assert.Contains(t, m.sh("bootagent", "filter", "remove"), "removed nftables table inet bootagent")
+		assert.Contains(t, tokenAs(m, "65534"), "200 OK", "open while the table is gone")
+		testenv.Eventually(t, 30*time.Second, func() bool { return strings.Contains(tokenAs(m, "65534"), "Connection refused") },
+			"the agent puts the table back at its next poll; journal:\n%s", testenv.Later(func() string { return journal(m) }))
+		testenv.Eventually(t, 10*time.Second, func() bool { return strings.Contains(journal(m), "the IMDS filter was missing or changed") },
+			"the journal says so:\n%s", testenv.Later(func() string { return journal(m) }))
+		assert.Contains(t, tokenAs(m, "0"), "HTTP/1.1 200 OK")
+	})
+
+	t.Run("the unit is confined: systemd-analyze security rates it 2.8 or lower", func(t *testing.T) {
+		out := m.sh("systemd-analyze", "security", "--no-pager", "bootagent.service")
+		level := regexp.MustCompile(`Overall exposure level for bootagent\.service: ([0-9.]+)`).FindStringSubmatch(out)
+		require.NotNil(t, level, "%s", out)
+		exposure, err := strconv.ParseFloat(level[1], 64)
+		require.NoError(t, err)
+		assert.LessOrEqual(t, exposure, 2.8, "%s", out)
+		p := m.show("bootagent.service", "ProtectSystem", "CapabilityBoundingSet", "NoNewPrivileges")
+		assert.Equal(t, "strict", p["ProtectSystem"])
+		assert.Equal(t, "cap_chown cap_net_admin cap_sys_admin", p["CapabilityBoundingSet"])
+		assert.Equal(t, "yes", p["NoNewPrivileges"])
+		_, err = m.try("nsenter", "-t", m.show("bootagent.service", "MainPID")["MainPID"], "-m", "--", "touch", "/usr/bootagent-was-here")
+		assert.Error(t, err, "the agent's view of /usr is read-only")
+	})
+
 	t.Run("4: kill -9 of the agent: systemd restarts it, and it does not register again", func(t *testing.T) {
 		before := state(t, img)
 		pid := m.show("bootagent.service", "MainPID")["MainPID"]
@@ -357,6 +389,17 @@ ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-
 		assert.Equal(t, "interrupted", s.LastRun.Result, "chef-client ended on SIGTERM")
 		assert.Contains(t, journal(m), "stopping chef-client's unit")
 	})
+}
+
+// tokenAs asks the emulator for an IMDSv2 token as uid, from a process of
+// that user inside the container (setpriv), and returns the answer's
+// status line or why there was none.
+func tokenAs(m *machine, uid string) string {
+	script := `exec 3<>/dev/tcp/127.0.0.1/1338 || exit 1
+printf 'PUT /latest/api/token HTTP/1.1\r\nHost: 127.0.0.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' >&3
+head -n1 <&3`
+	out, _ := m.try("setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--", "timeout", "10", "bash", "-c", script)
+	return strings.TrimSpace(out)
 }
 
 // readIfExists reads a file that may not exist yet.

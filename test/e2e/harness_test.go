@@ -104,6 +104,7 @@ WantedBy=multi-user.target
 	img.write("/etc/goiardi/goiardi.conf", strings.Replace(conf, `#hostname = "chef.local"`, `hostname = "127.0.0.1"`, 1))
 	img.write("/etc/bootagent/config.yaml", `imds:
   endpoint: http://127.0.0.1:1338
+  allow_users: [root]
 chef:
   server_url: http://127.0.0.1:4545
   node_name: "{hostname}-{instance_id}"

@@ -79,8 +79,8 @@ func TestAllowUsersKeepsIMDSForRootAndPutsTheFilterBack(t *testing.T) {
 	assert.Less(t, time.Since(start), 5*time.Second, "at once, not after a timeout")
 	assert.Equal(t, before, withoutOurTable(nft(t, "list", "ruleset")), "no other table changes")
 
-	code, out, _ := bootagent(t, "", "status", "--root", root)
-	assert.Equal(t, 0, code)
+	code, out, _ := bootagent(t, "", "status", "--root", root, "--wait=20s")
+	assert.Equal(t, 0, code, "bootstrapped: %s", out)
 	assert.Regexp(t, `imds filter\s+IMDS \(127\.0\.0\.1:\d+, 169\.254\.169\.254:80, \[fd00:ec2::254\]:80\) only for root \(0\)`, out)
 	code, out, _ = bootagent(t, "", "diagnose", "--config", cfg, "--root", root)
 	assert.Contains(t, []int{0, 1}, code)

@@ -389,6 +389,17 @@ ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-
 		assert.Equal(t, "interrupted", s.LastRun.Result, "chef-client ended on SIGTERM")
 		assert.Contains(t, journal(m), "stopping chef-client's unit")
 	})
+
+	t.Run("11: removing the package opens IMDS again", func(t *testing.T) {
+		img.instance("i-0e2e0000000000006", userData)
+		m := img.boot()
+		defer m.poweroff()
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Bootstrapped }, "bootstrapped")
+		assert.Contains(t, tokenAs(m, "65534"), "Connection refused")
+		m.sh("dpkg", "--remove", "bootagent")
+		assert.NotEqual(t, "active\n", m.sh("systemctl", "show", "-P", "ActiveState", "bootagent.service"), "the agent is stopped first")
+		assert.Contains(t, tokenAs(m, "65534"), "200 OK", "and then the filter is gone")
+	})
 }
 
 // tokenAs asks the emulator for an IMDSv2 token as uid, from a process of

@@ -140,9 +140,11 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	}
 	log.Info("user-data read", zap.String("format", info.Format), zap.Strings("keys", info.Keys), zap.Int("bytes", len(raw)))
 	// User-data may set imds.allow_users, or empty it.
-	e.filter.report(log, e.filter.keep(cfg.IMDS))
-	if cfg.Chef.ValidationCert != "" {
-		e.validatorWarning.Do(func() { warnValidatorInUserData(log, cfg.IMDS) })
+	if len(cfg.IMDS.AllowUsers) > 0 {
+		e.filter.report(log, e.filter.keep(cfg.IMDS))
+	}
+	if cfg.Chef.ValidationCert != "" || info.PrivateKey {
+		e.validatorWarning.Do(func() { warnKeyInUserData(log, cfg.IMDS, cfg.Chef.ValidationCert != "") })
 	}
 	for _, why := range info.Ignored {
 		log.Info("user-data left alone", zap.String("why", why))
@@ -178,6 +180,11 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 			zap.Int("changes", len(b.changes)), zap.Duration("since_start", e.clock.Now().Sub(timer.start)))
 	}
 	timer.done("hostname", "")
+	if len(cfg.IMDS.AllowUsers) == 0 {
+		// A table an earlier configuration asked for goes, off the
+		// name's path.
+		e.filter.report(log, e.filter.keep(cfg.IMDS))
+	}
 	b.steps = timer.steps
 
 	if p.chef != nil {
@@ -188,16 +195,22 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 	return b, nil
 }
 
-// warnValidatorInUserData says, once per process, that the validator key
-// in user-data outlives the file the agent deletes: IMDS serves user-data
-// for the instance's whole life. It names the key, never its contents.
-func warnValidatorInUserData(log *zap.Logger, c config.IMDS) {
+// warnKeyInUserData says, once per process, that a private key in
+// user-data (the Chef validator's, validator says, or one in a part left
+// to cloud-init) outlives any file made from it: IMDS serves user-data for
+// the instance's whole life. It names the key, never its contents.
+func warnKeyInUserData(log *zap.Logger, c config.IMDS, validator bool) {
+	what := "user-data holds a private key (a write_files entry or a script?)"
+	if validator {
+		what = "user-data carries the Chef validator key (validation_cert)"
+	}
 	if len(c.AllowUsers) > 0 {
-		log.Info("user-data carries the Chef validator key (validation_cert): IMDS serves it for the instance's whole life, to imds.allow_users only",
+		log.Warn(what+": IMDS serves it for the instance's whole life, to the users of imds.allow_users; "+
+			"keep it out of user-data to close that too: bake it into the image (chef.validation_key) or deliver it out of band",
 			zap.Strings("allow_users", c.AllowUsers))
 		return
 	}
-	log.Warn("user-data carries the Chef validator key (validation_cert): IMDS serves it to every user and process of the instance for the instance's whole life, " +
+	log.Warn(what + ": IMDS serves it to every user and process of the instance for the instance's whole life, " +
 		"though bootagent deletes its own copy after registering; limit IMDS to root with imds.allow_users, " +
 		"or keep the key out of user-data: bake it into the image (chef.validation_key) or deliver it out of band")
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/netip"
 	"os"
@@ -181,6 +182,19 @@ func checkUserData(ctx context.Context, md *imds.Client, cfg config.Config) (Fin
 // no user nobody.
 const nobody = 65534
 
+// outsider is a uid the rules do not let through: nobody's, unless
+// imds.allow_users lets nobody in.
+func outsider(r imdsfilter.Rules) uint32 {
+	uid := uint32(nobody)
+	if n, err := lookupUser("nobody"); err == nil {
+		uid = n
+	}
+	for slices.ContainsFunc(r.Users, func(u imdsfilter.User) bool { return u.UID == uid }) {
+		uid--
+	}
+	return uid
+}
+
 // checkFilter checks the IMDS filter: that the kernel's table holds what
 // imds.allow_users asks, and that it works, by connecting to the endpoint
 // the agent uses as the agent's user (let through) and as nobody (refused
@@ -199,6 +213,9 @@ func checkFilter(ctx context.Context, f *imdsfilter.Filter, cfg config.Config) F
 	want, unknown := filterRules(cfg.IMDS, uint32(os.Geteuid()), lookupUser)
 	have, err := f.Read()
 	switch {
+	case errors.Is(err, fs.ErrPermission):
+		c.Result, c.Detail, c.Fix = DiagFail, "cannot read nftables: "+err.Error(), "run diagnose as root: reading nftables needs CAP_NET_ADMIN, connecting as another user CAP_SETUID"
+		return c
 	case err != nil:
 		c.Result, c.Detail = DiagFail, err.Error()
 		return c
@@ -215,22 +232,19 @@ func checkFilter(ctx context.Context, f *imdsfilter.Filter, cfg config.Config) F
 		c.Result, c.Detail = DiagFail, fmt.Sprintf("%s; but uid %d, the agent's, cannot connect to %s: %v", have, self, ep, err)
 		return c
 	}
-	other := uint32(nobody)
-	if uid, err := lookupUser("nobody"); err == nil {
-		other = uid
-	}
+	other := outsider(*have)
 	err = imdsfilter.DialAs(ctx, ep, other)
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		what := "connects"
 		if err != nil {
 			what = "is not refused at once: " + err.Error()
 		}
-		c.Result, c.Detail = DiagFail, fmt.Sprintf("%s; but uid %d (nobody) %s to %s", have, other, what, ep)
-		c.Fix = "another table or a hook of the namespace may accept it first, or the kernel lacks meta skuid: nft list ruleset"
+		c.Result, c.Detail = DiagFail, fmt.Sprintf("%s; but uid %d %s to %s", have, other, what, ep)
+		c.Fix = "a NAT rule of another table may send IMDS's address elsewhere before this chain sees it, or the kernel lacks meta skuid: nft list ruleset"
 		return c
 	}
 	c.Result = DiagOK
-	c.Detail = fmt.Sprintf("%s; %s: uid %d connects, uid %d (nobody) is refused", have, ep, self, other)
+	c.Detail = fmt.Sprintf("%s; %s: uid %d connects, uid %d is refused", have, ep, self, other)
 	if len(unknown) > 0 {
 		c.Result = DiagWarn
 		c.Detail += "; no such user (yet): " + strings.Join(unknown, ", ")

@@ -24,8 +24,10 @@ type Filter interface {
 	Remove() (bool, error)
 }
 
-// filterTimeout bounds each netlink exchange with the kernel.
-const filterTimeout = 5 * time.Second
+// filterTimeout bounds each netlink exchange with the kernel. A check makes
+// at most six, well inside the time a poll may take before the agent
+// counts as stuck.
+const filterTimeout = 2 * time.Second
 
 // filterKeeper applies imds.allow_users and keeps it applied. Users are
 // looked up at each check, so that one a cookbook makes later is let
@@ -37,10 +39,10 @@ type filterKeeper struct {
 	lookup  func(name string) (uint32, error)
 	self    uint32
 	unknown map[string]bool
-	// installed is true once this process has put the table in place:
-	// finding it changed after that is drift.
-	installed bool
-	failed    repeatLog
+	// applied is what this process last put in place: finding anything
+	// else while asking for the same is drift.
+	applied *imdsfilter.Rules
+	failed  repeatLog
 }
 
 func newFilterKeeper(f Filter) *filterKeeper {
@@ -64,6 +66,15 @@ func lookupUser(name string) (uint32, error) {
 	return uint32(n), err
 }
 
+// userName is uid's name in /etc/passwd, or "" when it has none.
+func userName(uid uint32) string {
+	u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10))
+	if err != nil {
+		return ""
+	}
+	return u.Username
+}
+
 // filterRules are the rules for a configuration: its users and the agent's
 // own, at IMDS's addresses and at the configured endpoint's.
 func filterRules(c config.IMDS, self uint32, lookup func(string) (uint32, error)) (imdsfilter.Rules, []string) {
@@ -78,14 +89,14 @@ func filterRules(c config.IMDS, self uint32, lookup func(string) (uint32, error)
 			unknown = append(unknown, name)
 			continue
 		}
-		r.Users = append(r.Users, imdsfilter.User{UID: uid, Name: name})
+		u := imdsfilter.User{UID: uid, Name: name}
+		if _, err := strconv.ParseUint(name, 10, 32); err == nil {
+			u.Name = userName(uid)
+		}
+		r.Users = append(r.Users, u)
 	}
 	// The agent reads IMDS itself, whoever else may.
-	own := imdsfilter.User{UID: self, Name: strconv.FormatUint(uint64(self), 10)}
-	if u, err := user.LookupId(own.Name); err == nil {
-		own.Name = u.Username
-	}
-	r.Users = append(r.Users, own)
+	r.Users = append(r.Users, imdsfilter.User{UID: self, Name: userName(self)})
 	return r, unknown
 }
 
@@ -95,7 +106,10 @@ func filterRules(c config.IMDS, self uint32, lookup func(string) (uint32, error)
 type filterKept struct {
 	rules imdsfilter.Rules
 	// on is false when imds.allow_users is empty.
-	on, removed, changed, drift bool
+	on, removed, changed bool
+	// drift is a change to rules this process had put in place, not one
+	// the configuration or a user made later asked for.
+	drift bool
 	// unknown are the users not found, the first time each is.
 	unknown []string
 	err     error
@@ -107,7 +121,7 @@ func (k *filterKeeper) keep(c config.IMDS) filterKept {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if len(c.AllowUsers) == 0 {
-		k.installed = false
+		k.applied = nil
 		removed, err := k.f.Remove()
 		return filterKept{removed: removed, err: err}
 	}
@@ -121,8 +135,8 @@ func (k *filterKeeper) keep(c config.IMDS) filterKept {
 		}
 	}
 	if r.changed, r.err = k.f.Ensure(r.rules); r.err == nil {
-		r.drift = r.changed && k.installed
-		k.installed = true
+		r.drift = r.changed && k.applied != nil && k.applied.Equal(r.rules)
+		k.applied = &r.rules
 	}
 	return r
 }
@@ -134,13 +148,17 @@ func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	log = log.Named("imdsfilter")
+	k.failed.log = log
 	if !r.on {
 		switch {
-		case r.err != nil:
+		case r.err != nil && noFilterHere(r.err):
 			// A machine without nftables, or an agent without
-			// CAP_NET_ADMIN, has nothing of the agent's to remove.
+			// CAP_NET_ADMIN, has no table of the agent's to remove.
 			log.Debug("IMDS filter not looked for", zap.Error(r.err))
+		case r.err != nil:
+			k.failed.fail(r.err)
 		case r.removed:
+			k.failed.ok()
 			log.Info("IMDS is open to every user again: table inet " + imdsfilter.Table + " removed, since imds.allow_users is empty")
 		}
 		return
@@ -148,7 +166,6 @@ func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
 	for _, name := range r.unknown {
 		log.Warn("a user of imds.allow_users does not exist (yet): IMDS stays closed to it until it does", zap.String("user", name))
 	}
-	k.failed.log = log
 	if r.err != nil {
 		k.failed.fail(r.err)
 		return
@@ -161,6 +178,31 @@ func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
 		log.Info("IMDS filtered", zap.Stringer("filter", r.rules))
 	}
 }
+
+// noFilterHere reports whether err means the agent can have no table here:
+// no permission to read nftables at all.
+func noFilterHere(err error) bool { return errors.Is(err, fs.ErrPermission) }
+
+// ApplyFilter makes the IMDS filter what cfg asks for, once, logging what
+// it did: `bootagent filter apply`, which the early unit runs before the
+// network is up.
+func ApplyFilter(cfg config.Config, log *zap.Logger) error {
+	k := newFilterKeeper(imdsfilter.New(filterTimeout))
+	r := k.keep(cfg.IMDS)
+	k.report(log, r)
+	switch {
+	case r.err != nil && !r.on && noFilterHere(r.err):
+		// Nothing asked for, and nothing of the agent's can be there.
+	case r.err != nil:
+		return r.err
+	case r.on && !r.changed:
+		log.Info("IMDS filter already in place", zap.Stringer("filter", r.rules))
+	}
+	return nil
+}
+
+// RemoveFilter deletes the IMDS filter, and reports whether there was one.
+func RemoveFilter() (bool, error) { return imdsfilter.New(filterTimeout).Remove() }
 
 // FilterStatus is what the IMDS filter is in the kernel: On with the rules
 // it holds, off, or Error when it could not be read.
@@ -192,5 +234,5 @@ func (f FilterStatus) String() string {
 	case f.On:
 		return f.Rules
 	}
-	return "off: every user of the instance reaches IMDS (imds.allow_users is empty)"
+	return "off: no table inet " + imdsfilter.Table + ", every user of the instance reaches IMDS"
 }

@@ -333,9 +333,12 @@ func Clean(root string, cfg config.Config) ([]string, error) {
 			return removed, fmt.Errorf("clean: %w", err)
 		}
 	}
-	// The filter is the running instance's; the image's config puts it
-	// back at the next boot.
-	switch gone, err := imdsfilter.New(filterTimeout).Remove(); {
+	// The filter is the running instance's, and like the kernel's host
+	// name not a path under root; the image's config puts it back at the
+	// next boot. An image built where nftables cannot be read (a chroot,
+	// a container without CAP_NET_ADMIN) has none of the agent's.
+	switch gone, err := RemoveFilter(); {
+	case err != nil && noFilterHere(err):
 	case err != nil:
 		return removed, fmt.Errorf("clean: %w", err)
 	case gone:

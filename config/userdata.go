@@ -43,6 +43,10 @@ type UserData struct {
 	Keys []string `json:"keys"`
 	// Ignored lists what was left alone, and why.
 	Ignored []string `json:"ignored,omitempty"`
+	// PrivateKey is true when any document or part of it, read or left
+	// alone (a write_files entry, a shell script), holds a PEM private
+	// key: IMDS serves it for the instance's whole life.
+	PrivateKey bool `json:"private_key,omitempty"`
 }
 
 // ApplyUserData decodes user-data and overlays it on base. It returns the new
@@ -79,6 +83,9 @@ var (
 	// "#cloud-config" or "{" is not what comes first, and the user-data
 	// would be ignored without a word.
 	utf8BOM = []byte{0xef, 0xbb, 0xbf}
+	// pemPrivateKey ends the first line of every PEM private key: RSA,
+	// EC, OpenSSH, PKCS#8, encrypted or not.
+	pemPrivateKey = []byte("PRIVATE KEY-----")
 	// keyValueRE matches the start of a key=value line.
 	keyValueRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*[ \t]*=`)
 	// cloudInitForms are the first lines of user-data meant for cloud-init
@@ -93,6 +100,9 @@ func (d *decoder) decode(data []byte, where string, depth int) (string, error) {
 		return "", &InvalidError{Source: where, Reason: fmt.Sprintf("gzip and MIME nest deeper than %d levels", maxNesting)}
 	}
 	data = bytes.TrimPrefix(data, utf8BOM)
+	if bytes.Contains(data, pemPrivateKey) {
+		d.info.PrivateKey = true
+	}
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
 	switch {
 	case len(trimmed) == 0:

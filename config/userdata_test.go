@@ -699,3 +699,22 @@ func TestAProxyURLWithCredentialsIsRefused(t *testing.T) {
 	assert.Contains(t, err.Error(), "chef.https_proxy: a proxy URL must not carry a user or password")
 	assert.NotContains(t, err.Error(), "hunter2")
 }
+
+func TestApplyUserDataNoticesAPrivateKeyInAnyPart(t *testing.T) {
+	key := "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+	writeFiles := "#cloud-config\nhostname: web01\nwrite_files:\n  - path: /etc/chef/validation.pem\n    content: |\n      " + strings.ReplaceAll(key, "\n", "\n      ") + "\n"
+	mime := "Content-Type: multipart/mixed; boundary=\"B\"\nMIME-Version: 1.0\n\n--B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\ncat > /root/.ssh/id <<EOF\n" + key + "EOF\n--B\nContent-Type: text/x-bootagent\n\nhostname=web01\n--B--\n"
+	for name, data := range map[string][]byte{
+		"in a write_files entry, gzipped": testenv.Gzip(t, writeFiles),
+		"in a shell script part of MIME":  []byte(mime),
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, info, err := ApplyUserData(Default(), data)
+			require.NoError(t, err)
+			assert.True(t, info.PrivateKey)
+		})
+	}
+	_, info, err := ApplyUserData(Default(), []byte("hostname=web01\n"))
+	require.NoError(t, err)
+	assert.False(t, info.PrivateKey)
+}

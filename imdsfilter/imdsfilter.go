@@ -71,7 +71,12 @@ func (r Rules) Equal(o Rules) bool {
 
 // normal sorts and deduplicates the endpoints and the users (by uid).
 func (r Rules) normal() Rules {
-	eps := slices.Clone(r.Endpoints)
+	eps := make([]netip.AddrPort, 0, len(r.Endpoints))
+	for _, e := range r.Endpoints {
+		// An IPv4-mapped address leaves as IPv4: an ip6 rule for it
+		// would never match.
+		eps = append(eps, netip.AddrPortFrom(e.Addr().Unmap(), e.Port()))
+	}
 	slices.SortFunc(eps, func(a, b netip.AddrPort) int { return a.Compare(b) })
 	users := slices.Clone(r.Users)
 	slices.SortStableFunc(users, func(a, b User) int { return cmp.Compare(a.UID, b.UID) })
@@ -202,16 +207,17 @@ func ruleExprs(ep netip.AddrPort, set *nftables.Set) []expr.Any {
 	}
 }
 
-// ChangedError says that the table exists but holds what bootagent does
-// not write there.
-type ChangedError struct{ Reason string }
+// changedError says that the table exists but holds what bootagent does
+// not write there, or is switched off.
+type changedError struct{ Reason string }
 
-func (e *ChangedError) Error() string {
+func (e *changedError) Error() string {
 	return fmt.Sprintf("table inet %s was changed by hand or by another tool: %s", Table, e.Reason)
 }
 
 // Read returns what the table holds, or nil when there is no table. A
-// table that holds anything bootagent does not write is a *ChangedError.
+// table that holds anything bootagent does not write, or is dormant, is an
+// error.
 func (f *Filter) Read() (*Rules, error) {
 	c, err := f.conn()
 	if err != nil {
@@ -224,6 +230,10 @@ func (f *Filter) Read() (*Rules, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nftables: read table inet %s: %w", Table, err)
 	}
+	if t.Flags != 0 {
+		// Dormant (flags 1): its chains are unhooked, and filter nothing.
+		return nil, &changedError{Reason: fmt.Sprintf("it has flags %#x (dormant: it filters nothing)", t.Flags)}
+	}
 	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return nil, fmt.Errorf("nftables: read the chains of table inet %s: %w", Table, err)
@@ -234,20 +244,20 @@ func (f *Filter) Read() (*Rules, error) {
 			continue
 		}
 		if x.Name != chainName || ch != nil {
-			return nil, &ChangedError{Reason: fmt.Sprintf("it has a chain %q", x.Name)}
+			return nil, &changedError{Reason: fmt.Sprintf("it has a chain %q", x.Name)}
 		}
 		ch = x
 	}
 	if ch == nil || ch.Hooknum == nil || *ch.Hooknum != *nftables.ChainHookOutput || ch.Type != nftables.ChainTypeFilter ||
 		ch.Priority == nil || *ch.Priority != *nftables.ChainPriorityFilter || ch.Policy == nil || *ch.Policy != nftables.ChainPolicyAccept {
-		return nil, &ChangedError{Reason: fmt.Sprintf("chain %s is missing or is not an output filter that accepts", chainName)}
+		return nil, &changedError{Reason: fmt.Sprintf("chain %s is missing or is not an output filter that accepts", chainName)}
 	}
 	sets, err := c.GetSets(t)
 	if err != nil {
 		return nil, fmt.Errorf("nftables: read the sets of table inet %s: %w", Table, err)
 	}
 	if len(sets) != 1 || sets[0].Name != setName || sets[0].KeyType.Name != nftables.TypeUID.Name {
-		return nil, &ChangedError{Reason: fmt.Sprintf("it does not hold exactly the set %s of uids", setName)}
+		return nil, &changedError{Reason: fmt.Sprintf("it does not hold exactly the set %s of uids", setName)}
 	}
 	elems, err := c.GetSetElements(sets[0])
 	if err != nil {
@@ -256,7 +266,7 @@ func (f *Filter) Read() (*Rules, error) {
 	var r Rules
 	for _, e := range elems {
 		if len(e.Key) != 4 {
-			return nil, &ChangedError{Reason: fmt.Sprintf("set %s holds a key of %d bytes", setName, len(e.Key))}
+			return nil, &changedError{Reason: fmt.Sprintf("set %s holds a key of %d bytes", setName, len(e.Key))}
 		}
 		r.Users = append(r.Users, User{UID: binaryutil.NativeEndian.Uint32(e.Key), Name: e.Comment})
 	}
@@ -267,7 +277,7 @@ func (f *Filter) Read() (*Rules, error) {
 	for _, rule := range rules {
 		ep, ok := endpointOf(rule.Exprs, sets[0])
 		if !ok {
-			return nil, &ChangedError{Reason: fmt.Sprintf("chain %s holds a rule bootagent did not write (handle %d)", chainName, rule.Handle)}
+			return nil, &changedError{Reason: fmt.Sprintf("chain %s holds a rule bootagent did not write (handle %d)", chainName, rule.Handle)}
 		}
 		r.Endpoints = append(r.Endpoints, ep)
 	}
@@ -333,5 +343,5 @@ func (f *Filter) Remove() (bool, error) {
 // unsupported reports whether err says the kernel has no nftables: then
 // there is no table either.
 func unsupported(err error) bool {
-	return errors.Is(err, unix.EPROTONOSUPPORT) || errors.Is(err, unix.EAFNOSUPPORT)
+	return errors.Is(err, unix.EPROTONOSUPPORT) || errors.Is(err, unix.EAFNOSUPPORT) || errors.Is(err, unix.EOPNOTSUPP)
 }

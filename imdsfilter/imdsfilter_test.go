@@ -76,6 +76,7 @@ func TestTheFilterLetsOnlyTheAllowedUsersReachTheEndpoints(t *testing.T) {
 	listing := nft(t, "list", "table", "inet", "bootagent")
 	assert.Contains(t, listing, "type filter hook output priority filter; policy accept;")
 	assert.Contains(t, listing, "0 comment \"root\"")
+	assert.Contains(t, listing, "4242", "the uid in the byte order meta skuid loads it in")
 	assert.Contains(t, listing, "ip daddr 127.0.0.1 tcp dport "+itoa(v4.Port())+" meta skuid != @allowed_uids reject with tcp reset")
 	assert.Contains(t, listing, "ip6 daddr ::1 tcp dport "+itoa(v6.Port())+" meta skuid != @allowed_uids reject with tcp reset")
 
@@ -89,6 +90,7 @@ func TestTheFilterLetsOnlyTheAllowedUsersReachTheEndpoints(t *testing.T) {
 		assert.Less(t, time.Since(start), time.Second, "refused at once, not left to time out")
 		assert.ErrorContains(t, bashConnect(t, ep), "refused", "a process of nobody is refused on %s", ep)
 	}
+	assert.ErrorIs(t, imdsfilter.DialAs(ctx, netip.MustParseAddrPort("[::ffff:127.0.0.1]:"+itoa(v4.Port())), 65534), syscall.ECONNREFUSED, "an IPv4-mapped address leaves as IPv4, and is refused")
 	assert.NoError(t, imdsfilter.DialAs(ctx, other, 65534), "another port is nobody's to reach")
 	assert.NoError(t, bashConnect(t, other))
 
@@ -119,6 +121,7 @@ func TestTheFilterIsRecreatedWhenItDrifts(t *testing.T) {
 		{"delete", "element", "inet", "bootagent", "allowed_uids", "{ 0 }"},
 		{"add", "chain", "inet", "bootagent", "other"},
 		{"add", "chain", "inet", "bootagent", "imds", "{ policy drop; }"},
+		{"add", "table", "inet", "bootagent", "{ flags dormant; }"},
 	} {
 		t.Run(strings.Join(tamper, " "), func(t *testing.T) {
 			nft(t, tamper...)

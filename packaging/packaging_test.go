@@ -52,6 +52,7 @@ var wantFiles = []string{
 	"/usr/lib/systemd/system/bootagent.service",
 	"/usr/lib/systemd/system/bootagent.path",
 	"/usr/lib/systemd/system/bootagent-restart.service",
+	"/usr/lib/systemd/system/bootagent-filter.service",
 	"/etc/bootagent/config.yaml",
 	"/usr/share/doc/bootagent/README.md",
 	"/usr/share/man/man8/bootagent.8.gz",

@@ -84,7 +84,7 @@ func TestAllowUsersKeepsIMDSForRootAndPutsTheFilterBack(t *testing.T) {
 	assert.Regexp(t, `imds filter\s+IMDS \(127\.0\.0\.1:\d+, 169\.254\.169\.254:80, \[fd00:ec2::254\]:80\) only for root \(0\)`, out)
 	code, out, _ = bootagent(t, "", "diagnose", "--config", cfg, "--root", root)
 	assert.Contains(t, []int{0, 1}, code)
-	assert.Regexp(t, `(?m)^ok\s+IMDS filter\s+.*127\.0\.0\.1:\d+: uid 0 connects, uid 65534 \(nobody\) is refused$`, out)
+	assert.Regexp(t, `(?m)^ok\s+IMDS filter\s+.*127\.0\.0\.1:\d+: uid 0 connects, uid 65534 is refused$`, out)
 
 	nft(t, "delete", "table", "inet", "bootagent")
 	assert.Contains(t, tokenAs(t, "65534", emu.URL), "200 OK", "deleted by hand, the filter is gone")
@@ -135,4 +135,27 @@ func TestAnEmptyAllowUsersRemovesTheFilter(t *testing.T) {
 	assert.Contains(t, tokenAs(t, "65534", emu.URL), "200 OK")
 	_, out, _ = bootagent(t, "", "filter", "remove")
 	assert.Equal(t, "no nftables table inet bootagent: IMDS was not filtered\n", out)
+}
+
+func TestFilterApplyInstallsWhatTheConfigFileSays(t *testing.T) {
+	testenv.RequireOwnFirewall(t)
+	emu := testenv.StartIMDS(t, testenv.IMDSConfig{})
+	cfg := writeConfig(t, "imds:\n  endpoint: "+emu.URL+"\n  allow_users: [root]\n")
+	code, _, stderr := bootagent(t, "", "filter", "apply", "--config", cfg)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stderr, "IMDS filtered")
+	assert.Contains(t, tokenAs(t, "65534", emu.URL), "Connection refused")
+	assert.Contains(t, tokenAs(t, "0", emu.URL), "200 OK")
+	code, _, stderr = bootagent(t, "", "filter", "apply", "--config", cfg)
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stderr, "IMDS filter already in place")
+
+	code, _, stderr = bootagent(t, "", "filter", "apply", "--config", writeConfig(t, "imds:\n  endpoint: "+emu.URL+"\n"))
+	require.Equal(t, 0, code, stderr)
+	assert.Contains(t, stderr, "IMDS is open to every user again")
+	assert.Contains(t, tokenAs(t, "65534", emu.URL), "200 OK")
+
+	code, _, stderr = bootagent(t, "", "filter", "apply", "--config", writeConfig(t, "imds:\n  endpoint: http://imds.internal\n  allow_users: [root]\n"))
+	assert.Equal(t, 2, code, "a config the filter cannot follow is invalid")
+	assert.Contains(t, stderr, "names its host by name")
 }

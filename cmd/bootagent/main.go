@@ -46,6 +46,8 @@ const usage = `usage:
                                                  the Chef server (shutdown hooks, lifecycle scripts)
   bootagent userdata check [--config FILE] [--root DIR] [--json] [FILE|-]
                                                  print what user-data would apply
+  bootagent filter apply [--config FILE]          make the IMDS filter what imds.allow_users
+                                                 says (the early unit, before the network)
   bootagent filter remove                        open IMDS to every user again: delete the
                                                  table of imds.allow_users (package removal)
   bootagent version
@@ -114,10 +116,13 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer, sigs cha
 	case "clean":
 		return clean(rest, stdout, stderr)
 	case "filter":
-		if len(rest) == 0 || rest[0] != "remove" {
-			return fmt.Errorf("%w: filter takes the subcommand remove", errUsage)
+		switch {
+		case len(rest) > 0 && rest[0] == "apply":
+			return applyFilter(rest[1:], stderr)
+		case len(rest) > 0 && rest[0] == "remove":
+			return removeFilter(rest[1:], stdout, stderr)
 		}
-		return removeFilter(rest[1:], stdout, stderr)
+		return fmt.Errorf("%w: filter takes the subcommand apply or remove", errUsage)
 	case "userdata":
 		if len(rest) == 0 || rest[0] != "check" {
 			return fmt.Errorf("%w: userdata takes the subcommand check", errUsage)
@@ -142,11 +147,18 @@ type commonFlags struct {
 }
 
 func newFlagSet(name string, stderr io.Writer) (*flag.FlagSet, *commonFlags) {
+	fs, c := newConfigFlagSet(name, stderr)
+	fs.StringVar(&c.root, "root", "/", "directory every system path is taken under")
+	return fs, c
+}
+
+// newConfigFlagSet is newFlagSet without --root, for a command that
+// touches no path of the system.
+func newConfigFlagSet(name string, stderr io.Writer) (*flag.FlagSet, *commonFlags) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	c := &commonFlags{logLevel: zapcore.InfoLevel}
+	c := &commonFlags{logLevel: zapcore.InfoLevel, root: "/"}
 	fs.StringVar(&c.config, "config", config.DefaultPath, "config file")
-	fs.StringVar(&c.root, "root", "/", "directory every system path is taken under")
 	fs.Var(&c.logLevel, "log-level", "debug, info, warn or error")
 	return fs, c
 }
@@ -384,6 +396,25 @@ func clean(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
+// applyFilter makes the IMDS filter what the config file asks for: the
+// early unit's command, before the network and the daemon are up.
+func applyFilter(args []string, stderr io.Writer) error {
+	// No --root: the filter is the kernel's, and the config file is taken
+	// as given.
+	fs, common := newConfigFlagSet("filter apply", stderr)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: filter apply takes no arguments", errUsage)
+	}
+	cfg, err := common.loadConfig(fs)
+	if err != nil {
+		return err
+	}
+	return agent.ApplyFilter(cfg, systemd.NewLogger(stderr, common.logLevel))
+}
+
 // removeFilter deletes the IMDS filter. A daemon still running puts it
 // back, so the package's removal stops the agent first.
 func removeFilter(args []string, stdout, stderr io.Writer) error {
@@ -395,7 +426,7 @@ func removeFilter(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: filter remove takes no arguments", errUsage)
 	}
-	removed, err := imdsfilter.New(5 * time.Second).Remove()
+	removed, err := agent.RemoveFilter()
 	if err != nil {
 		return err
 	}

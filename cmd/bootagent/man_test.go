@@ -11,11 +11,11 @@ import (
 )
 
 // usageCommands are the commands the usage lists, as typed ("userdata
-// check", "filter remove").
+// check", "filter apply").
 func usageCommands(t *testing.T) []string {
 	t.Helper()
 	var cmds []string
-	for _, m := range regexp.MustCompile(`(?m)^  bootagent ([a-z]+(?: check| remove)?)`).FindAllStringSubmatch(usage, -1) {
+	for _, m := range regexp.MustCompile(`(?m)^  bootagent ([a-z]+(?: check| apply| remove)?)`).FindAllStringSubmatch(usage, -1) {
 		cmds = append(cmds, m[1])
 	}
 	require.NotEmpty(t, cmds)

@@ -67,10 +67,12 @@ func (m *IMDS) Write(p []byte) (int, error) {
 }
 
 // StartIMDS runs the AWS IMDS emulator on a free port of c.Address
-// (loopback by default) until the test ends. It requires a private network namespace.
+// (loopback by default) until the test ends. It requires a network
+// namespace of the test's own: an agent pointed at the emulator keeps, or
+// removes, the IMDS filter of the namespace it runs in.
 func StartIMDS(t testing.TB, c IMDSConfig) *IMDS {
 	t.Helper()
-	RequirePrivateNetwork(t)
+	RequireOwnFirewall(t)
 	bin := Tool(t, "ec2-metadata-mock")
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "aemm-config.json")

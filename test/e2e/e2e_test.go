@@ -98,7 +98,7 @@ func TestBoot(t *testing.T) {
 	img.instance("i-0e2e0000000000001", userData)
 
 	t.Run("the units pass systemd-analyze verify in the image they are installed in", func(t *testing.T) {
-		out := img.nspawn("systemd-analyze", "verify", "/lib/systemd/system/bootagent.service", "/lib/systemd/system/bootagent.path", "/lib/systemd/system/bootagent-restart.service")
+		out := img.nspawn("systemd-analyze", "verify", "/lib/systemd/system/bootagent.service", "/lib/systemd/system/bootagent.path", "/lib/systemd/system/bootagent-restart.service", "/lib/systemd/system/bootagent-filter.service")
 		for _, line := range strings.Split(out, "\n") {
 			if strings.Contains(line, "bootagent") {
 				t.Errorf("systemd-analyze verify: %s", line)
@@ -225,10 +225,25 @@ func TestBoot(t *testing.T) {
 	})
 
 	t.Run("the IMDS filter keeps IMDS for root, and the agent puts it back", func(t *testing.T) {
+		// In place before the network is configured, and so before the
+		// agent, which finds it as it should be.
+		monotonic := func(unit, prop string) int64 {
+			v, err := strconv.ParseInt(m.show(unit, prop)[prop], 10, 64)
+			require.NoError(t, err, "%s %s", unit, prop)
+			return v
+		}
+		filtered := monotonic("bootagent-filter.service", "ExecMainExitTimestampMonotonic")
+		assert.Equal(t, "success", m.show("bootagent-filter.service", "Result")["Result"])
+		assert.Positive(t, filtered, "bootagent-filter.service ran")
+		assert.Less(t, filtered, monotonic("network-pre.target", "ActiveEnterTimestampMonotonic"), "before network-pre.target")
+		assert.Less(t, filtered, monotonic("bootagent.service", "ExecMainStartTimestampMonotonic"), "before the agent")
+		assert.Contains(t, m.sh("journalctl", "--no-pager", "-b", "-u", "bootagent-filter.service"), "IMDS filtered")
+		assert.NotContains(t, m.sh("journalctl", "--no-pager", "-b", "-u", "bootagent.service"), "IMDS filtered", "the agent found the table in place")
+
 		assert.Contains(t, tokenAs(m, "0"), "HTTP/1.1 200 OK", "root reaches IMDS")
 		assert.Contains(t, tokenAs(m, "65534"), "Connection refused", "nobody is refused at once")
 		assert.Regexp(t, `imds filter\s+IMDS \(127\.0\.0\.1:1338, 169\.254\.169\.254:80, \[fd00:ec2::254\]:80\) only for root \(0\)`, m.sh("bootagent", "status"))
-		assert.Regexp(t, `(?m)^ok\s+IMDS filter\s+.*uid 0 connects, uid 65534 \(nobody\) is refused$`, m.sh("bootagent", "diagnose"))
+		assert.Regexp(t, `(?m)^ok\s+IMDS filter\s+.*uid 0 connects, uid 65534 is refused$`, m.sh("bootagent", "diagnose"))
 
 		assert.Contains(t, m.sh("bootagent", "filter", "remove"), "removed nftables table inet bootagent")
 		assert.Contains(t, tokenAs(m, "65534"), "200 OK", "open while the table is gone")

@@ -182,11 +182,11 @@ func checkUserData(ctx context.Context, md *imds.Client, cfg config.Config) (Fin
 // no user nobody.
 const nobody = 65534
 
-// outsider is a uid the rules do not let through: nobody's, unless
-// imds.allow_users lets nobody in.
-func outsider(r imdsfilter.Rules) uint32 {
+// outsider is a uid the rules do not let through: nobody's (as lookup
+// finds it), unless imds.allow_users lets nobody in.
+func outsider(r imdsfilter.Rules, lookup func(string) (uint32, error)) uint32 {
 	uid := uint32(nobody)
-	if n, err := lookupUser("nobody"); err == nil {
+	if n, err := lookup("nobody"); err == nil {
 		uid = n
 	}
 	for slices.ContainsFunc(r.Users, func(u imdsfilter.User) bool { return u.UID == uid }) {
@@ -232,7 +232,7 @@ func checkFilter(ctx context.Context, f *imdsfilter.Filter, cfg config.Config) F
 		c.Result, c.Detail = DiagFail, fmt.Sprintf("%s; but uid %d, the agent's, cannot connect to %s: %v", have, self, ep, err)
 		return c
 	}
-	other := outsider(*have)
+	other := outsider(*have, lookupUser)
 	err = imdsfilter.DialAs(ctx, ep, other)
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		what := "connects"

@@ -24,9 +24,8 @@ type Filter interface {
 	Remove() (bool, error)
 }
 
-// filterTimeout bounds each netlink exchange with the kernel. A check makes
-// at most six, well inside the time a poll may take before the agent
-// counts as stuck.
+// filterTimeout bounds each netlink exchange with the kernel; a check makes
+// six at most, which pollBudget counts.
 const filterTimeout = 2 * time.Second
 
 // filterKeeper applies imds.allow_users and keeps it applied. Users are
@@ -43,12 +42,15 @@ type filterKeeper struct {
 	// else while asking for the same is drift.
 	applied *imdsfilter.Rules
 	failed  repeatLog
+	// unremoved is a table left in place that no list asks for any more.
+	unremoved repeatLog
 }
 
 func newFilterKeeper(f Filter) *filterKeeper {
 	return &filterKeeper{
 		f: f, lookup: lookupUser, self: uint32(os.Geteuid()), unknown: map[string]bool{},
-		failed: repeatLog{msg: "could not filter IMDS as imds.allow_users asks; every user may reach it until this is fixed", recovered: "IMDS is filtered again as imds.allow_users asks"},
+		failed:    repeatLog{msg: "could not filter IMDS as imds.allow_users asks; every user may reach it until this is fixed", recovered: "IMDS is filtered again as imds.allow_users asks"},
+		unremoved: repeatLog{msg: "could not remove the IMDS filter that imds.allow_users no longer asks for; the users it left out stay refused", recovered: "the IMDS filter could be removed"},
 	}
 }
 
@@ -148,7 +150,7 @@ func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	log = log.Named("imdsfilter")
-	k.failed.log = log
+	k.failed.log, k.unremoved.log = log, log
 	if !r.on {
 		switch {
 		case r.err != nil && noFilterHere(r.err):
@@ -156,9 +158,9 @@ func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
 			// CAP_NET_ADMIN, has no table of the agent's to remove.
 			log.Debug("IMDS filter not looked for", zap.Error(r.err))
 		case r.err != nil:
-			k.failed.fail(r.err)
+			k.unremoved.fail(r.err)
 		case r.removed:
-			k.failed.ok()
+			k.unremoved.ok()
 			log.Info("IMDS is open to every user again: table inet " + imdsfilter.Table + " removed, since imds.allow_users is empty")
 		}
 		return
@@ -183,19 +185,23 @@ func (k *filterKeeper) report(log *zap.Logger, r filterKept) {
 // no permission to read nftables at all.
 func noFilterHere(err error) bool { return errors.Is(err, fs.ErrPermission) }
 
-// ApplyFilter makes the IMDS filter what cfg asks for, once, logging what
-// it did: `bootagent filter apply`, which the early unit runs before the
-// network is up.
+// ApplyFilter puts the IMDS filter cfg asks for in place, once, logging
+// what it did: `bootagent filter apply`, which the early unit runs before
+// the network is up. An empty list changes nothing: the list may come from
+// user-data, which only the daemon reads, and a table it keeps must not go
+// when the early unit runs again.
 func ApplyFilter(cfg config.Config, log *zap.Logger) error {
+	if len(cfg.IMDS.AllowUsers) == 0 {
+		log.Info("imds.allow_users is empty in the config file: nothing to apply (bootagent filter remove deletes a table)")
+		return nil
+	}
 	k := newFilterKeeper(imdsfilter.New(filterTimeout))
 	r := k.keep(cfg.IMDS)
 	k.report(log, r)
 	switch {
-	case r.err != nil && !r.on && noFilterHere(r.err):
-		// Nothing asked for, and nothing of the agent's can be there.
 	case r.err != nil:
 		return r.err
-	case r.on && !r.changed:
+	case !r.changed:
 		log.Info("IMDS filter already in place", zap.Stringer("filter", r.rules))
 	}
 	return nil
@@ -227,6 +233,7 @@ func ReadFilter() *FilterStatus {
 	return &FilterStatus{On: true, Rules: r.String()}
 }
 
+// String is the status line of the filter.
 func (f FilterStatus) String() string {
 	switch {
 	case f.Error != "":

@@ -94,12 +94,14 @@ func TestTheFilterKeeperLogsWhatChangedOnce(t *testing.T) {
 	assert.Equal(t, 1, logs.FilterMessage("IMDS filter not looked for").Len(), "no CAP_NET_ADMIN and nothing asked for: debug only")
 	f.err = errors.New("netlink: timeout")
 	keep(config.IMDS{})
-	assert.Equal(t, 2, count("could not filter IMDS as imds.allow_users asks; every user may reach it until this is fixed"), "a removal that fails is a warning")
+	assert.Equal(t, 1, count("could not remove the IMDS filter that imds.allow_users no longer asks for; the users it left out stay refused"), "a removal that fails is a warning of its own")
 }
 
 func TestTheRulesAlwaysLetTheAgentInAndCoverTheEndpoint(t *testing.T) {
 	r, unknown := filterRules(config.IMDS{Endpoint: "http://[::ffff:127.0.0.1]:1338", AllowUsers: []string{"4242", "ghost"}}, 0, lookupUser)
 	require.Equal(t, []string{"ghost"}, unknown)
 	assert.Equal(t, "IMDS (127.0.0.1:1338, 169.254.169.254:80, [fd00:ec2::254]:80) only for root (0), 4242", r.String())
-	assert.Equal(t, uint32(65533), outsider(imdsfilter.Rules{Users: []imdsfilter.User{{UID: 65534}}}), "nobody let in: another uid is the outsider")
+	nobody := func(string) (uint32, error) { return 99, nil }
+	assert.Equal(t, uint32(99), outsider(imdsfilter.Rules{Users: []imdsfilter.User{{UID: 0}}}, nobody), "nobody, as /etc/passwd names it")
+	assert.Equal(t, uint32(98), outsider(imdsfilter.Rules{Users: []imdsfilter.User{{UID: 99}}}, nobody), "nobody let in: another uid is the outsider")
 }

@@ -179,8 +179,10 @@ const (
 	// stopDeletes is the part of the stop's grace kept for the deletions.
 	stopDeletes = 10 * time.Second
 	// pollBudget is the most a poll's requests take when IMDS does not
-	// answer them (four notices, each bounded by the client's timeouts).
-	pollBudget = 5 * time.Second
+	// answer them (four notices, each bounded by the client's timeouts),
+	// and the IMDS filter's check when netlink does not (six exchanges of
+	// filterTimeout at most).
+	pollBudget = 5*time.Second + 6*filterTimeout
 )
 
 // bootstrapRetry paces retries of a failed bootstrap or registration:

@@ -46,8 +46,8 @@ const usage = `usage:
                                                  the Chef server (shutdown hooks, lifecycle scripts)
   bootagent userdata check [--config FILE] [--root DIR] [--json] [FILE|-]
                                                  print what user-data would apply
-  bootagent filter apply [--config FILE]          make the IMDS filter what imds.allow_users
-                                                 says (the early unit, before the network)
+  bootagent filter apply [--config FILE]          put in place the IMDS filter imds.allow_users
+                                                 asks for (the early unit, before the network)
   bootagent filter remove                        open IMDS to every user again: delete the
                                                  table of imds.allow_users (package removal)
   bootagent version
@@ -396,7 +396,7 @@ func clean(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
-// applyFilter makes the IMDS filter what the config file asks for: the
+// applyFilter puts in place the IMDS filter the config file asks for: the
 // early unit's command, before the network and the daemon are up.
 func applyFilter(args []string, stderr io.Writer) error {
 	// No --root: the filter is the kernel's, and the config file is taken

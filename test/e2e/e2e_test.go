@@ -238,7 +238,11 @@ func TestBoot(t *testing.T) {
 		assert.Less(t, filtered, monotonic("network-pre.target", "ActiveEnterTimestampMonotonic"), "before network-pre.target")
 		assert.Less(t, filtered, monotonic("bootagent.service", "ExecMainStartTimestampMonotonic"), "before the agent")
 		assert.Contains(t, m.sh("journalctl", "--no-pager", "-b", "-u", "bootagent-filter.service"), "IMDS filtered")
+		// The agent checks it silently when it is in place (the drift
+		// below shows the check).
 		assert.NotContains(t, m.sh("journalctl", "--no-pager", "-b", "-u", "bootagent.service"), "IMDS filtered", "the agent found the table in place")
+		m.sh("systemctl", "restart", "bootagent.service")
+		assert.Contains(t, tokenAs(m, "65534"), "Connection refused", "a restart opens nothing")
 
 		assert.Contains(t, tokenAs(m, "0"), "HTTP/1.1 200 OK", "root reaches IMDS")
 		assert.Contains(t, tokenAs(m, "65534"), "Connection refused", "nobody is refused at once")
@@ -265,8 +269,14 @@ func TestBoot(t *testing.T) {
 		assert.Equal(t, "strict", p["ProtectSystem"])
 		assert.Equal(t, "cap_chown cap_net_admin cap_sys_admin", p["CapabilityBoundingSet"])
 		assert.Equal(t, "yes", p["NoNewPrivileges"])
-		_, err = m.try("nsenter", "-t", m.show("bootagent.service", "MainPID")["MainPID"], "-m", "--", "touch", "/usr/bootagent-was-here")
-		assert.Error(t, err, "the agent's view of /usr is read-only")
+		pid := m.show("bootagent.service", "MainPID")["MainPID"]
+		out, err = m.try("nsenter", "-t", pid, "-m", "--", "touch", "/usr/bootagent-was-here")
+		assert.Error(t, err)
+		assert.Contains(t, out, "Read-only file system", "the agent's view of /usr is read-only")
+		m.sh("nsenter", "-t", pid, "-m", "--", "touch", "/var/lib/bootagent/was-here")
+		m.sh("rm", "/var/lib/bootagent/was-here")
+		assert.Equal(t, "644\n", m.sh("stat", "-c", "%a", "/var/lib/prometheus/node-exporter/bootagent.prom"), "the metrics textfile, through ReadWritePaths, 0644 under UMask=0077")
+		assert.Equal(t, "644 root\n", m.sh("stat", "-c", "%a %U", "/etc/hosts"), "a file others read keeps its mode")
 	})
 
 	t.Run("4: kill -9 of the agent: systemd restarts it, and it does not register again", func(t *testing.T) {
@@ -405,12 +415,21 @@ ExecStart=/usr/local/bin/ec2-metadata-mock asglifecycle --asg-termination-delay-
 		assert.Contains(t, journal(m), "stopping chef-client's unit")
 	})
 
-	t.Run("11: removing the package opens IMDS again", func(t *testing.T) {
-		img.instance("i-0e2e0000000000006", userData)
+	t.Run("11: without hostnamed, a list from user-data alone, and the package's removal", func(t *testing.T) {
+		// The static name written directly, hostnamed masked.
+		require.NoError(t, os.Symlink("/dev/null", img.path("/etc/systemd/system/systemd-hostnamed.service")))
+		img.write("/etc/bootagent/config.yaml", strings.Replace(img.read("/etc/bootagent/config.yaml"), "  allow_users: [root]\n", "", 1))
+		img.instance("i-0e2e0000000000006", strings.Replace(userData, "hostname: web01\nfqdn: web01.e2e.internal\n", "hostname: web02\nfqdn: web02.e2e.internal\n", 1)+"bootagent:\n  imds:\n    allow_users: [root]\n")
 		m := img.boot()
 		defer m.poweroff()
-		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Bootstrapped }, "bootstrapped")
-		assert.Contains(t, tokenAs(m, "65534"), "Connection refused")
+		testenv.Eventually(t, 60*time.Second, func() bool { return state(t, img).Bootstrapped }, "bootstrapped; journal:\n%s", testenv.Later(func() string { return journal(m) }))
+		assert.Equal(t, "web02.e2e.internal\n", img.read("/etc/hostname"), "written by the agent itself")
+		assert.Equal(t, "web02.e2e.internal\n", m.sh("hostname", "-f"))
+		assert.Contains(t, tokenAs(m, "65534"), "Connection refused", "user-data's list")
+		for _, verb := range []string{"restart", "start"} {
+			m.sh("systemctl", verb, "bootagent.service")
+			assert.Contains(t, tokenAs(m, "65534"), "Connection refused", "systemctl %s bootagent leaves the table user-data asked for", verb)
+		}
 		m.sh("dpkg", "--remove", "bootagent")
 		assert.NotEqual(t, "active\n", m.sh("systemctl", "show", "-P", "ActiveState", "bootagent.service"), "the agent is stopped first")
 		assert.Contains(t, tokenAs(m, "65534"), "200 OK", "and then the filter is gone")

@@ -111,7 +111,13 @@ chef:
   client_command: [/usr/local/bin/chefclient-ruby-standin, --record, /var/log/standin.jsonl, --sleep-file, /etc/standin-sleep]
   license: accept
   license_key_file: /etc/chef/license.key
+metrics:
+  textfile: /var/lib/prometheus/node-exporter/bootagent.prom
 `)
+	// node_exporter's textfile directory, as its package makes it.
+	if err := os.MkdirAll(img.path("/var/lib/prometheus/node-exporter"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	img.write("/etc/chef/license.key", licenseKey+"\n")
 	if err := os.Chmod(img.path("/etc/chef/license.key"), 0o600); err != nil {
 		t.Fatal(err)

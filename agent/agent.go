@@ -77,9 +77,6 @@ type Options struct {
 	// Notifier tells systemd the agent's state; nil speaks sd_notify (a
 	// no-op when systemd did not start the agent).
 	Notifier Notifier
-	// Filter keeps IMDS for imds.allow_users; nil is the nftables table
-	// of the process's network namespace.
-	Filter Filter
 	// Metrics collects the agent's metrics; nil makes a set.
 	Metrics *metrics.Metrics
 	// Version is the agent's, for the bootagent_info metric.
@@ -161,11 +158,7 @@ func New(ctx context.Context, o Options) *Engine {
 		e.notifier = systemd.NewNotifier(e.log)
 	}
 	e.started = e.clock.Now()
-	f := o.Filter
-	if f == nil {
-		f = imdsfilter.New(filterTimeout)
-	}
-	e.filter = newFilterKeeper(f)
+	e.filter = newFilterKeeper(imdsfilter.New(filterTimeout))
 	if e.namer == nil {
 		m := hostname.New(ctx, o.Root, e.log.Named("hostname"))
 		e.namer = m

@@ -139,7 +139,8 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 		return b, err
 	}
 	log.Info("user-data read", zap.String("format", info.Format), zap.Strings("keys", info.Keys), zap.Int("bytes", len(raw)))
-	// User-data may set imds.allow_users, or empty it.
+	// A list user-data gives is in place before anything else is done
+	// with it; one it empties goes after the name.
 	if len(cfg.IMDS.AllowUsers) > 0 {
 		e.filter.report(log, e.filter.keep(cfg.IMDS))
 	}
@@ -196,9 +197,10 @@ func (e *Engine) bootstrap(ctx context.Context, md Metadata, base config.Config,
 }
 
 // warnKeyInUserData says, once per process, that a private key in
-// user-data (the Chef validator's, validator says, or one in a part left
-// to cloud-init) outlives any file made from it: IMDS serves user-data for
-// the instance's whole life. It names the key, never its contents.
+// user-data (the Chef validator's when validator is true, else one in a
+// part left to cloud-init) outlives any file made from it: IMDS serves
+// user-data for the instance's whole life. It names the key, never its
+// contents.
 func warnKeyInUserData(log *zap.Logger, c config.IMDS, validator bool) {
 	what := "user-data holds a private key (a write_files entry or a script?)"
 	if validator {
